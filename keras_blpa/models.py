@@ -1,0 +1,505 @@
+"""ResNet factory: the paper's pre-activation bottleneck ResNets, compressed or stock.
+
+`resnet(...)` builds a functional keras.Model. With ``bits`` in (2, 4, 8) every
+BN -> ReLU -> Conv unit is a `keras_blpa.ApproxConvBlock` and every residual merge
+a `keras_blpa.ResidualBuffer`; with ``bits=None`` the same architecture is built
+from stock Keras layers only (BatchNormalization, ReLU, Conv2D, Add,
+AveragePooling2D, Reshape + ZeroPadding3D for the zero channel padding): the
+exact baseline every benchmark compares against, with the same parameter count.
+
+Layer names are stable: ``stem_conv``, ``stage{s}_unit{u}_conv{k}`` (and, for the
+stock model, ``..._conv{k}_bn``, ``..._conv{k}_relu``), ``stage{s}_unit{u}_add``,
+``final_bn``, ``final_relu``, ``avg_pool``, ``predictions``.
+
+Building blocks for benchmarks:
+    * `apply_conv_unit` / `apply_bottleneck_unit`: the block functions the factory
+      uses (work on KerasTensors and on eager tensors alike).
+    * ``resnet(..., unit_wrapper=fn)``: each residual unit is first built as its
+      own small functional keras.Model (named ``stage{s}_unit{u}``) and then
+      ``fn(unit_model)`` is called on the unit input, e.g.
+      ``unit_wrapper=RecomputeGrad`` wraps every unit in ``tf.recompute_grad``.
+    * ``keras.RematScope(mode="activations")`` around ``resnet(..., bits=None)``
+      gives Keras' own rematerialisation of the stock model.
+"""
+
+import keras
+import tensorflow as tf
+
+from keras_blpa import layers as blpa_layers
+from keras_blpa import quantization as quant
+
+STEMS = ("cifar", "imagenet")
+QUANTIZATION_MODES = blpa_layers.QUANTIZATION_MODES
+
+# Presets: plain dicts (keras-hub style).
+CIFAR_WIDTHS = (16, 32, 64)
+IMAGENET_STAGES = (3, 8, 36, 3)
+IMAGENET_WIDTHS = (64, 128, 256, 512)
+BOTTLENECK_EXPANSION = 4
+PRESETS = {
+    "resnet164_cifar10": dict(depth=164, num_classes=10, input_shape=(32, 32, 3)),
+    "resnet164_cifar100": dict(depth=164, num_classes=100, input_shape=(32, 32, 3)),
+    "resnet1001_cifar10": dict(depth=1001, num_classes=10, input_shape=(32, 32, 3)),
+    "resnet152_imagenet": dict(
+        depth=152, num_classes=1000, input_shape=(224, 224, 3), stem="imagenet"
+    ),
+}
+# BatchNormalization settings shared by both builds (ApproxConvBlock defaults).
+BN_MOMENTUM = 0.99
+BN_EPSILON = 1e-3
+
+
+def valid_cifar_depths(near, count=3):
+    """Valid CIFAR depths (9n + 2, n >= 1) around `near`."""
+    n = max(1, round((near - 2) / 9))
+    lo = max(1, n - count // 2)
+    return [9 * k + 2 for k in range(lo, lo + count)]
+
+
+def cifar_units_per_stage(depth):
+    """Bottleneck units per stage of the CIFAR ResNet (depth = 9n + 2)."""
+    if (
+        isinstance(depth, bool)
+        or not isinstance(depth, int)
+        or depth < 11
+        or (depth - 2) % 9
+    ):
+        raise ValueError(
+            "Expected depth = 9n + 2 (n >= 1) for stem='cifar', e.g. "
+            f"{valid_cifar_depths(depth if isinstance(depth, (int, float)) else 164)}"
+            f" (164 and 1001 are the paper's). Received: depth={depth!r}"
+        )
+    return (depth - 2) // 9
+
+
+def _regularizer(weight_decay):
+    """L2 penalty whose gradient is weight_decay * w (SGD-style weight decay)."""
+    if weight_decay is None or weight_decay == 0:
+        return None
+    if weight_decay < 0:
+        raise ValueError(
+            f"Expected weight_decay >= 0. Received: weight_decay={weight_decay!r}"
+        )
+    return keras.regularizers.L2(weight_decay / 2.0)
+
+
+def apply_conv_unit(
+    x,
+    filters,
+    kernel_size,
+    strides=1,
+    bits=4,
+    quantization="blpa",
+    synchronized=False,
+    kernel_regularizer=None,
+    return_activation=False,
+    name=None,
+):
+    """BN -> ReLU -> Conv2D on `x`, compressed (bits set) or stock (bits=None).
+
+    Args:
+        x: 4D tensor.
+        filters, kernel_size, strides: of the convolution ("same" padding, no bias).
+        bits: 2, 4, 8 (one `ApproxConvBlock` named `name`) or None (stock
+            `BatchNormalization` ``{name}_bn``, `ReLU` ``{name}_relu``, `Conv2D`
+            ``{name}``).
+        quantization, synchronized: passed to ApproxConvBlock; for the stock
+            build `synchronized=True` makes the BN a synchronised
+            BatchNormalization.
+        kernel_regularizer: regulariser of the kernel.
+        return_activation: if True return ``(conv_output, bn_relu_output)``.
+        name: layer-name prefix.
+
+    Returns:
+        The conv output, or ``(conv_output, activation)``.
+    """
+    if bits is not None:
+        out = blpa_layers.ApproxConvBlock(
+            filters,
+            kernel_size,
+            strides=strides,
+            bits=bits,
+            momentum=BN_MOMENTUM,
+            epsilon=BN_EPSILON,
+            kernel_regularizer=kernel_regularizer,
+            quantization=quantization,
+            synchronized=synchronized,
+            return_activation=return_activation,
+            name=name,
+        )(x)
+        return tuple(out) if return_activation else out
+    a = keras.layers.BatchNormalization(
+        momentum=BN_MOMENTUM,
+        epsilon=BN_EPSILON,
+        synchronized=synchronized,
+        name=f"{name}_bn",
+    )(x)
+    a = keras.layers.ReLU(name=f"{name}_relu")(a)
+    out = keras.layers.Conv2D(
+        filters,
+        kernel_size,
+        strides=strides,
+        padding="same",
+        use_bias=False,
+        kernel_initializer="he_normal",
+        kernel_regularizer=kernel_regularizer,
+        name=name,
+    )(a)
+    return (out, a) if return_activation else out
+
+
+def apply_shortcut_merge(x, shortcut, bits=4, name=None):
+    """``x + shortcut`` with the paper's parameter-free shortcut adapter.
+
+    The shortcut is average-pooled by the integer stride and zero-padded in
+    channels. bits set: one `ResidualBuffer` named `name`; bits=None: stock
+    AveragePooling2D (``{name}_pool``), Reshape + ZeroPadding3D + Reshape
+    (``{name}_pad*``) and Add (`name`).
+    """
+    if bits is not None:
+        return blpa_layers.ResidualBuffer(name=name)([x, shortcut])
+    stride, padding, extra = blpa_layers.shortcut_adapter(
+        tuple(x.shape), tuple(shortcut.shape)
+    )
+    s = shortcut
+    if stride > 1:
+        s = keras.layers.AveragePooling2D(
+            stride, stride, padding=padding.lower(), name=f"{name}_pool"
+        )(s)
+    if extra:
+        h, w, c = s.shape[1:]
+        s = keras.layers.Reshape((h, w, c, 1), name=f"{name}_pad_expand")(s)
+        s = keras.layers.ZeroPadding3D(
+            ((0, 0), (0, 0), (0, extra)), name=f"{name}_pad"
+        )(s)
+        s = keras.layers.Reshape((h, w, c + extra), name=f"{name}_pad_squeeze")(s)
+    return keras.layers.Add(name=name)([x, s])
+
+
+def apply_bottleneck_unit(
+    x,
+    filters,
+    strides=1,
+    shortcut_from_activation=False,
+    bits=4,
+    quantization="blpa",
+    synchronized=False,
+    kernel_regularizer=None,
+    name="unit",
+):
+    """Pre-activation bottleneck unit: 3 x (BN-ReLU-Conv) 1x1 / 3x3 / 1x1 + shortcut.
+
+    The output has ``4 * filters`` channels; `strides` is on the 3x3 conv. The
+    shortcut is the unit input, or with ``shortcut_from_activation=True`` the
+    output of the first BN+ReLU (He et al.'s pre-activation ResNet at a stage
+    transition), mapped through `apply_shortcut_merge`.
+
+    Layer names: ``{name}_conv1``, ``{name}_conv2``, ``{name}_conv3``, ``{name}_add``.
+    """
+    common = dict(
+        bits=bits,
+        quantization=quantization,
+        synchronized=synchronized,
+        kernel_regularizer=kernel_regularizer,
+    )
+    shortcut = x
+    if shortcut_from_activation:
+        y, shortcut = apply_conv_unit(
+            x, filters, 1, return_activation=True, name=f"{name}_conv1", **common
+        )
+    else:
+        y = apply_conv_unit(x, filters, 1, name=f"{name}_conv1", **common)
+    y = apply_conv_unit(y, filters, 3, strides=strides, name=f"{name}_conv2", **common)
+    y = apply_conv_unit(
+        y, BOTTLENECK_EXPANSION * filters, 1, name=f"{name}_conv3", **common
+    )
+    return apply_shortcut_merge(y, shortcut, bits=bits, name=f"{name}_add")
+
+
+def _wrapped_unit(x, unit_wrapper, name, **unit_args):
+    """Builds one unit as a functional sub-model and applies unit_wrapper to it."""
+    inputs = keras.Input(shape=tuple(x.shape[1:]), name=f"{name}_input")
+    outputs = apply_bottleneck_unit(inputs, name=name, **unit_args)
+    unit = keras.Model(inputs, outputs, name=name)
+    return unit_wrapper(unit)(x)
+
+
+@keras.saving.register_keras_serializable(package="keras_blpa")
+class RecomputeGrad(keras.layers.Layer):
+    """Runs a sub-model under ``tf.recompute_grad`` (activation checkpointing).
+
+    The in-ecosystem peer of keras_blpa: only the unit input is kept and the
+    unit's forward pass is recomputed during backprop. Use as
+    ``resnet(..., bits=None, unit_wrapper=RecomputeGrad)``. Note that BN moving
+    statistics are updated again during the recomputation.
+
+    Args:
+        block: a built keras.Model (one residual unit).
+    """
+
+    def __init__(self, block, **kwargs):
+        kwargs.setdefault("name", f"{block.name}_recompute")
+        super().__init__(**kwargs)
+        self.block = block
+
+    def build(self, input_shape):
+        if not self.block.built:
+            self.block.build(input_shape)
+
+    def call(self, inputs, training=None):
+        block = self.block
+
+        @tf.recompute_grad
+        def forward(x):
+            return block(x, training=training)
+
+        return forward(inputs)
+
+    def compute_output_shape(self, input_shape):
+        return self.block.compute_output_shape(input_shape)
+
+    def get_config(self):
+        config = super().get_config()
+        config["block"] = keras.saving.serialize_keras_object(self.block)
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["block"] = keras.saving.deserialize_keras_object(config["block"])
+        return cls(**config)
+
+
+def resnet(
+    depth,
+    num_classes,
+    input_shape,
+    bits=4,
+    width=1,
+    stem="cifar",
+    quantization="blpa",
+    weight_decay=0.0,
+    synchronized=False,
+    classifier_activation="softmax",
+    unit_wrapper=None,
+    name=None,
+):
+    """Pre-activation bottleneck ResNet built from keras_blpa (or stock) layers.
+
+    ``stem="cifar"``: the paper's ResNet for 32x32 inputs (any size >= 4 works,
+    e.g. 28x28x1): a 3x3 conv (16 * width channels), three stages of
+    n = (depth - 2) / 9 bottleneck units with widths 16/32/64 (times `width`,
+    outputs x4) and strides 1/2/2, final BN-ReLU, global average pooling and a
+    dense classifier. ``stem="imagenet"``: ResNet-152-style, a 7x7 stride-2
+    conv (64 * width) and 3x3 stride-2 max pool, then stages of [3, 8, 36, 3]
+    units with widths 64/128/256/512 (depth must be 152).
+
+    Shortcuts are parameter-free (average pool by the stride, zero channel
+    padding); at each stage's first unit the shortcut is taken after the unit's
+    first BN+ReLU. The stem conv, the final BN-ReLU and the classifier are stock
+    Keras layers in both builds.
+
+    Args:
+        depth: 9n + 2 for "cifar" (164 and 1001 in the paper); 152 for "imagenet".
+        num_classes: number of classes (> 0).
+        input_shape: (height, width, channels).
+        bits: 2, 4 or 8 for ApproxConvBlock / ResidualBuffer layers; None for
+            the same network from stock Keras layers only.
+        width: channel multiplier (int >= 1), the paper's "1001 (4x)".
+        stem: "cifar" or "imagenet".
+        quantization: "blpa" or "naive" (see ApproxConvBlock).
+        weight_decay: SGD-style weight decay on conv and dense kernels, applied
+            as ``keras.regularizers.L2(weight_decay / 2)`` (the paper: 2e-4).
+        synchronized: cross-replica batch statistics (ApproxConvBlock
+            ``synchronized`` / BatchNormalization ``synchronized``).
+        classifier_activation: activation of the (float32) dense classifier;
+            None for logits.
+        unit_wrapper: optional callable applied to each residual unit built as
+            a small keras.Model; returns a layer (e.g. `RecomputeGrad`).
+        name: model name (default ``resnet{depth}_{bits}bit`` / ``_exact``).
+
+    Returns:
+        A functional keras.Model.
+
+    Raises:
+        ValueError: for an invalid depth (the message lists nearby valid
+            depths), stem, width, bits or num_classes.
+
+    Example:
+    >>> model = resnet(164, 10, (32, 32, 3), bits=4)
+    >>> baseline = resnet(164, 10, (32, 32, 3), bits=None)
+    """
+    blpa_layers.check_backend()
+    bits = quant.check_bits(bits, allow_none=True)
+    if stem not in STEMS:
+        raise ValueError(f"Expected stem in {STEMS}. Received: stem={stem!r}")
+    if quantization not in QUANTIZATION_MODES:
+        raise ValueError(
+            f"Expected quantization in {QUANTIZATION_MODES}. "
+            f"Received: quantization={quantization!r}"
+        )
+    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+        raise ValueError(f"Expected width to be an int >= 1. Received: width={width!r}")
+    if (
+        isinstance(num_classes, bool)
+        or not isinstance(num_classes, int)
+        or num_classes < 1
+    ):
+        raise ValueError(
+            "Expected num_classes to be a positive int. "
+            f"Received: num_classes={num_classes!r}"
+        )
+    input_shape = tuple(input_shape)
+    if len(input_shape) != 3:
+        raise ValueError(
+            "Expected input_shape = (height, width, channels). "
+            f"Received: input_shape={input_shape!r}"
+        )
+    if stem == "cifar":
+        units = (cifar_units_per_stage(depth),) * 3
+        widths = CIFAR_WIDTHS
+        strides = (1, 2, 2)
+    else:
+        if depth != 152:
+            raise ValueError(
+                "stem='imagenet' builds the ResNet-152-style network; expected "
+                f"depth=152 (or stem='cifar' with depth 9n + 2). Received: depth={depth!r}"
+            )
+        units = IMAGENET_STAGES
+        widths = IMAGENET_WIDTHS
+        strides = (1, 2, 2, 2)
+    regularizer = _regularizer(weight_decay)
+    unit_args = dict(
+        bits=bits,
+        quantization=quantization,
+        synchronized=synchronized,
+        kernel_regularizer=regularizer,
+    )
+
+    inputs = keras.Input(shape=input_shape, name="image")
+    if stem == "cifar":
+        x = keras.layers.Conv2D(
+            widths[0] * width,
+            3,
+            padding="same",
+            use_bias=False,
+            kernel_initializer="he_normal",
+            kernel_regularizer=regularizer,
+            name="stem_conv",
+        )(inputs)
+    else:
+        x = keras.layers.Conv2D(
+            widths[0] * width,
+            7,
+            strides=2,
+            padding="same",
+            use_bias=False,
+            kernel_initializer="he_normal",
+            kernel_regularizer=regularizer,
+            name="stem_conv",
+        )(inputs)
+        x = keras.layers.MaxPooling2D(3, 2, padding="same", name="stem_pool")(x)
+
+    for s, (count, filters, stride) in enumerate(zip(units, widths, strides), 1):
+        for u in range(1, count + 1):
+            args = dict(
+                filters=filters * width,
+                strides=stride if u == 1 else 1,
+                shortcut_from_activation=u == 1,
+                **unit_args,
+            )
+            unit_name = f"stage{s}_unit{u}"
+            if unit_wrapper is None:
+                x = apply_bottleneck_unit(x, name=unit_name, **args)
+            else:
+                x = _wrapped_unit(x, unit_wrapper, unit_name, **args)
+
+    x = keras.layers.BatchNormalization(
+        momentum=BN_MOMENTUM,
+        epsilon=BN_EPSILON,
+        synchronized=synchronized,
+        name="final_bn",
+    )(x)
+    x = keras.layers.ReLU(name="final_relu")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    outputs = keras.layers.Dense(
+        num_classes,
+        activation=classifier_activation,
+        kernel_regularizer=regularizer,
+        dtype="float32",
+        name="predictions",
+    )(x)
+    if name is None:
+        name = f"resnet{depth}_" + ("exact" if bits is None else f"{bits}bit")
+    return keras.Model(inputs, outputs, name=name)
+
+
+def _all_layers(model):
+    """Layers of a model, with sub-models and RecomputeGrad wrappers flattened."""
+    out, todo = [], list(model.layers)
+    while todo:
+        layer = todo.pop(0)
+        if isinstance(layer, RecomputeGrad):
+            todo[:0] = list(layer.block.layers)
+        elif isinstance(layer, keras.Model):
+            todo[:0] = list(layer.layers)
+        else:
+            out.append(layer)
+    return out
+
+
+def _unit_weights(model):
+    """{name: variables}: an ApproxConvBlock ``n`` and the stock pair ``n_bn`` +
+    ``n`` both give [gamma, beta, moving_mean, moving_variance, kernel]."""
+    layers = {layer.name: layer for layer in _all_layers(model)}
+    found = {}
+    for name, layer in layers.items():
+        if isinstance(layer, blpa_layers.ApproxConvBlock):
+            found[name] = [
+                layer.gamma,
+                layer.beta,
+                layer.moving_mean,
+                layer.moving_variance,
+                layer.kernel,
+            ]
+        elif isinstance(layer, keras.layers.Conv2D) and f"{name}_bn" in layers:
+            bn = layers[f"{name}_bn"]
+            found[name] = [
+                bn.gamma,
+                bn.beta,
+                bn.moving_mean,
+                bn.moving_variance,
+                layer.kernel,
+            ]
+        elif layer.weights and not (
+            name.endswith("_bn") and name[: -len("_bn")] in layers
+        ):
+            found[name] = list(layer.weights)
+    return found
+
+
+def copy_weights(source, target):
+    """Copies all weights between two `resnet` builds of the same architecture.
+
+    Works across builds (bits=2/4/8/None, with or without `unit_wrapper`):
+    an ApproxConvBlock ``n`` maps onto the stock layers ``n_bn`` + ``n``.
+
+    Raises:
+        ValueError: if the two models do not have the same layers and shapes.
+    """
+    src, dst = _unit_weights(source), _unit_weights(target)
+    if sorted(src) != sorted(dst):
+        raise ValueError(
+            "copy_weights needs two builds of the same architecture. Layers only "
+            f"in source: {sorted(set(src) - set(dst))[:5]}, only in target: "
+            f"{sorted(set(dst) - set(src))[:5]}"
+        )
+    for key, variables in src.items():
+        if len(variables) != len(dst[key]):
+            raise ValueError(f"Layer {key!r} has different weights in the two models.")
+        for s, d in zip(variables, dst[key]):
+            if tuple(s.shape) != tuple(d.shape):
+                raise ValueError(
+                    f"Layer {key!r}: weight shape {tuple(s.shape)} != {tuple(d.shape)}"
+                )
+            d.assign(s)
