@@ -1,0 +1,216 @@
+// keras_blpa: CUDA kernels of the four fused block kernels (split design: this
+// file includes only CUDA headers and cc/, never TensorFlow). The element math
+// is the BLPA_HOST_DEVICE code of blpa_quant.h, with __f*_rn intrinsics so that
+// every operation rounds like TensorFlow's separate ops (also build with
+// -fmad=false). One thread handles one packed byte (1, 2 or 4 elements).
+#include <cuda_runtime.h>
+
+#include "cc/blpa_quant.h"
+#include "cc/blpa_quant_cuda.h"
+
+namespace blpa {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+int grid_for(int64_t work) {
+  int64_t blocks = (work + kThreads - 1) / kThreads;
+  if (blocks > 65535 * 8) blocks = 65535 * 8;  // grid-stride loops cover the rest
+  return static_cast<int>(blocks < 1 ? 1 : blocks);
+}
+
+template <int BITS>
+__global__ void encode_kernel(EncodeArgs a) {
+  constexpr int per = 8 / BITS;
+  const float top = static_cast<float>((1 << BITS) - 1);
+  const int64_t nbytes = packed_size(a.n, BITS);
+  for (int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+       b < nbytes; b += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    uint32_t byte = 0;
+#pragma unroll
+    for (int j = 0; j < per; ++j) {
+      const int64_t i = b * per + j;
+      if (i < a.n) {
+        const int64_t c = i % a.C;
+        const float y = bn_apply(a.x[i], __ldg(a.scale + c), __ldg(a.offset + c));
+        a.relu_out[i] = relu(y);
+        byte |= encode_one(y, __ldg(a.inv_step + c), __ldg(a.shift + c), top)
+                << (j * BITS);
+      }
+    }
+    a.packed[b] = static_cast<uint8_t>(byte);
+  }
+}
+
+template <int BITS>
+__global__ void decode_kernel(DecodeArgs a) {
+  constexpr int per = 8 / BITS;
+  const int64_t nbytes = packed_size(a.n, BITS);
+  for (int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+       b < nbytes; b += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const uint32_t byte = a.packed[b];
+#pragma unroll
+    for (int j = 0; j < per; ++j) {
+      const int64_t i = b * per + j;
+      if (i < a.n) {
+        const int64_t c = i % a.C;
+        a.out[i] = decode_relu_one(unpack_one(byte, j, BITS), __ldg(a.step + c),
+                                   __ldg(a.shift + c));
+      }
+    }
+  }
+}
+
+template <int BITS>
+__global__ void grad_input_kernel(GradArgs a) {
+  constexpr int per = 8 / BITS;
+  const int64_t nbytes = packed_size(a.n, BITS);
+  for (int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+       b < nbytes; b += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const uint32_t byte = a.packed[b];
+#pragma unroll
+    for (int j = 0; j < per; ++j) {
+      const int64_t i = b * per + j;
+      if (i < a.n) {
+        const int64_t c = i % a.C;
+        const uint32_t code = unpack_one(byte, j, BITS);
+        const float shift = __ldg(a.shift + c);
+        const float y_dec = decode_one(code, __ldg(a.step + c), shift);
+        const float gy = mask_one(code, shift) ? a.grad_a[i] : 0.0f;
+        const float xh = xhat_one(y_dec, __ldg(a.beta + c), __ldg(a.gamma + c));
+        a.grad_x[i] = grad_input_one(gy, xh, __ldg(a.coef + c),
+                                     __ldg(a.mean_g + c), __ldg(a.mean_gx + c));
+      }
+    }
+  }
+}
+
+// Reduction over the [rows, C] view: threadIdx.x walks 32 consecutive channels
+// (coalesced reads of grad_a), threadIdx.y and blockIdx.y stride over rows.
+// Per-thread float partial sums, a shared-memory tree over threadIdx.y, then
+// one atomicAdd per channel and block.
+constexpr int kRedX = 32;
+constexpr int kRedY = 8;
+
+template <int BITS>
+__global__ void grad_reduce_kernel(GradArgs a, float* sum_g, float* sum_gx) {
+  __shared__ float sg[kRedY][kRedX];
+  __shared__ float sgx[kRedY][kRedX];
+  const int64_t c = blockIdx.x * static_cast<int64_t>(kRedX) + threadIdx.x;
+  const int64_t rows = a.n / a.C;
+  float acc_g = 0.0f, comp_g = 0.0f, acc_gx = 0.0f, comp_gx = 0.0f;
+  if (c < a.C) {
+    const float step = __ldg(a.step + c), shift = __ldg(a.shift + c);
+    const float gamma = __ldg(a.gamma + c), beta = __ldg(a.beta + c);
+    for (int64_t r = blockIdx.y * static_cast<int64_t>(kRedY) + threadIdx.y;
+         r < rows; r += static_cast<int64_t>(gridDim.y) * kRedY) {
+      const int64_t i = r * a.C + c;
+      const int per = 8 / BITS;
+      const uint32_t code =
+          unpack_one(a.packed[i / per], static_cast<int>(i % per), BITS);
+      const float y_dec = decode_one(code, step, shift);
+      const float gy = mask_one(code, shift) ? a.grad_a[i] : 0.0f;
+      const float gx = __fmul_rn(gy, xhat_one(y_dec, beta, gamma));
+      // Kahan summation keeps long columns accurate in float.
+      float y1 = __fsub_rn(gy, comp_g);
+      float t1 = __fadd_rn(acc_g, y1);
+      comp_g = __fsub_rn(__fsub_rn(t1, acc_g), y1);
+      acc_g = t1;
+      float y2 = __fsub_rn(gx, comp_gx);
+      float t2 = __fadd_rn(acc_gx, y2);
+      comp_gx = __fsub_rn(__fsub_rn(t2, acc_gx), y2);
+      acc_gx = t2;
+    }
+  }
+  sg[threadIdx.y][threadIdx.x] = acc_g;
+  sgx[threadIdx.y][threadIdx.x] = acc_gx;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < a.C) {
+    float tg = 0.0f, tgx = 0.0f;
+#pragma unroll
+    for (int k = 0; k < kRedY; ++k) {
+      tg += sg[k][threadIdx.x];
+      tgx += sgx[k][threadIdx.x];
+    }
+    atomicAdd(sum_g + c, tg);
+    atomicAdd(sum_gx + c, tgx);
+  }
+}
+
+int last_error() { return static_cast<int>(cudaGetLastError()); }
+
+}  // namespace
+
+int bn_relu_encode(const EncodeArgs& a, cudaStream_t stream) {
+  const int64_t nbytes = packed_size(a.n, a.bits);
+  if (nbytes == 0) return 0;
+  const int grid = grid_for(nbytes);
+  switch (a.bits) {
+    case 2: encode_kernel<2><<<grid, kThreads, 0, stream>>>(a); break;
+    case 4: encode_kernel<4><<<grid, kThreads, 0, stream>>>(a); break;
+    case 8: encode_kernel<8><<<grid, kThreads, 0, stream>>>(a); break;
+    default: return static_cast<int>(cudaErrorInvalidValue);
+  }
+  return last_error();
+}
+
+int decode_relu(const DecodeArgs& a, cudaStream_t stream) {
+  const int64_t nbytes = packed_size(a.n, a.bits);
+  if (nbytes == 0) return 0;
+  const int grid = grid_for(nbytes);
+  switch (a.bits) {
+    case 2: decode_kernel<2><<<grid, kThreads, 0, stream>>>(a); break;
+    case 4: decode_kernel<4><<<grid, kThreads, 0, stream>>>(a); break;
+    case 8: decode_kernel<8><<<grid, kThreads, 0, stream>>>(a); break;
+    default: return static_cast<int>(cudaErrorInvalidValue);
+  }
+  return last_error();
+}
+
+int bn_grad_input(const GradArgs& a, cudaStream_t stream) {
+  const int64_t nbytes = packed_size(a.n, a.bits);
+  if (nbytes == 0) return 0;
+  const int grid = grid_for(nbytes);
+  switch (a.bits) {
+    case 2: grad_input_kernel<2><<<grid, kThreads, 0, stream>>>(a); break;
+    case 4: grad_input_kernel<4><<<grid, kThreads, 0, stream>>>(a); break;
+    case 8: grad_input_kernel<8><<<grid, kThreads, 0, stream>>>(a); break;
+    default: return static_cast<int>(cudaErrorInvalidValue);
+  }
+  return last_error();
+}
+
+int bn_grad_reduce(const GradArgs& a, float* sum_g, float* sum_gx,
+                   cudaStream_t stream) {
+  if (a.C <= 0) return 0;
+  cudaError_t err = cudaMemsetAsync(sum_g, 0, a.C * sizeof(float), stream);
+  if (err == cudaSuccess)
+    err = cudaMemsetAsync(sum_gx, 0, a.C * sizeof(float), stream);
+  if (err != cudaSuccess) return static_cast<int>(err);
+  const int64_t rows = a.n / a.C;
+  if (rows == 0) return 0;
+  const int64_t gx = (a.C + kRedX - 1) / kRedX;
+  if (gx > 2147483647LL) return static_cast<int>(cudaErrorInvalidValue);
+  // Enough row blocks to fill the device, few enough to keep atomics cheap.
+  int64_t gy = (rows + kRedY * 64 - 1) / (kRedY * 64);
+  const int64_t max_blocks = 4096;
+  if (gy * gx > max_blocks) gy = max_blocks / gx > 0 ? max_blocks / gx : 1;
+  if (gy > 65535) gy = 65535;
+  const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
+  const dim3 block(kRedX, kRedY);
+  switch (a.bits) {
+    case 2: grad_reduce_kernel<2><<<grid, block, 0, stream>>>(a, sum_g, sum_gx); break;
+    case 4: grad_reduce_kernel<4><<<grid, block, 0, stream>>>(a, sum_g, sum_gx); break;
+    case 8: grad_reduce_kernel<8><<<grid, block, 0, stream>>>(a, sum_g, sum_gx); break;
+    default: return static_cast<int>(cudaErrorInvalidValue);
+  }
+  return last_error();
+}
+
+const char* error_string(int error) {
+  return cudaGetErrorString(static_cast<cudaError_t>(error));
+}
+
+}  // namespace cuda
+}  // namespace blpa

@@ -1,0 +1,535 @@
+// keras_blpa: standalone test and benchmark of the cc/ kernels (no TensorFlow).
+//
+//   g++ -O3 -std=c++17 -ffp-contract=off -fno-trapping-math -mavx -pthread
+//       -I. cc/blpa_quant_test.cc -o blpa_quant_test && ./blpa_quant_test
+// With a CUDA toolkit (GPU checks and timings run when a device is present):
+//   nvcc -c -O3 -std=c++17 -fmad=false -I. cc/blpa_quant_cuda.cu -o cuda.o
+//   g++ -O3 -std=c++17 -ffp-contract=off -fno-trapping-math -mavx -pthread
+//       -DBLPA_WITH_CUDA -I. -I$CUDA/include cc/blpa_quant_test.cc cuda.o
+//       -L$CUDA/lib64 -l:libcudart_static.a -ldl -lrt -o blpa_quant_test
+// (-ffp-contract=off keeps x * scale + offset two roundings, like TensorFlow;
+// -fno-trapping-math only lets the compiler vectorise the selects.)
+//
+// Checks the tiled, multi-threaded CPU loops against a plain per-element loop
+// (codes and decoded values bit for bit, sums to float tolerance) over many
+// shapes, every bits value and NaN/Inf inputs; with BLPA_WITH_CUDA also the GPU
+// kernels against the CPU ones. Then prints encode+decode throughput in GB/s
+// (bytes read + written) next to a memcpy of the same bytes.
+// Options: --quick (smaller benchmark), --no-bench, --threads N, --elements N.
+// Exit status 0 when every check passes, 1 on a mismatch.
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "cc/blpa_quant.h"
+#if defined(BLPA_WITH_CUDA)
+#include <cuda_runtime.h>
+
+#include "cc/blpa_quant_cuda.h"
+#endif
+
+namespace {
+
+int g_failures = 0;
+
+void fail(const std::string& what) {
+  ++g_failures;
+  if (g_failures <= 20) fprintf(stderr, "MISMATCH: %s\n", what.c_str());
+}
+
+// Runs fn(begin, end) over [0, total) split into `threads` contiguous parts.
+template <typename Fn>
+void parallel_for(int threads, int64_t total, Fn fn) {
+  if (threads <= 1 || total < 2) {
+    fn(int64_t{0}, total);
+    return;
+  }
+  std::vector<std::thread> pool;
+  const int64_t chunk = (total + threads - 1) / threads;
+  for (int t = 0; t < threads; ++t) {
+    const int64_t b = t * chunk, e = std::min(total, b + chunk);
+    if (b >= e) break;
+    pool.emplace_back([=] { fn(b, e); });
+  }
+  for (auto& th : pool) th.join();
+}
+
+struct Problem {
+  int64_t n, C;
+  int bits;
+  std::vector<float> x, scale, offset, inv_step, step, shift, gamma, beta, grad,
+      coef, mean_g, mean_gx;
+};
+
+Problem make_problem(int64_t n, int64_t C, int bits, uint32_t seed) {
+  Problem p;
+  p.n = n;
+  p.C = C;
+  p.bits = bits;
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::uniform_real_distribution<float> uni(0.2f, 2.0f);
+  const float levels = static_cast<float>(1 << bits);
+  p.x.resize(n);
+  p.grad.resize(n);
+  for (int64_t i = 0; i < n; ++i) {
+    p.x[i] = 2.0f * normal(rng);
+    p.grad[i] = normal(rng);
+  }
+  const float specials[] = {std::numeric_limits<float>::quiet_NaN(),
+                            std::numeric_limits<float>::infinity(),
+                            -std::numeric_limits<float>::infinity(), 0.0f,
+                            -0.0f, 1e30f, -1e30f, 1e-40f};
+  for (int64_t i = 0; i < n; i += 97) p.x[i] = specials[(i / 97) % 8];
+  for (int64_t c = 0; c < C; ++c) {
+    float g = uni(rng) * ((c % 5 == 3) ? -1.0f : 1.0f);  // some negative gamma
+    const float b = normal(rng);
+    const float mean = 0.3f * normal(rng), inv_std = uni(rng);
+    const float ag = std::fabs(g);
+    p.gamma.push_back(g);
+    p.beta.push_back(b);
+    p.scale.push_back(g * inv_std);
+    p.offset.push_back(b - mean * (g * inv_std));
+    p.inv_step.push_back(levels / (6.0f * ag));
+    p.step.push_back(ag * (6.0f / levels));
+    float sh = levels / 2.0f - std::floor(b / ag * (levels / 6.0f));
+    p.shift.push_back(std::min(std::max(sh, 1.0f), levels - 1.0f));
+    p.coef.push_back(p.scale.back());
+    p.mean_g.push_back(0.01f * normal(rng));
+    p.mean_gx.push_back(0.01f * normal(rng));
+  }
+  return p;
+}
+
+blpa::EncodeArgs encode_args(const Problem& p, float* relu, uint8_t* packed) {
+  return {p.x.data(),     p.scale.data(), p.offset.data(), p.inv_step.data(),
+          p.shift.data(), p.n,            p.C,             p.bits,
+          relu,           packed};
+}
+
+blpa::GradArgs grad_args(const Problem& p, const uint8_t* packed, float* dx) {
+  blpa::GradArgs a;
+  a.packed = packed;
+  a.grad_a = p.grad.data();
+  a.step = p.step.data();
+  a.shift = p.shift.data();
+  a.gamma = p.gamma.data();
+  a.beta = p.beta.data();
+  a.n = p.n;
+  a.C = p.C;
+  a.bits = p.bits;
+  a.coef = p.coef.data();
+  a.mean_g = p.mean_g.data();
+  a.mean_gx = p.mean_gx.data();
+  a.grad_x = dx;
+  return a;
+}
+
+bool same_bits(float a, float b) { return memcmp(&a, &b, sizeof(float)) == 0; }
+
+// Plain per-element versions (no tiles, no channel views, explicit modulo).
+struct Naive {
+  std::vector<float> relu, dec, dx;
+  std::vector<uint8_t> packed;
+  std::vector<double> sum_g, sum_gx;
+};
+
+Naive naive(const Problem& p) {
+  Naive r;
+  const int per = 8 / p.bits;
+  const float top = static_cast<float>((1 << p.bits) - 1);
+  r.relu.resize(p.n);
+  r.dec.resize(p.n);
+  r.dx.resize(p.n);
+  r.packed.assign(blpa::packed_size(p.n, p.bits), 0);
+  r.sum_g.assign(p.C, 0.0);
+  r.sum_gx.assign(p.C, 0.0);
+  for (int64_t i = 0; i < p.n; ++i) {
+    const int64_t c = i % p.C;
+    const float y = blpa::bn_apply(p.x[i], p.scale[c], p.offset[c]);
+    r.relu[i] = blpa::relu(y);
+    const uint32_t code = blpa::encode_one(y, p.inv_step[c], p.shift[c], top);
+    r.packed[i / per] |= static_cast<uint8_t>(code << ((i % per) * p.bits));
+  }
+  for (int64_t i = 0; i < p.n; ++i) {
+    const int64_t c = i % p.C;
+    const uint32_t code = blpa::unpack_one(r.packed[i / per], i % per, p.bits);
+    r.dec[i] = blpa::decode_relu_one(code, p.step[c], p.shift[c]);
+    const float yd = blpa::decode_one(code, p.step[c], p.shift[c]);
+    const float gy = blpa::mask_one(code, p.shift[c]) ? p.grad[i] : 0.0f;
+    const float xh = blpa::xhat_one(yd, p.beta[c], p.gamma[c]);
+    r.sum_g[c] += gy;
+    r.sum_gx[c] += gy * xh;
+    r.dx[i] = blpa::grad_input_one(gy, xh, p.coef[c], p.mean_g[c], p.mean_gx[c]);
+  }
+  return r;
+}
+
+struct CpuResult {
+  std::vector<float> relu, dec, dx, sum_g, sum_gx;
+  std::vector<uint8_t> packed;
+};
+
+CpuResult run_cpu(const Problem& p, int threads) {
+  CpuResult r;
+  const int64_t nbytes = blpa::packed_size(p.n, p.bits);
+  r.relu.assign(p.n, -7.0f);
+  r.dec.assign(p.n, -7.0f);
+  r.dx.assign(p.n, -7.0f);
+  r.packed.assign(nbytes, 0xAB);
+  const blpa::EncodeArgs ea = encode_args(p, r.relu.data(), r.packed.data());
+  parallel_for(threads, nbytes, [&](int64_t b, int64_t e) {
+    blpa::cpu::bn_relu_encode(ea, b, e);
+  });
+  const blpa::DecodeArgs da = {r.packed.data(), p.step.data(), p.shift.data(),
+                               p.n, p.C, p.bits, r.dec.data()};
+  parallel_for(threads, nbytes, [&](int64_t b, int64_t e) {
+    blpa::cpu::decode_relu(da, b, e);
+  });
+  const blpa::GradArgs ga = grad_args(p, r.packed.data(), r.dx.data());
+  parallel_for(threads, nbytes, [&](int64_t b, int64_t e) {
+    blpa::cpu::bn_grad_input(ga, b, e);
+  });
+  const int64_t blocks = blpa::cpu::reduce_num_blocks(nbytes);
+  const int64_t slots = blpa::cpu::reduce_scratch_size(p.C);
+  std::vector<double> part(2 * p.C * blocks, 0.0);
+  parallel_for(threads, blocks, [&](int64_t b0, int64_t b1) {
+    std::vector<double> scratch(2 * slots);
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t lo = b * blpa::cpu::kReduceBlockBytes;
+      const int64_t hi = std::min(nbytes, lo + blpa::cpu::kReduceBlockBytes);
+      blpa::cpu::bn_grad_reduce(ga, lo, hi, &part[2 * p.C * b],
+                                &part[2 * p.C * b + p.C], scratch.data());
+    }
+  });
+  r.sum_g.assign(p.C, 0.0f);
+  r.sum_gx.assign(p.C, 0.0f);
+  for (int64_t c = 0; c < p.C; ++c) {
+    double sg = 0, sgx = 0;
+    for (int64_t b = 0; b < blocks; ++b) {
+      sg += part[2 * p.C * b + c];
+      sgx += part[2 * p.C * b + p.C + c];
+    }
+    r.sum_g[c] = static_cast<float>(sg);
+    r.sum_gx[c] = static_cast<float>(sgx);
+  }
+  return r;
+}
+
+std::string label(const Problem& p) {
+  return "n=" + std::to_string(p.n) + " C=" + std::to_string(p.C) +
+         " bits=" + std::to_string(p.bits);
+}
+
+void compare_floats(const std::string& what, const std::vector<float>& a,
+                    const std::vector<float>& b) {
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (!same_bits(a[i], b[i]) && !(std::isnan(a[i]) && std::isnan(b[i]))) {
+      fail(what + " at " + std::to_string(i) + ": " + std::to_string(a[i]) +
+           " vs " + std::to_string(b[i]));
+      return;
+    }
+  }
+}
+
+void compare_sums(const std::string& what, const std::vector<float>& got,
+                  const std::vector<double>& want, const std::vector<float>& grad,
+                  int64_t C) {
+  // Tolerance from float accumulation: relative to the sum of magnitudes.
+  std::vector<double> mag(C, 0.0);
+  for (size_t i = 0; i < grad.size(); ++i) mag[i % C] += 10.0 * std::fabs(grad[i]);
+  for (int64_t c = 0; c < C; ++c) {
+    const double tol = 1e-5 * mag[c] + 1e-5;
+    if (!(std::fabs(got[c] - want[c]) <= tol)) {
+      fail(what + " channel " + std::to_string(c) + ": " + std::to_string(got[c]) +
+           " vs " + std::to_string(want[c]));
+      return;
+    }
+  }
+}
+
+void check_cpu(const Problem& p, int threads) {
+  const Naive want = naive(p);
+  const CpuResult got = run_cpu(p, threads);
+  const std::string l = label(p) + " threads=" + std::to_string(threads);
+  if (got.packed != want.packed) fail("packed codes " + l);
+  compare_floats("relu " + l, got.relu, want.relu);
+  compare_floats("decode_relu " + l, got.dec, want.dec);
+  compare_floats("bn_grad_input " + l, got.dx, want.dx);
+  compare_sums("bn_grad_reduce sum_g " + l, got.sum_g, want.sum_g, p.grad, p.C);
+  std::vector<float> absx(p.n);
+  compare_sums("bn_grad_reduce sum_gx " + l, got.sum_gx, want.sum_gx, p.grad, p.C);
+}
+
+#if defined(BLPA_WITH_CUDA)
+#define CUDA_OK(expr)                                                     \
+  do {                                                                    \
+    cudaError_t e_ = (expr);                                              \
+    if (e_ != cudaSuccess) {                                              \
+      fprintf(stderr, "CUDA error %s at %s:%d\n", cudaGetErrorString(e_), \
+              __FILE__, __LINE__);                                        \
+      exit(1);                                                            \
+    }                                                                     \
+  } while (0)
+
+template <typename T>
+T* to_device(const std::vector<T>& v) {
+  T* d = nullptr;
+  CUDA_OK(cudaMalloc(&d, std::max<size_t>(1, v.size()) * sizeof(T)));
+  if (!v.empty())
+    CUDA_OK(cudaMemcpy(d, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
+  return d;
+}
+
+template <typename T>
+std::vector<T> to_host(const T* d, size_t count) {
+  std::vector<T> v(count);
+  if (count) CUDA_OK(cudaMemcpy(v.data(), d, count * sizeof(T), cudaMemcpyDeviceToHost));
+  return v;
+}
+
+bool gpu_available() {
+  int count = 0;
+  return cudaGetDeviceCount(&count) == cudaSuccess && count > 0;
+}
+
+struct DeviceProblem {
+  float *x, *scale, *offset, *inv_step, *step, *shift, *gamma, *beta, *grad,
+      *coef, *mean_g, *mean_gx, *relu, *dec, *dx, *sum_g, *sum_gx;
+  uint8_t* packed;
+  blpa::EncodeArgs ea;
+  blpa::DecodeArgs da;
+  blpa::GradArgs ga;
+};
+
+DeviceProblem upload(const Problem& p) {
+  DeviceProblem d;
+  d.x = to_device(p.x);
+  d.scale = to_device(p.scale);
+  d.offset = to_device(p.offset);
+  d.inv_step = to_device(p.inv_step);
+  d.step = to_device(p.step);
+  d.shift = to_device(p.shift);
+  d.gamma = to_device(p.gamma);
+  d.beta = to_device(p.beta);
+  d.grad = to_device(p.grad);
+  d.coef = to_device(p.coef);
+  d.mean_g = to_device(p.mean_g);
+  d.mean_gx = to_device(p.mean_gx);
+  d.relu = to_device(std::vector<float>(p.n));
+  d.dec = to_device(std::vector<float>(p.n));
+  d.dx = to_device(std::vector<float>(p.n));
+  d.sum_g = to_device(std::vector<float>(p.C));
+  d.sum_gx = to_device(std::vector<float>(p.C));
+  d.packed = to_device(std::vector<uint8_t>(blpa::packed_size(p.n, p.bits)));
+  d.ea = {d.x, d.scale, d.offset, d.inv_step, d.shift, p.n, p.C, p.bits, d.relu,
+          d.packed};
+  d.da = {d.packed, d.step, d.shift, p.n, p.C, p.bits, d.dec};
+  d.ga.packed = d.packed;
+  d.ga.grad_a = d.grad;
+  d.ga.step = d.step;
+  d.ga.shift = d.shift;
+  d.ga.gamma = d.gamma;
+  d.ga.beta = d.beta;
+  d.ga.n = p.n;
+  d.ga.C = p.C;
+  d.ga.bits = p.bits;
+  d.ga.coef = d.coef;
+  d.ga.mean_g = d.mean_g;
+  d.ga.mean_gx = d.mean_gx;
+  d.ga.grad_x = d.dx;
+  return d;
+}
+
+void release(DeviceProblem& d) {
+  for (void* ptr : {(void*)d.x, (void*)d.scale, (void*)d.offset, (void*)d.inv_step,
+                    (void*)d.step, (void*)d.shift, (void*)d.gamma, (void*)d.beta,
+                    (void*)d.grad, (void*)d.coef, (void*)d.mean_g, (void*)d.mean_gx,
+                    (void*)d.relu, (void*)d.dec, (void*)d.dx, (void*)d.sum_g,
+                    (void*)d.sum_gx, (void*)d.packed})
+    cudaFree(ptr);
+}
+
+void launch_ok(int err, const char* what) {
+  if (err != 0) {
+    fprintf(stderr, "%s launch failed: %s\n", what, blpa::cuda::error_string(err));
+    exit(1);
+  }
+}
+
+void check_gpu(const Problem& p) {
+  const CpuResult want = run_cpu(p, 1);
+  const Naive nv = naive(p);
+  DeviceProblem d = upload(p);
+  launch_ok(blpa::cuda::bn_relu_encode(d.ea, 0), "encode");
+  launch_ok(blpa::cuda::decode_relu(d.da, 0), "decode");
+  launch_ok(blpa::cuda::bn_grad_input(d.ga, 0), "grad_input");
+  launch_ok(blpa::cuda::bn_grad_reduce(d.ga, d.sum_g, d.sum_gx, 0), "grad_reduce");
+  CUDA_OK(cudaDeviceSynchronize());
+  const std::string l = label(p) + " GPU";
+  if (to_host(d.packed, want.packed.size()) != want.packed) fail("packed codes " + l);
+  compare_floats("relu " + l, to_host(d.relu, p.n), want.relu);
+  compare_floats("decode_relu " + l, to_host(d.dec, p.n), want.dec);
+  compare_floats("bn_grad_input " + l, to_host(d.dx, p.n), want.dx);
+  compare_sums("bn_grad_reduce sum_g " + l, to_host(d.sum_g, p.C), nv.sum_g, p.grad, p.C);
+  compare_sums("bn_grad_reduce sum_gx " + l, to_host(d.sum_gx, p.C), nv.sum_gx, p.grad, p.C);
+  release(d);
+}
+
+void bench_gpu(const Problem& p, int reps) {
+  DeviceProblem d = upload(p);
+  cudaEvent_t e0, e1;
+  CUDA_OK(cudaEventCreate(&e0));
+  CUDA_OK(cudaEventCreate(&e1));
+  float* copy_dst = nullptr;
+  CUDA_OK(cudaMalloc(&copy_dst, p.n * sizeof(float)));
+  auto time_it = [&](auto fn) {
+    fn();
+    CUDA_OK(cudaDeviceSynchronize());
+    CUDA_OK(cudaEventRecord(e0));
+    for (int r = 0; r < reps; ++r) fn();
+    CUDA_OK(cudaEventRecord(e1));
+    CUDA_OK(cudaEventSynchronize(e1));
+    float ms = 0;
+    CUDA_OK(cudaEventElapsedTime(&ms, e0, e1));
+    return ms / 1e3 / reps;
+  };
+  const double nb = static_cast<double>(blpa::packed_size(p.n, p.bits));
+  const double fb = 4.0 * p.n;
+  const double t_enc = time_it([&] { blpa::cuda::bn_relu_encode(d.ea, 0); });
+  const double t_dec = time_it([&] { blpa::cuda::decode_relu(d.da, 0); });
+  const double t_copy = time_it([&] {
+    cudaMemcpyAsync(copy_dst, d.x, p.n * sizeof(float), cudaMemcpyDeviceToDevice, 0);
+  });
+  const double traffic = (fb + fb + nb) + (nb + fb);
+  const double gbs = traffic / (t_enc + t_dec) / 1e9;
+  const double copy_gbs = 2 * fb / t_copy / 1e9;
+  printf("GPU  bits=%d  encode %.3f ms  decode %.3f ms  enc+dec %.1f GB/s  "
+         "copy %.1f GB/s  ratio %.2f\n",
+         p.bits, t_enc * 1e3, t_dec * 1e3, gbs, copy_gbs, gbs / copy_gbs);
+  cudaFree(copy_dst);
+  release(d);
+}
+#endif  // BLPA_WITH_CUDA
+
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+template <typename Fn>
+double best_time(int reps, Fn fn) {
+  fn();
+  double best = 1e30;
+  for (int r = 0; r < reps; ++r) {
+    const auto t0 = std::chrono::steady_clock::now();
+    fn();
+    best = std::min(best, seconds_since(t0));
+  }
+  return best;
+}
+
+void bench_cpu(const Problem& p, int threads, int reps) {
+  const int64_t nbytes = blpa::packed_size(p.n, p.bits);
+  std::vector<float> relu(p.n), dec(p.n), copy(p.n);
+  std::vector<uint8_t> packed(nbytes);
+  const blpa::EncodeArgs ea = encode_args(p, relu.data(), packed.data());
+  const blpa::DecodeArgs da = {packed.data(), p.step.data(), p.shift.data(),
+                               p.n, p.C, p.bits, dec.data()};
+  const double t_enc = best_time(reps, [&] {
+    parallel_for(threads, nbytes, [&](int64_t b, int64_t e) {
+      blpa::cpu::bn_relu_encode(ea, b, e);
+    });
+  });
+  const double t_dec = best_time(reps, [&] {
+    parallel_for(threads, nbytes, [&](int64_t b, int64_t e) {
+      blpa::cpu::decode_relu(da, b, e);
+    });
+  });
+  const double t_copy = best_time(reps, [&] {
+    parallel_for(threads, p.n, [&](int64_t b, int64_t e) {
+      memcpy(copy.data() + b, p.x.data() + b, (e - b) * sizeof(float));
+    });
+  });
+  // Bytes read + written: encode reads x, writes relu(y) and the codes;
+  // decode reads the codes and writes floats; a copy reads and writes 4n.
+  const double fb = 4.0 * p.n, cb = static_cast<double>(nbytes);
+  const double gbs = ((fb + fb + cb) + (cb + fb)) / (t_enc + t_dec) / 1e9;
+  const double copy_gbs = 2 * fb / t_copy / 1e9;
+  printf("CPU  bits=%d  threads=%d  n=%lld  encode %.3f ms  decode %.3f ms  "
+         "enc+dec %.2f GB/s  memcpy %.2f GB/s  ratio %.2f\n",
+         p.bits, threads, static_cast<long long>(p.n), t_enc * 1e3, t_dec * 1e3,
+         gbs, copy_gbs, gbs / copy_gbs);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  bool quick = false, bench = true;
+  int threads = std::max(1u, std::thread::hardware_concurrency());
+  int64_t elements = 64LL * 32 * 32 * 64;  // batch 64, 32x32, 64 channels
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--quick") quick = true;
+    else if (a == "--no-bench") bench = false;
+    else if (a == "--threads" && i + 1 < argc) threads = atoi(argv[++i]);
+    else if (a == "--elements" && i + 1 < argc) elements = atoll(argv[++i]);
+    else {
+      fprintf(stderr, "usage: %s [--quick] [--no-bench] [--threads N] [--elements N]\n",
+              argv[0]);
+      return 2;
+    }
+  }
+  if (quick) elements = std::min<int64_t>(elements, 1 << 20);
+
+  const int64_t sizes[][2] = {{1, 1},      {7, 1},       {13, 3},     {97, 5},
+                              {1000, 64},  {4099, 17},   {8191, 255}, {8448, 256},
+                              {10279, 257}, {65537, 1000}, {300001, 64}, {262147, 1}};
+  int checked = 0;
+  for (int bits : {2, 4, 8}) {
+    for (const auto& s : sizes) {
+      const Problem p = make_problem(s[0], s[1], bits, 1234u + static_cast<uint32_t>(s[0]));
+      for (int t : {1, 3}) check_cpu(p, t);
+      ++checked;
+    }
+  }
+  printf("CPU checks: %d problems x 2 thread counts, %d mismatches\n", checked,
+         g_failures);
+
+#if defined(BLPA_WITH_CUDA)
+  const bool gpu = gpu_available();
+  if (gpu) {
+    for (int bits : {2, 4, 8})
+      for (const auto& s : sizes)
+        check_gpu(make_problem(s[0], s[1], bits, 99u + static_cast<uint32_t>(s[0])));
+    printf("GPU checks done, %d mismatches in total\n", g_failures);
+  } else {
+    printf("GPU checks skipped: no CUDA device\n");
+  }
+#endif
+
+  if (bench && g_failures == 0) {
+    for (int bits : {2, 4, 8}) {
+      const Problem p = make_problem(elements, 64, bits, 7u);
+      bench_cpu(p, threads, quick ? 3 : 10);
+#if defined(BLPA_WITH_CUDA)
+      if (gpu) bench_gpu(p, quick ? 5 : 50);
+#endif
+    }
+  }
+  if (g_failures) {
+    fprintf(stderr, "FAILED: %d mismatches\n", g_failures);
+    return 1;
+  }
+  printf("OK\n");
+  return 0;
+}
