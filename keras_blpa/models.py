@@ -33,7 +33,12 @@ QUANTIZATION_MODES = blpa_layers.QUANTIZATION_MODES
 
 # Presets: plain dicts (keras-hub style).
 CIFAR_WIDTHS = (16, 32, 64)
-IMAGENET_STAGES = (3, 8, 36, 3)
+IMAGENET_STAGES = {
+    26: (2, 2, 2, 2),
+    50: (3, 4, 6, 3),
+    101: (3, 4, 23, 3),
+    152: (3, 8, 36, 3),
+}
 IMAGENET_WIDTHS = (64, 128, 256, 512)
 BOTTLENECK_EXPANSION = 4
 PRESETS = {
@@ -292,7 +297,8 @@ def resnet(
     outputs x4) and strides 1/2/2, final BN-ReLU, global average pooling and a
     dense classifier. ``stem="imagenet"``: ResNet-152-style, a 7x7 stride-2
     conv (64 * width) and 3x3 stride-2 max pool, then stages of [3, 8, 36, 3]
-    units with widths 64/128/256/512 (depth must be 152).
+    units with widths 64/128/256/512 (depth 152; 26, 50 and 101 give the
+    [2, 2, 2, 2], [3, 4, 6, 3] and [3, 4, 23, 3] variants).
 
     Shortcuts are parameter-free (average pool by the stride, zero channel
     padding); at each stage's first unit the shortcut is taken after the unit's
@@ -300,7 +306,8 @@ def resnet(
     Keras layers in both builds.
 
     Args:
-        depth: 9n + 2 for "cifar" (164 and 1001 in the paper); 152 for "imagenet".
+        depth: 9n + 2 for "cifar" (164 and 1001 in the paper); 152 (or 26, 50,
+            101) for "imagenet".
         num_classes: number of classes (> 0).
         input_shape: (height, width, channels).
         bits: 2, 4 or 8 for ApproxConvBlock / ResidualBuffer layers; None for
@@ -360,12 +367,13 @@ def resnet(
         widths = CIFAR_WIDTHS
         strides = (1, 2, 2)
     else:
-        if depth != 152:
+        if depth not in IMAGENET_STAGES:
             raise ValueError(
-                "stem='imagenet' builds the ResNet-152-style network; expected "
-                f"depth=152 (or stem='cifar' with depth 9n + 2). Received: depth={depth!r}"
+                f"Expected depth in {tuple(IMAGENET_STAGES)} for stem='imagenet' "
+                "(152 is the paper's; or stem='cifar' with depth 9n + 2). "
+                f"Received: depth={depth!r}"
             )
-        units = IMAGENET_STAGES
+        units = IMAGENET_STAGES[depth]
         widths = IMAGENET_WIDTHS
         strides = (1, 2, 2, 2)
     regularizer = _regularizer(weight_decay)

@@ -1,0 +1,28 @@
+"""Fashion-MNIST, offline: TFDS when the data is prepared, else the IDX files of a
+local copy (Debian's dataset-fashion-mnist package, ~/.keras/datasets/fashion-mnist
+or --data_dir). --compare trains the exact (stock) and the K-bit model and prints
+the test accuracy and peak memory of each.
+
+    python examples/fashion_mnist.py --compare --depth 11 --steps 150
+
+All flags: see examples/train.py (python examples/fashion_mnist.py --help).
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import train  # noqa: E402
+
+
+def main(argv=None):
+    return train.main(argv, dataset="fashion_mnist")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,184 @@
+"""Training helpers: the paper's learning-rate schedule, optimizers with weight
+decay and gradient accumulation, distribution strategies by name.
+
+Weight decay is an L2 penalty on kernels (``resnet(..., weight_decay=...)``).
+Gradient accumulation uses the Keras 3 optimizers' own
+``gradient_accumulation_steps``: the optimizer averages the gradients of that
+many consecutive batches and applies them once, which equals one step on the
+concatenated batch (for losses that are means over the batch; BN batch
+statistics are still per micro-batch).
+"""
+
+import json
+import os
+
+import keras
+import tensorflow as tf
+
+STRATEGIES = ("none", "mirrored", "multiworker")
+
+
+@keras.saving.register_keras_serializable(package="keras_blpa")
+class PaperSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """The paper's step schedule: warm-up, then /10 at 50% and 75% of training.
+
+    lr(step) = lr / 10 for step < warmup_steps, lr until 50% of `total_steps`,
+    lr / 10 until 75%, lr / 100 after (CIFAR: lr 0.1, 400 warm-up steps, 64k steps).
+
+    Args:
+        learning_rate: base learning rate (> 0). Defaults to 0.1.
+        total_steps: number of optimizer steps of the whole run (> 0).
+        warmup_steps: steps at learning_rate / 10 (>= 0). Defaults to 400.
+        boundaries: fractions of `total_steps` where the rate drops by 10.
+
+    Example:
+    >>> schedule = PaperSchedule(0.1, total_steps=64000)
+    >>> optimizer = keras.optimizers.SGD(schedule, momentum=0.9)
+    """
+
+    def __init__(
+        self,
+        learning_rate=0.1,
+        total_steps=64000,
+        warmup_steps=400,
+        boundaries=(0.5, 0.75),
+        name="paper_schedule",
+    ):
+        if not learning_rate > 0:
+            raise ValueError(
+                f"Expected learning_rate > 0. Received: learning_rate={learning_rate!r}"
+            )
+        if isinstance(total_steps, bool) or not int(total_steps) == total_steps or total_steps < 1:
+            raise ValueError(
+                f"Expected total_steps to be a positive int. Received: total_steps={total_steps!r}"
+            )
+        if warmup_steps < 0:
+            raise ValueError(
+                f"Expected warmup_steps >= 0. Received: warmup_steps={warmup_steps!r}"
+            )
+        boundaries = tuple(float(b) for b in boundaries)
+        if list(boundaries) != sorted(boundaries) or not all(0 < b < 1 for b in boundaries):
+            raise ValueError(
+                "Expected increasing boundaries in (0, 1). "
+                f"Received: boundaries={boundaries!r}"
+            )
+        self.learning_rate = float(learning_rate)
+        self.total_steps = int(total_steps)
+        self.warmup_steps = int(warmup_steps)
+        self.boundaries = boundaries
+        self.name = name
+
+    def __call__(self, step):
+        step = tf.cast(step, tf.float32)
+        lr = tf.constant(self.learning_rate, tf.float32)
+        rate = tf.where(step < self.warmup_steps, lr / 10.0, lr)
+        for fraction in self.boundaries:
+            rate = tf.where(step >= fraction * self.total_steps, rate / 10.0, rate)
+        return rate
+
+    def get_config(self):
+        return {
+            "learning_rate": self.learning_rate,
+            "total_steps": self.total_steps,
+            "warmup_steps": self.warmup_steps,
+            "boundaries": list(self.boundaries),
+            "name": self.name,
+        }
+
+
+def make_optimizer(
+    learning_rate=0.1,
+    total_steps=64000,
+    warmup_steps=400,
+    momentum=0.9,
+    accumulation_steps=1,
+):
+    """SGD with momentum on the paper's schedule, with optional gradient accumulation.
+
+    Args:
+        learning_rate, total_steps, warmup_steps: for `PaperSchedule`; the
+            steps count optimizer updates (one per `accumulation_steps` batches).
+        momentum: SGD momentum (the paper: 0.9).
+        accumulation_steps: batches whose averaged gradients make one update
+            (1: none). Effective batch = batch size x accumulation_steps.
+
+    Returns:
+        A keras.optimizers.SGD.
+    """
+    if (
+        isinstance(accumulation_steps, bool)
+        or not isinstance(accumulation_steps, int)
+        or accumulation_steps < 1
+    ):
+        raise ValueError(
+            "Expected accumulation_steps to be an int >= 1. "
+            f"Received: accumulation_steps={accumulation_steps!r}"
+        )
+    schedule = PaperSchedule(learning_rate, total_steps, warmup_steps)
+    return keras.optimizers.SGD(
+        schedule,
+        momentum=momentum,
+        gradient_accumulation_steps=accumulation_steps if accumulation_steps > 1 else None,
+    )
+
+
+def make_strategy(name):
+    """A tf.distribute strategy from its name.
+
+    Args:
+        name: "none" (the default strategy: one device), "mirrored"
+            (MirroredStrategy over the local devices) or "multiworker"
+            (MultiWorkerMirroredStrategy configured by the TF_CONFIG
+            environment variable).
+
+    Raises:
+        ValueError: for an unknown name, or "multiworker" without a valid TF_CONFIG.
+    """
+    if name not in STRATEGIES:
+        raise ValueError(f"Expected strategy in {STRATEGIES}. Received: strategy={name!r}")
+    if name == "none":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    config = os.environ.get("TF_CONFIG")
+    try:
+        cluster = json.loads(config)["cluster"] if config else None
+    except (ValueError, KeyError, TypeError):
+        cluster = None
+    if not cluster:
+        raise ValueError(
+            "strategy='multiworker' needs TF_CONFIG with a cluster and task, e.g. "
+            '{"cluster": {"worker": ["host1:port", "host2:port"]}, '
+            '"task": {"type": "worker", "index": 0}}. '
+            f"Received: TF_CONFIG={config!r}"
+        )
+    return tf.distribute.MultiWorkerMirroredStrategy()
+
+
+def check_batch_size(batch_size, strategy):
+    """Returns the per-replica batch; raises ValueError unless it divides evenly."""
+    replicas = strategy.num_replicas_in_sync
+    if (
+        isinstance(batch_size, bool)
+        or not isinstance(batch_size, int)
+        or batch_size < 1
+        or batch_size % replicas
+    ):
+        raise ValueError(
+            f"Expected a global batch size divisible by the {replicas} replicas "
+            f"of the strategy. Received: batch_size={batch_size!r}"
+        )
+    return batch_size // replicas
+
+
+def is_chief():
+    """Whether this process is the chief (writes final outputs) under TF_CONFIG."""
+    config = os.environ.get("TF_CONFIG")
+    if not config:
+        return True
+    task = json.loads(config).get("task", {})
+    return task.get("type", "worker") == "chief" or (
+        task.get("type", "worker") == "worker"
+        and task.get("index", 0) == 0
+        and "chief" not in json.loads(config).get("cluster", {})
+    )
