@@ -293,6 +293,9 @@ class ApproxConvBlock(keras.layers.Layer):
                     codes, d_a, p["step"], p["shift"], p["gamma"], beta, bits
                 )
                 count = tf.cast(tf.reduce_prod(x_shape[:-1]), tf.float32)
+                # d_gamma / d_beta stay per-replica: the optimizer sums them
+                # across replicas; only the input gradient needs the global sums.
+                d_gamma, d_beta = sum_gx, sum_g
                 sum_g, sum_gx, count = _cross_replica_sum(
                     [sum_g, sum_gx, count], synchronized
                 )
@@ -308,7 +311,7 @@ class ApproxConvBlock(keras.layers.Layer):
                     sum_gx / count,
                     bits,
                 )
-                return tf.cast(d_x, input_dtype), sum_gx, sum_g, d_kernel, None, None
+                return tf.cast(d_x, input_dtype), d_gamma, d_beta, d_kernel, None, None
 
             return (out, activation), grad
 
