@@ -96,8 +96,9 @@ def make_optimizer(
     """SGD with momentum on the paper's schedule, with optional gradient accumulation.
 
     Args:
-        learning_rate, total_steps, warmup_steps: for `PaperSchedule`; the
-            steps count optimizer updates (one per `accumulation_steps` batches).
+        learning_rate, total_steps, warmup_steps: for `PaperSchedule`, in
+            optimizer updates (one per `accumulation_steps` batches; the
+            schedule itself is given micro-batch steps, as Keras calls it).
         momentum: SGD momentum (the paper: 0.9).
         accumulation_steps: batches whose averaged gradients make one update
             (1: none). Effective batch = batch size x accumulation_steps.
@@ -114,7 +115,12 @@ def make_optimizer(
             "Expected accumulation_steps to be an int >= 1. "
             f"Received: accumulation_steps={accumulation_steps!r}"
         )
-    schedule = PaperSchedule(learning_rate, total_steps, warmup_steps)
+    # Keras evaluates the schedule at the micro-batch count.
+    schedule = PaperSchedule(
+        learning_rate,
+        total_steps * accumulation_steps,
+        warmup_steps * accumulation_steps,
+    )
     return keras.optimizers.SGD(
         schedule,
         momentum=momentum,
