@@ -260,7 +260,11 @@ class ApproxConvBlock(keras.layers.Layer):
                     packed, x_shape, p["step"], p["shift"], bits
                 )
             activation = tf.cast(activation, compute_dtype)
-            out = self._conv(activation, kernel)
+            # The forward goes on only once the codes exist; otherwise the
+            # executor may defer the packing and keep every block's float
+            # pre-activation alive.
+            with tf.control_dependencies([packed]):
+                out = self._conv(activation, kernel)
 
             def grad(d_out, d_activation=None):
                 # Decode only once the incoming gradient exists: otherwise the
@@ -289,6 +293,10 @@ class ApproxConvBlock(keras.layers.Layer):
                 d_a = tf.cast(d_a, tf.float32)
                 if d_activation is not None:
                     d_a += tf.cast(d_activation, tf.float32)
+                # Each decode waits for the result before it, so that at most
+                # one block's float temporaries exist at a time.
+                with tf.control_dependencies([d_a]):
+                    codes = tf.identity(packed)
                 sum_g, sum_gx = kernels.bn_grad_reduce(
                     codes, d_a, p["step"], p["shift"], p["gamma"], beta, bits
                 )
@@ -299,6 +307,8 @@ class ApproxConvBlock(keras.layers.Layer):
                 sum_g, sum_gx, count = _cross_replica_sum(
                     [sum_g, sum_gx, count], synchronized
                 )
+                with tf.control_dependencies([sum_g, sum_gx]):
+                    codes = tf.identity(packed)
                 d_x = kernels.bn_grad_input(
                     codes,
                     d_a,
@@ -313,9 +323,15 @@ class ApproxConvBlock(keras.layers.Layer):
                 )
                 return tf.cast(d_x, input_dtype), d_gamma, d_beta, d_kernel, None, None
 
-            return (out, activation), grad
+            # Return the activation only when the caller uses it: for an unused
+            # output the tape makes zeros_like(activation), which would keep
+            # the float activation alive until the backward pass.
+            if self.return_activation:
+                return (out, activation), grad
+            return out, grad
 
-        return block(x, gamma, beta, kernel, mean, variance)
+        result = block(x, gamma, beta, kernel, mean, variance)
+        return result if self.return_activation else (result, None)
 
     def compute_output_shape(self, input_shape):
         _check_rank4(input_shape, "ApproxConvBlock")

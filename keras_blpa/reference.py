@@ -88,18 +88,18 @@ def encode_codes(y, inv_step, shift, bits):
 
 def pack(codes, bits):
     """Packs uint8 codes of any shape into a dense 1-D uint8 tensor."""
-    flat = tf.reshape(tf.cast(codes, tf.int32), [-1])
+    flat = tf.reshape(tf.cast(codes, tf.uint8), [-1])
     per = codes_per_byte(bits)
     if per == 1:
-        return tf.cast(flat, tf.uint8)
-    n = tf.size(flat)
-    pad = (per - n % per) % per
-    flat = tf.concat([flat, tf.zeros([pad], tf.int32)], axis=0)
-    groups = tf.reshape(flat, [-1, per])
-    shifts = tf.constant([bits * j for j in range(per)], tf.int32)
-    # Fields do not overlap, so the sum is the bitwise or.
-    packed = tf.reduce_sum(tf.bitwise.left_shift(groups, shifts), axis=1)
-    return tf.cast(packed, tf.uint8)
+        return flat
+    pad = (per - tf.size(flat) % per) % per
+    groups = tf.reshape(tf.concat([flat, tf.zeros([pad], tf.uint8)], 0), [-1, per])
+    packed = groups[:, 0]
+    for j in range(1, per):
+        # Fields do not overlap, so or-ing them in places each field.
+        field = tf.bitwise.left_shift(groups[:, j], tf.constant(bits * j, tf.uint8))
+        packed = tf.bitwise.bitwise_or(packed, field)
+    return packed
 
 
 def unpack(packed, num_elements, bits):
@@ -107,12 +107,12 @@ def unpack(packed, num_elements, bits):
     per = codes_per_byte(bits)
     if per == 1:
         return tf.reshape(packed, [-1])[:num_elements]
-    words = tf.cast(tf.reshape(packed, [-1, 1]), tf.int32)
-    shifts = tf.constant([bits * j for j in range(per)], tf.int32)
+    words = tf.reshape(packed, [-1, 1])
+    shifts = tf.constant([bits * j for j in range(per)], tf.uint8)
     fields = tf.bitwise.bitwise_and(
-        tf.bitwise.right_shift(words, shifts), 2**bits - 1
+        tf.bitwise.right_shift(words, shifts), tf.constant(2**bits - 1, tf.uint8)
     )
-    return tf.cast(tf.reshape(fields, [-1])[:num_elements], tf.uint8)
+    return tf.reshape(fields, [-1])[:num_elements]
 
 
 def encode(y, inv_step, shift, bits):
@@ -120,18 +120,21 @@ def encode(y, inv_step, shift, bits):
     return pack(encode_codes(y, inv_step, shift, bits), bits)
 
 
-def _codes_float(packed, shape, bits):
+def _decode_value(packed, shape, step, shift, bits):
     codes = unpack(packed, tf.reduce_prod(shape), bits)
-    return tf.reshape(tf.cast(codes, tf.float32), shape)
+    return (tf.reshape(tf.cast(codes, tf.float32), shape) + (0.5 - shift)) * step
 
 
 def decode(packed, shape, step, shift, bits):
     """Bin-centre value of y and the exact ReLU mask (``y > 0``)."""
-    codes = _codes_float(packed, shape, bits)
-    return (codes + 0.5 - shift) * step, codes >= shift
+    y_dec = _decode_value(packed, shape, step, shift, bits)
+    # Bin centres are >= step/2 above the threshold and <= -step/2 below it.
+    return y_dec, y_dec > 0.0
 
 
-# Fused block kernels: the ops the native library replaces one for one.
+# Fused block kernels: the ops the native library replaces one for one. They are
+# written to keep few full-size temporaries alive (the pure-TF path is also the
+# fallback, and its peak memory matters).
 
 
 def bn_relu_encode(x, scale, offset, inv_step, shift, bits):
@@ -146,30 +149,36 @@ def bn_relu_encode(x, scale, offset, inv_step, shift, bits):
 
 def decode_relu(packed, shape, step, shift, bits):
     """Decoded ReLU output: bin centre where the mask is on, else 0."""
-    y_dec, mask = decode(packed, shape, step, shift, bits)
-    return tf.where(mask, y_dec, tf.zeros_like(y_dec))
+    return tf.nn.relu(_decode_value(packed, shape, step, shift, bits))
 
 
-def _masked_grad_and_xhat(packed, grad_a, step, shift, gamma, beta, bits):
-    y_dec, mask = decode(packed, tf.shape(grad_a), step, shift, bits)
-    grad_y = tf.where(mask, tf.cast(grad_a, tf.float32), tf.zeros_like(y_dec))
-    return grad_y, (y_dec - beta) / gamma
+def _masked_grad(packed, grad_a, step, shift, bits):
+    y_dec = _decode_value(packed, tf.shape(grad_a), step, shift, bits)
+    return tf.where(y_dec > 0.0, tf.cast(grad_a, tf.float32), 0.0), y_dec
 
 
 def bn_grad_reduce(packed, grad_a, step, shift, gamma, beta, bits):
-    """Per-channel sums of g and g * x_hat, g = grad_a * mask (BN backward)."""
-    grad_y, x_hat = _masked_grad_and_xhat(
-        packed, grad_a, step, shift, gamma, beta, bits
-    )
+    """Per-channel sums of g and g * x_hat, g = grad_a * mask (BN backward).
+
+    x_hat = (y_dec - beta) / gamma is never materialised:
+    sum(g * x_hat) = (sum(g * y_dec) - beta * sum(g)) / gamma.
+    """
+    grad_y, y_dec = _masked_grad(packed, grad_a, step, shift, bits)
     axes = list(range(len(grad_a.shape) - 1))
-    return tf.reduce_sum(grad_y, axes), tf.reduce_sum(grad_y * x_hat, axes)
+    sum_g = tf.reduce_sum(grad_y, axes)
+    sum_gy = tf.reduce_sum(grad_y * y_dec, axes)
+    return sum_g, (sum_gy - beta * sum_g) / gamma
 
 
 def bn_grad_input(
     packed, grad_a, step, shift, gamma, beta, coef, mean_g, mean_gx, bits
 ):
-    """BN input gradient ``coef * (g - mean_g - x_hat * mean_gx)``."""
-    grad_y, x_hat = _masked_grad_and_xhat(
-        packed, grad_a, step, shift, gamma, beta, bits
-    )
-    return coef * (grad_y - mean_g - x_hat * mean_gx)
+    """BN input gradient ``coef * (g - mean_g - x_hat * mean_gx)``.
+
+    Expanded per channel as ``coef * g + a * y_dec + b`` with
+    ``a = -coef * mean_gx / gamma`` and ``b = coef * (mean_gx * beta / gamma - mean_g)``.
+    """
+    grad_y, y_dec = _masked_grad(packed, grad_a, step, shift, bits)
+    a = -coef * mean_gx / gamma
+    b = coef * (mean_gx * beta / gamma - mean_g)
+    return coef * grad_y + (a * y_dec + b)

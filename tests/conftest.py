@@ -1,0 +1,30 @@
+"""Shared fixtures: run layer tests on both kernel paths (native ops / pure-TF reference)."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(params=["native", "reference"])
+def kernel_path(request, monkeypatch):
+    """Selects the kernel implementation the layers use for this test.
+
+    "native" skips with a reason when the op library is not built, unless
+    KERAS_BLPA_REQUIRE_NATIVE=1 (as in CI), where it fails instead.
+    """
+    from keras_blpa import native
+
+    if request.param == "reference":
+        monkeypatch.setattr(native, "load", lambda: None)
+    elif native.load() is None:
+        message = "native op library not built/loadable"
+        if os.environ.get("KERAS_BLPA_REQUIRE_NATIVE") == "1":
+            pytest.fail(message + " (KERAS_BLPA_REQUIRE_NATIVE=1)")
+        pytest.skip(message)
+    return request.param
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long test (still run by CI)")

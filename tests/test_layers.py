@@ -1,0 +1,357 @@
+"""ApproxConvBlock and ResidualBuffer against stock Keras layers."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_blpa
+from keras_blpa import ApproxConvBlock, ResidualBuffer
+
+
+def stock_block(filters, kernel_size, strides=1, padding="same", epsilon=1e-3, use_bias=False):
+    return keras.Sequential(
+        [
+            keras.layers.BatchNormalization(epsilon=epsilon),
+            keras.layers.ReLU(),
+            keras.layers.Conv2D(filters, kernel_size, strides=strides, padding=padding, use_bias=use_bias),
+        ]
+    )
+
+
+def random_weights(block, rng):
+    """Random gamma (both signs), beta, statistics and kernel, set on the block."""
+    weights = []
+    for w in block.get_weights():
+        if w.ndim == 1:
+            weights.append(rng.uniform(0.3, 1.5, w.shape).astype(np.float32))
+        else:
+            weights.append(rng.normal(0, 0.2, w.shape).astype(np.float32))
+    block.set_weights(weights)
+
+
+def copy_to_stock(block, stock):
+    """Copies ApproxConvBlock weights into the equivalent stock Sequential."""
+    bn, _, conv = stock.layers
+    bn.set_weights([w.numpy() for w in (block.gamma, block.beta, block.moving_mean, block.moving_variance)])
+    conv.set_weights([block.kernel.numpy()] + ([block.bias.numpy()] if block.use_bias else []))
+
+
+def grads(layer, x, training=True):
+    x = tf.convert_to_tensor(x)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = layer(x, training=training)
+        loss = tf.reduce_sum(tf.sin(y) * y)
+    return y, tape.gradient(loss, [x] + layer.trainable_weights)
+
+
+def cosine(a, b):
+    a, b = np.ravel(a), np.ravel(b)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+FORWARD_CASES = [
+    # shape, filters, kernel, strides, padding, use_bias
+    ((2, 8, 8, 3), 4, 3, 1, "same", False),
+    ((3, 9, 7, 5), 6, 3, 2, "same", True),
+    ((1, 10, 10, 4), 2, 1, 1, "valid", False),
+    ((2, 11, 11, 6), 8, 3, 2, "valid", False),
+    ((4, 5, 5, 2), 3, 1, 2, "same", False),
+]
+
+
+@pytest.mark.parametrize("case", FORWARD_CASES)
+@pytest.mark.parametrize("bits", [None, 8, 4, 2])
+def test_forward_equals_stock(kernel_path, case, bits):
+    shape, filters, k, s, padding, use_bias = case
+    rng = np.random.default_rng(0)
+    x = rng.normal(1.0, 2.0, shape).astype(np.float32)
+    block = ApproxConvBlock(filters, k, strides=s, padding=padding, bits=bits, use_bias=use_bias)
+    block.build(shape)
+    random_weights(block, rng)
+    stock = stock_block(filters, k, s, padding, use_bias=use_bias)
+    stock.build(shape)
+    copy_to_stock(block, stock)
+    for training in (True, False):
+        np.testing.assert_allclose(
+            block(x, training=training), stock(x, training=training), rtol=1e-5, atol=1e-5
+        )
+    # Moving statistics updated exactly as keras.layers.BatchNormalization does.
+    bn = stock.layers[0]
+    np.testing.assert_allclose(block.moving_mean, bn.moving_mean, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(block.moving_variance, bn.moving_variance, rtol=1e-6, atol=1e-6)
+
+
+def test_exact_gradients_equal_stock():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(4, 8, 8, 5)).astype(np.float32)
+    block = ApproxConvBlock(6, 3, strides=2, bits=None, use_bias=True)
+    block.build(x.shape)
+    random_weights(block, rng)
+    stock = stock_block(6, 3, 2, use_bias=True)
+    stock.build(x.shape)
+    copy_to_stock(block, stock)
+    _, g = grads(block, x)
+    _, g_ref = grads(stock, x)
+    for a, b in zip(g, g_ref):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_single_block_kernel_gradient_within_bin_bound(kernel_path, bits):
+    """|dK - dK_exact| <= (half bin) * sum|dy| per tap: the decoded ReLU output is within
+    3|gamma|/2^K of the exact one, and dK is linear in it (dy is the same: the forward is exact)."""
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(4, 6, 6, 3)).astype(np.float32)
+    block = ApproxConvBlock(4, 1, bits=bits)
+    block.build(x.shape)
+    random_weights(block, rng)
+    exact = ApproxConvBlock(4, 1, bits=None)
+    exact.build(x.shape)
+    exact.set_weights(block.get_weights())
+    dy = rng.normal(size=(4, 6, 6, 4)).astype(np.float32)
+
+    def kernel_grad(layer):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(layer(x, training=True) * dy)
+        return tape.gradient(loss, layer.kernel).numpy()
+
+    half_bin = 3.0 * np.abs(block.gamma.numpy()) / 2**bits  # per input channel
+    bound = half_bin[None, None, :, None] * np.abs(dy).sum(axis=(0, 1, 2))[None, None, None, :]
+    err = np.abs(kernel_grad(block) - kernel_grad(exact))
+    assert np.all(err <= bound * 1.001 + 1e-5)
+
+
+def deep_stack(bits, depth=20, channels=8, quantization="blpa", stock=False, seed=3):
+    """`depth` blocks with residual merges (a stride-2, channel-doubling one in the middle)."""
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((16, 16, channels))
+    x = inp
+    for i in range(depth):
+        filters, strides = (2 * channels, 2) if i == depth // 2 else (x.shape[-1], 1)
+        if stock:
+            y = keras.layers.BatchNormalization()(x)
+            y = keras.layers.ReLU()(y)
+            y = keras.layers.Conv2D(filters, 3, strides=strides, padding="same", use_bias=False)(y)
+            if strides == 1:
+                x = keras.layers.Add()([y, x])
+            else:
+                x = y
+        else:
+            y = ApproxConvBlock(filters, 3, strides=strides, bits=bits, quantization=quantization)(x)
+            x = ResidualBuffer()([y, x]) if strides == 1 else y
+    out = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inp, out)
+
+
+def stack_gradients(model, x):
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(tf.sin(3.0 * model(x, training=True)))
+    return [g.numpy() for g in tape.gradient(loss, model.trainable_weights)]
+
+
+def set_gamma_beta(model, rng):
+    for layer in model.layers:
+        if isinstance(layer, (ApproxConvBlock, keras.layers.BatchNormalization)):
+            layer.gamma.assign(rng.uniform(0.5, 1.5, layer.gamma.shape))
+            layer.beta.assign(rng.normal(0, 0.5, layer.beta.shape))
+
+
+@pytest.mark.slow
+def test_deep_stack_gradients(kernel_path):
+    x = np.random.default_rng(4).normal(size=(8, 16, 16, 8)).astype(np.float32)
+
+    def grads_for(**kw):
+        model = deep_stack(**kw)
+        set_gamma_beta(model, np.random.default_rng(5))
+        return stack_gradients(model, x)
+
+    g_exact = grads_for(bits=None)
+    exact, stock = deep_stack(bits=None), deep_stack(bits=None, stock=True)
+    set_gamma_beta(exact, np.random.default_rng(5))
+    blocks = [l for l in exact.layers if isinstance(l, ApproxConvBlock)]
+    bns = [l for l in stock.layers if isinstance(l, keras.layers.BatchNormalization)]
+    convs = [l for l in stock.layers if isinstance(l, keras.layers.Conv2D)]
+    for block, bn, conv in zip(blocks, bns, convs):
+        bn.set_weights([w.numpy() for w in (block.gamma, block.beta, block.moving_mean, block.moving_variance)])
+        conv.set_weights([block.kernel.numpy()])
+    g_stock = stack_gradients(stock, x)
+    np.testing.assert_allclose(stack_gradients(exact, x)[-1], g_exact[-1], rtol=1e-5)
+    order = [w.path.split("/")[-1] for w in exact.trainable_weights]
+    stock_by_kind = {k: [g for g, w in zip(g_stock, stock.trainable_weights) if w.path.endswith(k)] for k in ("gamma", "beta", "kernel")}
+    for name, a in zip(order, g_exact):
+        kind = "bias" if name == "bias" else name
+        if kind in stock_by_kind:
+            np.testing.assert_allclose(a, stock_by_kind[kind].pop(0), rtol=2e-3, atol=2e-4)
+    cos = {}
+    for name, kw in {"8": dict(bits=8), "4": dict(bits=4), "naive4": dict(bits=4, quantization="naive")}.items():
+        cos[name] = np.array([cosine(a, b) for a, b in zip(grads_for(**kw), g_exact)])
+        print(name, "min cosine", cos[name].min(), "mean", cos[name].mean())
+    # Bin width w = 6/2^K std units: the decoded activation's error has variance at most
+    # w^2/12 of a unit-variance activation (uniform within a bin), and each block's error
+    # adds to the gradients below it, so on average 1 - cos <= depth * w^2 / 12; a single
+    # variable (small, cancelling gradients) gets the looser 1 - cos <= depth * w^2.
+    for bits in (8, 4):
+        w2 = (6 / 2**bits) ** 2
+        assert 1 - cos[str(bits)].mean() <= 20 * w2 / 12
+        assert 1 - cos[str(bits)].min() <= 20 * w2
+    assert cos["8"].mean() > cos["4"].mean()
+    # The naive baseline's forward error compounds: measurably worse than blpa.
+    assert cos["naive4"].mean() < cos["4"].mean() - 0.01
+
+
+def test_return_activation_gives_shortcut_after_bn_relu(kernel_path):
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(2, 8, 8, 4)).astype(np.float32)
+    results = {}
+    for bits in (None, 8):
+        keras.utils.set_random_seed(0)
+        inp = keras.Input((8, 8, 4))
+        y, act = ApproxConvBlock(4, 3, bits=bits, return_activation=True)(inp)
+        model = keras.Model(inp, ResidualBuffer()([y, act]))
+        stock_act = keras.layers.ReLU()(keras.layers.BatchNormalization()(x, training=True))
+        with tf.GradientTape() as tape:
+            out = model(x, training=True)
+            loss = tf.reduce_sum(out * out)
+        results[bits] = [g.numpy() for g in tape.gradient(loss, model.trainable_weights)]
+        block = model.layers[1]
+        np.testing.assert_allclose(
+            out, stock_act + block._conv(stock_act, block.kernel), rtol=1e-5, atol=1e-5
+        )
+    for a, b in zip(results[8], results[None]):
+        assert cosine(a, b) > 0.999
+
+
+def test_residual_buffer_matches_numpy_and_stores_nothing():
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(2, 4, 4, 6)).astype(np.float32)
+    s = rng.normal(size=(2, 8, 8, 4)).astype(np.float32)
+    pooled = s.reshape(2, 4, 2, 4, 2, 4).mean(axis=(2, 4))
+    expected = x + np.concatenate([pooled, np.zeros((2, 4, 4, 2), np.float32)], axis=-1)
+    xt, st = tf.constant(x), tf.constant(s)
+    with tf.GradientTape() as tape:
+        tape.watch([xt, st])
+        out = ResidualBuffer()([xt, st])
+        loss = tf.reduce_sum(out * tf.range(1.0, 7.0))
+    np.testing.assert_allclose(out, expected, rtol=1e-6)
+    dx, ds = tape.gradient(loss, [xt, st])
+    with tf.GradientTape() as tape:
+        tape.watch(st)
+        ref = xt + tf.pad(tf.nn.avg_pool2d(st, 2, 2, "SAME"), [[0, 0], [0, 0], [0, 0], [0, 2]])
+        loss = tf.reduce_sum(ref * tf.range(1.0, 7.0))
+    np.testing.assert_allclose(ds, tape.gradient(loss, st), rtol=1e-6)
+    np.testing.assert_allclose(dx, np.broadcast_to(np.arange(1.0, 7.0), x.shape))
+    with pytest.raises(ValueError, match="shortcut shape"):
+        ResidualBuffer()([tf.zeros([1, 4, 4, 2]), tf.zeros([1, 4, 4, 3])])
+
+
+def test_save_load_round_trip(tmp_path, kernel_path):
+    keras.utils.set_random_seed(1)
+    inp = keras.Input((8, 8, 3))
+    y, act = ApproxConvBlock(5, 3, bits=4, return_activation=True)(inp)
+    z = ApproxConvBlock(5, 3, strides=2, bits=8, kernel_regularizer="l2", use_bias=True)(y)
+    out = ResidualBuffer()([z, act])
+    model = keras.Model(inp, out)
+    x = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype(np.float32)
+    model(x, training=True)  # moves the statistics
+    path = tmp_path / "m.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    np.testing.assert_array_equal(model(x, training=False), loaded(x, training=False))
+    np.testing.assert_array_equal(model(x, training=True), loaded(x, training=True))
+    block = loaded.layers[2]
+    assert (block.bits, block.strides, block.use_bias) == (8, (2, 2), True)
+    clone = ApproxConvBlock.from_config(block.get_config())
+    assert clone.get_config() == block.get_config()
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision(kernel_path, policy):
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(4, 8, 8, 4)).astype(np.float16).astype(np.float32)
+    ref = ApproxConvBlock(4, 3, bits=4)
+    ref.build(x.shape)
+    random_weights(ref, rng)
+    _, g_ref = grads(ref, x)
+    keras.config.set_dtype_policy(policy)
+    try:
+        block = ApproxConvBlock(4, 3, bits=4)
+        block.build(x.shape)
+        block.set_weights(ref.get_weights())
+        y, g = grads(block, x)
+    finally:
+        keras.config.set_dtype_policy("float32")
+    assert y.dtype == policy.split("_")[1]
+    assert block.moving_mean.dtype == "float32" and block.gamma.dtype == "float32"
+    # gamma and beta gradients come from the same float32 statistics and codes.
+    for a, b in zip(g[1:3], g_ref[1:3]):
+        assert cosine(a, b) > 0.99
+
+
+def test_xla_compiled_training_step():
+    rng = np.random.default_rng(9)
+    x = tf.constant(rng.normal(size=(2, 6, 6, 3)).astype(np.float32))
+    block = ApproxConvBlock(3, 3, bits=4)
+    block.build(x.shape)
+    random_weights(block, rng)
+    from keras_blpa import native
+
+    original = native.load
+    native.load = lambda: None
+    try:
+        step = tf.function(lambda x: grads(block, x), jit_compile=True)
+        y_jit, g_jit = step(x)
+        y, g = grads(block, x)
+    finally:
+        native.load = original
+    np.testing.assert_allclose(y_jit, y, rtol=1e-4, atol=1e-4)
+    for a, b in zip(g_jit, g):
+        assert cosine(a, b) > 0.9999
+
+
+def test_fit_reduces_loss(kernel_path):
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(10)
+    x = rng.normal(size=(64, 8, 8, 3)).astype(np.float32)
+    y = (x.mean(axis=(1, 2, 3)) > 0).astype(np.int32)
+    inp = keras.Input((8, 8, 3))
+    h = ApproxConvBlock(8, 3, bits=4)(inp)
+    h = ResidualBuffer()([ApproxConvBlock(8, 3, bits=4)(h), h])
+    out = keras.layers.Dense(2)(keras.layers.GlobalAveragePooling2D()(h))
+    model = keras.Model(inp, out)
+    model.compile(keras.optimizers.SGD(0.05, momentum=0.9), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    history = model.fit(x, y, batch_size=16, epochs=6, verbose=0)
+    assert history.history["loss"][-1] < 0.8 * history.history["loss"][0]
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(filters=4, kernel_size=3, bits=3), "bits=3"),
+        (dict(filters=0, kernel_size=3), "filters=0"),
+        (dict(filters=4, kernel_size=3, padding="full"), "padding='full'"),
+        (dict(filters=4, kernel_size=3, quantization="fp8"), "quantization='fp8'"),
+        (dict(filters=4, kernel_size=0), "kernel_size"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ApproxConvBlock(**kwargs)
+
+
+def test_non_4d_input():
+    with pytest.raises(ValueError, match=r"input_shape=\(2, 8, 3\)"):
+        ApproxConvBlock(4, 3)(tf.zeros([2, 8, 3]))
+
+
+def test_non_tensorflow_backend(monkeypatch):
+    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
+    with pytest.raises(ValueError, match="KERAS_BACKEND='jax'"):
+        ApproxConvBlock(4, 3)
+    with pytest.raises(ValueError, match="KERAS_BACKEND='jax'"):
+        ResidualBuffer()
+
+
+def test_public_api():
+    assert isinstance(keras_blpa.native_ops_available(), bool)
