@@ -109,22 +109,14 @@ def reset_memory(device):
         pass
 
 
-class _StopAfterEpoch(keras.callbacks.Callback):
-    """Test hook: ends the process hard after an epoch (KERAS_BLPA_KILL_AFTER_EPOCH)."""
+class _EpochLog(keras.callbacks.Callback):
+    """Prints EPOCH_BEGIN / EPOCH_DONE markers (runs after BackupAndRestore)."""
 
-    def __init__(self, epoch):
-        super().__init__()
-        self.epoch = epoch
+    def on_epoch_begin(self, epoch, logs=None):
+        print(f"EPOCH_BEGIN {epoch + 1}", flush=True)
 
     def on_epoch_end(self, epoch, logs=None):
         print(f"EPOCH_DONE {epoch + 1}", flush=True)
-        if epoch + 1 == self.epoch:
-            os._exit(3)
-
-
-class _EpochLog(keras.callbacks.Callback):
-    def on_epoch_begin(self, epoch, logs=None):
-        print(f"EPOCH_BEGIN {epoch + 1}", flush=True)
 
 
 def resolve(args, dataset):
@@ -228,12 +220,12 @@ def train_once(args, dataset, run, bits, checkpoint_dir):
             loss="sparse_categorical_crossentropy",
             metrics=["accuracy"],
         )
-    callbacks = [_EpochLog()]
+    callbacks = []
     if checkpoint_dir:
+        # Saves weights, optimizer state and the epoch at each epoch end; a
+        # restarted run resumes there and the backup is deleted at the end.
         callbacks.append(keras.callbacks.BackupAndRestore(checkpoint_dir))
-    kill_after = os.environ.get("KERAS_BLPA_KILL_AFTER_EPOCH")
-    if kill_after:
-        callbacks.append(_StopAfterEpoch(int(kill_after)))
+    callbacks.append(_EpochLog())
     device = memory_device()
     reset_memory(device)
     start = time.perf_counter()
@@ -243,6 +235,7 @@ def train_once(args, dataset, run, bits, checkpoint_dir):
         steps_per_epoch=run["steps_per_epoch"],
         callbacks=callbacks,
         verbose=args.verbose,
+        shuffle=False,  # the pipeline shuffles
     )
     seconds = time.perf_counter() - start
     peak = peak_memory_mib(device)
@@ -262,6 +255,8 @@ def train_once(args, dataset, run, bits, checkpoint_dir):
         ),
         peak_memory_mib=round(peak, 1),
         memory_device=device,
+        optimizer_steps=int(model.optimizer.iterations),
+        replicas=strategy.num_replicas_in_sync,
     )
     print(
         "RESULT " + " ".join(f"{k}={v}" for k, v in result.items()), flush=True
