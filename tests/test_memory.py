@@ -1,0 +1,68 @@
+"""Peak training-step memory (allocator peak) of a deep stack: bits=4 vs stock Keras."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+STEP = textwrap.dedent(
+    """
+    import json, sys
+    import keras, tensorflow as tf
+    import keras_blpa
+
+    mode, depth, channels, size, batch = sys.argv[1], *map(int, sys.argv[2:])
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((size, size, channels))
+    x = inp
+    for _ in range(depth):
+        if mode == "stock":
+            y = keras.layers.BatchNormalization()(x)
+            y = keras.layers.ReLU()(y)
+            y = keras.layers.Conv2D(channels, 3, padding="same", use_bias=False)(y)
+            x = keras.layers.Add()([y, x])
+        else:
+            y = keras_blpa.ApproxConvBlock(channels, 3, bits=int(mode))(x)
+            x = keras_blpa.ResidualBuffer()([y, x])
+    model = keras.Model(inp, x)
+    data = tf.random.normal([batch, size, size, channels])
+
+    @tf.function
+    def step(d):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(model(d, training=True)))
+        grads = tape.gradient(loss, model.trainable_variables)
+        return loss, tf.add_n([tf.reduce_sum(g) for g in grads])
+
+    step(data)
+    tf.config.experimental.reset_memory_stats("CPU:0")
+    step(data)
+    info = tf.config.experimental.get_memory_info("CPU:0")
+    print(json.dumps({"peak": info["peak"], "native": keras_blpa.native_ops_available()}))
+    """
+)
+
+
+def peak_bytes(mode, pure_tf, depth=30, channels=64, size=32, batch=64):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    env["KERAS_BLPA_PURE_TF"] = "1" if pure_tf else "0"
+    out = subprocess.run(
+        [sys.executable, "-c", STEP, mode, str(depth), str(channels), str(size), str(batch)],
+        env=env, capture_output=True, text=True, timeout=600, check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_four_bit_peak_is_at_least_4x_lower_than_stock(kernel_path):
+    """30 blocks of 64 channels at 32x32, batch 64 (16 MiB per activation)."""
+    pure_tf = kernel_path == "reference"
+    stock = peak_bytes("stock", pure_tf)["peak"]
+    result = peak_bytes("4", pure_tf)
+    assert result["native"] == (not pure_tf)
+    ratio = stock / result["peak"]
+    print(f"{kernel_path}: stock {stock / 2**20:.0f} MiB, 4-bit {result['peak'] / 2**20:.0f} MiB, ratio {ratio:.2f}x")
+    assert ratio >= 4.0
