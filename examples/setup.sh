@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Sets up keras_blpa in ./.venv: TensorFlow (the CPU wheel unless the full GPU one is
+# already there), the package with its native ops (compiled against that TensorFlow),
+# and, where the platform provides it (Debian/Ubuntu as root), the offline copy of
+# Fashion-MNIST. Extra Debian packages can be asked for with EXTRA_APT="...".
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ ! -x .venv/bin/python ]; then
+  "${PYTHON:-python3}" -m venv .venv
+fi
+# shellcheck disable=SC1091
+. .venv/bin/activate
+
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq >/dev/null || echo "warning: apt-get update failed" >&2
+  # shellcheck disable=SC2086
+  apt-get install -y -qq --no-install-recommends dataset-fashion-mnist ${EXTRA_APT:-} >/dev/null \
+    || echo "warning: could not install dataset-fashion-mnist ${EXTRA_APT:-}" >&2
+fi
+
+python -m pip install -q --upgrade pip setuptools wheel
+# TensorFlow first: setup.py compiles the ops against the installed TensorFlow.
+python -c "import tensorflow" 2>/dev/null || python -m pip install -q "tensorflow-cpu>=2.18"
+python -m pip install -q --no-build-isolation -e ".[test]"
+python -c "import keras_blpa; print('keras_blpa ready; native ops:', keras_blpa.native_ops_available())"
