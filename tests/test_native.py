@@ -1,0 +1,454 @@
+"""Native (C++/CUDA) quantisation ops against the pure-TF reference (the oracle).
+
+Native-path tests skip with the loader's reason when the op library is not
+built, and FAIL instead when KERAS_BLPA_REQUIRE_NATIVE=1 (CI sets it after
+building the library).
+"""
+
+import ast
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_blpa import native
+from keras_blpa import reference
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SOURCES_BZL = os.path.join(REPO, "ops", "bazel", "sources.bzl")
+
+
+def _require_native():
+    return os.environ.get("KERAS_BLPA_REQUIRE_NATIVE", "") == "1"
+
+
+@pytest.fixture(scope="module")
+def ops():
+    """The loaded native kernels; skip (or fail under REQUIRE_NATIVE) if absent."""
+    if native.pure_tf_forced():
+        reason = "KERAS_BLPA_PURE_TF=1 forces the pure-TF path"
+        loaded = None
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loaded = native.load()
+        reason = f"native op library unavailable: {native.load_error()}"
+    if loaded is None:
+        if _require_native():
+            pytest.fail(f"KERAS_BLPA_REQUIRE_NATIVE=1 but {reason}")
+        pytest.skip(reason)
+    return loaded
+
+
+def _params(channels, bits, rng, negative_gamma=True):
+    gamma = rng.uniform(0.2, 2.0, channels).astype(np.float32)
+    if negative_gamma:
+        gamma[1::3] *= -1.0
+    beta = rng.normal(size=channels).astype(np.float32)
+    p = reference.channel_params(gamma, beta, bits)
+    inv_std = rng.uniform(0.5, 2.0, channels).astype(np.float32)
+    mean = rng.normal(scale=0.3, size=channels).astype(np.float32)
+    scale = tf.constant(gamma * inv_std)
+    offset = tf.constant(beta) - tf.constant(mean) * scale  # as the layer does
+    return p, scale, offset
+
+
+SPECIALS = np.array(
+    [np.nan, np.inf, -np.inf, 0.0, -0.0, 1e30, -1e30, 1e-40, -1e-40], np.float32
+)
+
+
+def _input(shape, rng, specials=True):
+    x = (2.0 * rng.normal(size=shape)).astype(np.float32)
+    if specials and x.size:
+        flat = x.reshape(-1)
+        flat[:: max(1, flat.size // 40)] = np.resize(SPECIALS, flat[:: max(1, flat.size // 40)].shape)
+        flat[: min(flat.size, SPECIALS.size)] = SPECIALS[: min(flat.size, SPECIALS.size)]
+    return x
+
+
+def _bits_of(t):
+    return np.asarray(t).view(np.uint32)
+
+
+SHAPES = [
+    (1, 1, 1, 1),
+    (1, 3, 5, 1),
+    (2, 7, 7, 3),
+    (3, 5, 7, 3),
+    (1, 1, 1, 257),
+    (1, 13, 1, 255),
+    (2, 9),
+    (11,),
+    (4, 6, 6, 64),
+]
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_encode_bit_identical(ops, bits, shape):
+    rng = np.random.default_rng(hash((bits,) + shape) % 2**32)
+    x = _input(shape, rng)
+    p, scale, offset = _params(shape[-1], bits, rng)
+    want_a, want_codes = reference.bn_relu_encode(
+        x, scale, offset, p["inv_step"], p["shift"], bits
+    )
+    got_a, got_codes = ops.bn_relu_encode(
+        x, scale, offset, p["inv_step"], p["shift"], bits
+    )
+    assert got_codes.dtype == tf.uint8 and got_codes.shape == want_codes.shape
+    np.testing.assert_array_equal(got_codes.numpy(), want_codes.numpy())
+    # relu(y) bit for bit, NaN and -0 included.
+    np.testing.assert_array_equal(_bits_of(got_a), _bits_of(want_a))
+
+    want_dec = reference.decode_relu(want_codes, tf.shape(x), p["step"], p["shift"], bits)
+    got_dec = ops.decode_relu(want_codes, tf.shape(x), p["step"], p["shift"], bits)
+    assert got_dec.shape == x.shape
+    np.testing.assert_array_equal(_bits_of(got_dec), _bits_of(want_dec))
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_large_tensor_bit_identical(ops, bits):
+    rng = np.random.default_rng(bits)
+    shape = (64, 32, 32, 64)  # a real block activation: 4M elements, odd packing too
+    x = _input(shape, rng)
+    p, scale, offset = _params(64, bits, rng)
+    want_a, want_codes = reference.bn_relu_encode(x, scale, offset, p["inv_step"], p["shift"], bits)
+    got_a, got_codes = ops.bn_relu_encode(x, scale, offset, p["inv_step"], p["shift"], bits)
+    np.testing.assert_array_equal(got_codes.numpy(), want_codes.numpy())
+    np.testing.assert_array_equal(_bits_of(got_a), _bits_of(want_a))
+    odd = (3, 31, 33, 65)  # n not a multiple of 4, C not a multiple of the tile
+    x = _input(odd, rng)
+    p, scale, offset = _params(65, bits, rng)
+    _, want_codes = reference.bn_relu_encode(x, scale, offset, p["inv_step"], p["shift"], bits)
+    _, got_codes = ops.bn_relu_encode(x, scale, offset, p["inv_step"], p["shift"], bits)
+    np.testing.assert_array_equal(got_codes.numpy(), want_codes.numpy())
+
+
+def test_every_code_value_round_trips(ops):
+    """A ramp through every bin of every code, for both gamma signs."""
+    for bits in (2, 4, 8):
+        levels = 2**bits
+        gamma = np.array([1.0, -0.5, 2.0], np.float32)
+        beta = np.array([0.0, 0.7, -1.3], np.float32)
+        p = reference.channel_params(gamma, beta, bits)
+        ramp = np.linspace(-4.0, 4.0, 8 * levels + 3, dtype=np.float32)
+        y = np.stack([ramp * abs(g) + b for g, b in zip(gamma, beta)], axis=-1)
+        ones, zeros = tf.ones([3]), tf.zeros([3])
+        _, want = reference.bn_relu_encode(y, ones, zeros, p["inv_step"], p["shift"], bits)
+        _, got = ops.bn_relu_encode(y, ones, zeros, p["inv_step"], p["shift"], bits)
+        np.testing.assert_array_equal(got.numpy(), want.numpy())
+        codes = reference.unpack(got, y.size, bits).numpy()
+        assert codes.min() == 0 and codes.max() == levels - 1
+
+
+def _grad_inputs(shape, bits, rng):
+    x = _input(shape, rng, specials=False)
+    p, scale, offset = _params(shape[-1], bits, rng)
+    _, codes = reference.bn_relu_encode(x, scale, offset, p["inv_step"], p["shift"], bits)
+    grad_a = rng.normal(size=shape).astype(np.float32)
+    return codes, grad_a, p, scale
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (3, 5, 7, 3), (2, 9, 9, 257), (16, 16, 16, 32)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_grad_kernels_match_reference(ops, bits, shape):
+    rng = np.random.default_rng(7 + bits)
+    codes, grad_a, p, scale = _grad_inputs(shape, bits, rng)
+    args = (codes, grad_a, p["step"], p["shift"], p["gamma"], p["beta"])
+    want_g, want_gx = reference.bn_grad_reduce(*args, bits)
+    got_g, got_gx = ops.bn_grad_reduce(*args, bits)
+    assert got_g.shape == want_g.shape == (shape[-1],)
+    # Float summation tolerance: a few ulps of the sum of magnitudes per channel.
+    y_dec, mask = reference.decode(codes, shape, p["step"], p["shift"], bits)
+    g = np.where(mask.numpy(), grad_a, 0.0).astype(np.float64)
+    x_hat = ((y_dec - p["beta"]) / p["gamma"]).numpy().astype(np.float64)
+    axes = tuple(range(len(shape) - 1))
+    exact_g, exact_gx = g.sum(axes), (g * x_hat).sum(axes)
+    tol_g = 1e-5 * np.abs(g).sum(axes) + 1e-6
+    tol_gx = 1e-5 * np.abs(g * x_hat).sum(axes) + 1e-6
+    assert np.all(np.abs(got_g.numpy() - exact_g) <= tol_g)
+    assert np.all(np.abs(got_gx.numpy() - exact_gx) <= tol_gx)
+    assert np.all(np.abs(want_g.numpy() - exact_g) <= tol_g)  # the oracle too
+
+    count = float(np.prod(shape[:-1]))
+    mean_g, mean_gx = want_g / count, want_gx / count
+    want_dx = reference.bn_grad_input(*args, scale, mean_g, mean_gx, bits)
+    got_dx = ops.bn_grad_input(*args, scale, mean_g, mean_gx, bits)
+    assert got_dx.shape == shape
+    # Same formula, same rounding steps: equal up to a couple of ulps.
+    np.testing.assert_allclose(got_dx.numpy(), want_dx.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_unknown_batch_in_tf_function(ops):
+    bits, channels = 4, 5
+    rng = np.random.default_rng(3)
+    p, scale, offset = _params(channels, bits, rng)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 3, 3, channels], tf.float32)])
+    def round_trip(x):
+        a, codes = ops.bn_relu_encode(x, scale, offset, p["inv_step"], p["shift"], bits)
+        assert codes.shape.as_list() == [None]
+        assert a.shape.as_list() == [None, 3, 3, channels]
+        dec = ops.decode_relu(codes, tf.shape(x), p["step"], p["shift"], bits)
+        assert dec.shape.as_list() == [None, 3, 3, channels]
+        s_g, _ = ops.bn_grad_reduce(codes, x, p["step"], p["shift"], p["gamma"], p["beta"], bits)
+        assert s_g.shape.as_list() == [channels]
+        return codes, dec
+
+    x = _input((3, 3, 3, channels), rng)
+    codes, dec = round_trip(x)
+    _, want = reference.bn_relu_encode(x, scale, offset, p["inv_step"], p["shift"], bits)
+    np.testing.assert_array_equal(codes.numpy(), want.numpy())
+    # Static shapes known: the packed length is computed by the shape function.
+    concrete = tf.function(
+        lambda x: ops.bn_relu_encode(x, scale, offset, p["inv_step"], p["shift"], bits)[1]
+    ).get_concrete_function(tf.TensorSpec([2, 3, 3, channels], tf.float32))
+    assert concrete.output_shapes.as_list() == [reference.packed_size(2 * 9 * channels, bits)]
+
+
+def test_empty_tensor(ops):
+    p, scale, offset = _params(3, 4, np.random.default_rng(0))
+    x = tf.zeros([0, 2, 2, 3])
+    a, codes = ops.bn_relu_encode(x, scale, offset, p["inv_step"], p["shift"], 4)
+    assert a.shape == (0, 2, 2, 3) and codes.shape == (0,)
+    dec = ops.decode_relu(codes, tf.shape(x), p["step"], p["shift"], 4)
+    assert dec.shape == (0, 2, 2, 3)
+    s_g, s_gx = ops.bn_grad_reduce(codes, x, p["step"], p["shift"], p["gamma"], p["beta"], 4)
+    np.testing.assert_array_equal(s_g.numpy(), np.zeros(3))
+
+
+def test_op_requires_errors(ops):
+    rng = np.random.default_rng(0)
+    p, scale, offset = _params(3, 4, rng)
+    x = tf.constant(rng.normal(size=(2, 3)).astype(np.float32))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="bits must be 2, 4 or 8, got 3"):
+        ops.bn_relu_encode(x, scale, offset, p["inv_step"], p["shift"], 3)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"scale must be a vector of 3 floats"):
+        ops.bn_relu_encode(x, scale[:2], offset, p["inv_step"], p["shift"], 4)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"shift must be a vector of 3"):
+        ops.bn_relu_encode(x, scale, offset, p["inv_step"], tf.ones([4]), 4)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="rank >= 1"):
+        ops.bn_relu_encode(tf.constant(1.0), scale[:1], offset[:1], p["inv_step"][:1], p["shift"][:1], 4)
+    _, codes = ops.bn_relu_encode(x, scale, offset, p["inv_step"], p["shift"], 4)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"ceil\(n \* bits / 8\) = 3 bytes"):
+        ops.decode_relu(codes[:2], [2, 3], p["step"], p["shift"], 4)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"ceil\(n \* bits / 8\) = 2 bytes"):
+        ops.decode_relu(codes, [2, 3], p["step"], p["shift"], 2)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="step must be a vector of 3"):
+        ops.decode_relu(codes, [2, 3], p["step"][:1], p["shift"], 4)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="bits must be 2, 4 or 8, got 16"):
+        ops.decode_relu(codes, [2, 3], p["step"], p["shift"], 16)
+    args = (codes, x, p["step"], p["shift"], p["gamma"], p["beta"])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="gamma must be a vector of 3"):
+        ops.bn_grad_reduce(codes, x, p["step"], p["shift"], p["gamma"][:2], p["beta"], 4)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="mean_gx must be a vector of 3"):
+        ops.bn_grad_input(*args, scale, scale, tf.ones([1]), 4)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="packed must be a 1-D uint8"):
+        ops.bn_grad_input(codes[:1], *args[1:], scale, scale, scale, 4)
+    # Wrong dtype of the codes is rejected by the op signature.
+    with pytest.raises((TypeError, tf.errors.InvalidArgumentError, ValueError)):
+        ops.decode_relu(tf.cast(codes, tf.int32), [2, 3], p["step"], p["shift"], 4)
+
+
+def test_shape_function_rejects_static_mismatch(ops):
+    p, scale, offset = _params(3, 4, np.random.default_rng(0))
+
+    @tf.function
+    def bad(x):
+        return ops.bn_relu_encode(x, scale[:2], offset, p["inv_step"], p["shift"], 4)
+
+    with pytest.raises((ValueError, tf.errors.InvalidArgumentError)):
+        bad(tf.zeros([2, 3]))
+
+
+def test_layer_dispatches_to_native(ops):
+    from keras_blpa import quantization
+
+    assert quantization.kernels() is ops
+    assert quantization.native_ops_available()
+
+
+# ---------------------------------------------------------------------------
+# Loader behaviour (no compiled library needed).
+
+
+@pytest.fixture
+def fresh_loader(monkeypatch):
+    native._reset_for_tests()
+    yield monkeypatch
+    monkeypatch.undo()
+    native._reset_for_tests()
+
+
+def test_loader_missing_library_warns_once(fresh_loader, tmp_path):
+    path = str(tmp_path / "no_such_dir" / "_blpa_ops.so")
+    fresh_loader.setenv(native.LIBRARY_ENV, path)
+    fresh_loader.delenv(native.PURE_TF_ENV, raising=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert native.load() is None
+        assert native.load() is None
+        from keras_blpa import quantization
+
+        assert quantization.kernels() is reference
+        assert not quantization.native_ops_available()
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1, messages
+    assert path in messages[0] and "FileNotFoundError" in messages[0]
+
+
+def test_loader_broken_library_warns_once(fresh_loader, tmp_path):
+    path = tmp_path / "_blpa_ops.so"
+    path.write_bytes(b"this is not an ELF shared object")
+    fresh_loader.setattr(native, "library_path", lambda: str(path))
+    fresh_loader.delenv(native.PURE_TF_ENV, raising=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert native.load() is None
+        assert native.load() is None
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1, messages
+    assert str(path) in messages[0]
+    assert native.load_error() is not None
+
+
+def test_pure_tf_env_forces_reference_in_subprocess():
+    code = textwrap.dedent(
+        """
+        import warnings
+        warnings.simplefilter("error", RuntimeWarning)
+        import keras_blpa
+        from keras_blpa import quantization, reference
+        assert not keras_blpa.native_ops_available()
+        assert quantization.kernels() is reference
+        print("PURE_TF_OK")
+        """
+    )
+    env = dict(os.environ, KERAS_BLPA_PURE_TF="1", TF_CPP_MIN_LOG_LEVEL="3")
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "PURE_TF_OK" in out.stdout
+
+
+# ---------------------------------------------------------------------------
+# Builds: one source list, read by both Bazel and setup.py.
+
+
+def _sources_bzl():
+    tree = ast.parse(open(SOURCES_BZL, encoding="utf-8").read())
+    return {
+        n.targets[0].id: ast.literal_eval(n.value)
+        for n in tree.body
+        if isinstance(n, ast.Assign)
+    }
+
+
+def _setup_sources():
+    """The lists setup.py compiles, by running its own native_sources()."""
+    tree = ast.parse(open(os.path.join(REPO, "setup.py"), encoding="utf-8").read())
+    wanted = {"ROOT", "SOURCES_FILE"}
+    body = [
+        n for n in tree.body
+        if isinstance(n, (ast.Import, ast.ImportFrom))
+        or (isinstance(n, ast.FunctionDef) and n.name == "native_sources")
+        or (isinstance(n, ast.Assign) and n.targets[0].id in wanted)
+    ]
+    namespace = {"__file__": os.path.join(REPO, "setup.py")}
+    exec(compile(ast.Module(body=body, type_ignores=[]), "setup.py", "exec"), namespace)
+    return namespace["native_sources"]()
+
+
+def _bazel_targets(has_cuda):
+    """Evaluates BUILD (Starlark is Python syntax here) with recording stubs."""
+    targets = {}
+    bzl = _sources_bzl()
+
+    def load(label, *names):
+        if label.endswith("sources.bzl"):
+            for name in names:
+                namespace[name] = bzl[name]
+        elif label.endswith("config.bzl"):
+            namespace.update(HAS_CUDA=has_cuda, NVCC="nvcc")
+
+    def rule(**kwargs):
+        targets[kwargs["name"]] = kwargs
+
+    namespace = {"load": load, "exports_files": lambda *a, **k: None}
+    for name in ("cc_library", "cc_binary", "genrule"):
+        namespace[name] = rule
+    exec(compile(open(os.path.join(REPO, "BUILD"), encoding="utf-8").read(), "BUILD", "exec"),
+         namespace)
+    return targets
+
+
+def test_bazel_and_setup_build_the_same_sources():
+    setup_lists = _setup_sources()
+    bzl = _sources_bzl()
+    assert setup_lists == bzl
+    for has_cuda in (False, True):
+        targets = _bazel_targets(has_cuda)
+        lib = targets["_blpa_ops.so"]
+        srcs = [s for s in lib["srcs"] if not s.startswith(":")]
+        assert sorted(srcs) == sorted(setup_lists["OP_SOURCES"] + setup_lists["HEADERS"])
+        if has_cuda:
+            genrule = targets[lib["srcs"][-1][1:]]
+            assert [s for s in genrule["srcs"] if s.endswith(".cu")] == setup_lists["CUDA_SOURCES"]
+        else:
+            assert not any(s.startswith(":") for s in lib["srcs"])
+    # Every native file of the tree is listed, and every listed file exists.
+    listed = set(sum((bzl[k] for k in ("OP_SOURCES", "HEADERS", "CUDA_SOURCES",
+                                         "STANDALONE_SOURCES")), []))
+    on_disk = {
+        f"{d}/{f}"
+        for d in ("cc", "ops")
+        for f in os.listdir(os.path.join(REPO, d))
+        if f.endswith((".cc", ".h", ".cu"))
+    }
+    assert listed == on_disk
+
+
+# ---------------------------------------------------------------------------
+# The standalone cc/ program (no TensorFlow) and the CUDA sources.
+
+
+def test_standalone_cc_program(tmp_path):
+    cxx = shutil.which(os.environ.get("CXX", "g++"))
+    if cxx is None:
+        if _require_native():
+            pytest.fail("no C++ compiler to build cc/blpa_quant_test.cc")
+        pytest.skip("no C++ compiler")
+    bzl = _sources_bzl()
+    exe = str(tmp_path / "blpa_quant_test")
+    subprocess.run(
+        [cxx, "-std=c++17", *bzl["HOST_COPTS"], "-pthread", "-I", REPO,
+         *[os.path.join(REPO, s) for s in bzl["STANDALONE_SOURCES"]], "-o", exe],
+        check=True, timeout=600,
+    )
+    out = subprocess.run([exe, "--quick", "--threads", "2"], capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "0 mismatches" in out.stdout and "GB/s" in out.stdout
+
+
+def test_cuda_sources_compile(tmp_path):
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc not on PATH")
+    bzl = _sources_bzl()
+    for source in bzl["CUDA_SOURCES"]:
+        subprocess.run(
+            [nvcc, "-c", *bzl["NVCC_FLAGS"], "-gencode=arch=compute_75,code=sm_75",
+             "-I", REPO, os.path.join(REPO, source), "-o", str(tmp_path / "k.o")],
+            check=True, timeout=600,
+        )
