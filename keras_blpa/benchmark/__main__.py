@@ -1,0 +1,287 @@
+"""keras_blpa benchmark: memory, largest batch, speed and accuracy of each mode.
+
+    python -m keras_blpa.benchmark --quick --out benchmark_results
+    python -m keras_blpa.benchmark --depths 164 --parts memory,timing,max_batch
+
+Modes: exact (stock Keras), remat (keras.RematScope "activations"), recompute
+(tf.recompute_grad around each residual unit), blpa8 / blpa4 (keras_blpa),
+naive8 / naive4 (quantised forward). Parts:
+  memory     allocator peak of one training step at fixed batch sizes (one process)
+  timing     median time per sample at the fixed batch, modes interleaved
+  max_batch  largest batch under --budget-mib, each trial in its own process
+             (TF_CPU_ALLOCATOR_USE_BFC / TF_CPU_BFC_MEM_LIMIT_IN_MB)
+  accuracy   Fashion-MNIST test error over seeds
+Results go to OUT/results.json, OUT/results.md and OUT/*.png; the JSON is
+rewritten after every measurement, and --resume skips what it already holds.
+"""
+
+import argparse
+import os
+import platform
+import shlex
+import sys
+import time
+
+FULL = dict(
+    depths="164,254,488,1001,1001x4",
+    modes="exact,remat,recompute,blpa8,blpa4,naive8,naive4",
+    max_batch_modes="exact,blpa4",
+    batch=32,
+    memory_batches="8,16,32,64",
+    budget_mib=4096,
+    timing_steps=5,
+    warmup=2,
+    acc_depth=20,
+    acc_modes="exact,blpa8,blpa4,naive8,naive4",
+    acc_seeds="0,1",
+    acc_epochs=3,
+    acc_batch=128,
+    acc_train_samples=0,
+    parts="memory,timing,max_batch,accuracy",
+)
+QUICK = dict(
+    depths="20,29",
+    modes="exact,remat,recompute,blpa8,blpa4,naive8,naive4",
+    max_batch_modes="exact,blpa4",
+    batch=16,
+    memory_batches="8,16",
+    budget_mib=256,
+    timing_steps=3,
+    warmup=1,
+    acc_depth=11,
+    acc_modes="exact,blpa4,naive4",
+    acc_seeds="0,1",
+    acc_epochs=1,
+    acc_batch=64,
+    acc_train_samples=2048,
+    parts="memory,timing,max_batch,accuracy",
+)
+
+
+def parse_depths(text):
+    """"164,1001x4" -> [(164, 1), (1001, 4)]."""
+    out = []
+    for item in text.split(","):
+        item = item.strip().lower()
+        if not item:
+            continue
+        depth, _, width = item.partition("x")
+        try:
+            out.append((int(depth), int(width) if width else 1))
+        except ValueError:
+            raise ValueError(
+                f"Expected depths like 164 or 1001x4. Received: depth={item!r}"
+            ) from None
+    return out
+
+
+def ints(text):
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def names(text):
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog="keras-blpa-benchmark",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--quick", action="store_true",
+                   help="small depths, small budget, few steps (CI)")
+    p.add_argument("--out", default="benchmark_results", help="output folder")
+    p.add_argument("--parts", help=f"comma list of parts (default all: {FULL['parts']})")
+    p.add_argument("--depths", help="comma list, e.g. 164,1001x4 (depth x width)")
+    p.add_argument("--modes", help="modes for memory and timing")
+    p.add_argument("--max-batch-modes", help="modes for the largest-batch search")
+    p.add_argument("--max-batch-depths", help="depths for the largest-batch search "
+                   "(default: --depths)")
+    p.add_argument("--batch", type=int, help="fixed batch of the memory table and timing")
+    p.add_argument("--memory-batches", help="batch sizes of the memory-vs-batch curve")
+    p.add_argument("--budget-mib", type=int, help="memory budget of the largest-batch search")
+    p.add_argument("--timing-steps", type=int, help="timed steps per mode")
+    p.add_argument("--warmup", type=int, help="warm-up steps per mode")
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--acc-depth", type=int)
+    p.add_argument("--acc-modes")
+    p.add_argument("--acc-seeds")
+    p.add_argument("--acc-epochs", type=int)
+    p.add_argument("--acc-batch", type=int)
+    p.add_argument("--acc-train-samples", type=int, help="0 = all 60000")
+    p.add_argument("--data-dir", help="TFDS data dir / folder of the IDX files")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the measurements already in OUT/results.json")
+    p.add_argument("--report-only", action="store_true",
+                   help="rewrite results.md and the plots from OUT/results.json")
+    return p
+
+
+def resolve(args):
+    """Fills unset flags from the quick or full defaults and validates them."""
+    from keras_blpa.benchmark import modes as modes_lib
+    from keras_blpa.benchmark import report
+
+    defaults = QUICK if args.quick else FULL
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    cfg = dict(
+        quick=args.quick,
+        parts=names(args.parts),
+        depths=parse_depths(args.depths),
+        modes=modes_lib.check_modes(names(args.modes)),
+        max_batch_modes=modes_lib.check_modes(names(args.max_batch_modes)),
+        max_batch_depths=parse_depths(args.max_batch_depths or args.depths),
+        batch=args.batch,
+        memory_batches=sorted(set(ints(args.memory_batches)) | {args.batch}),
+        budget_mib=args.budget_mib,
+        timing_steps=args.timing_steps,
+        warmup=args.warmup,
+        image_size=args.image_size,
+        acc_depth=args.acc_depth,
+        acc_modes=modes_lib.check_modes(names(args.acc_modes)),
+        acc_seeds=ints(args.acc_seeds),
+        acc_epochs=args.acc_epochs,
+        acc_batch=args.acc_batch,
+        acc_train_samples=args.acc_train_samples or None,
+    )
+    for part in cfg["parts"]:
+        if part not in report.PARTS:
+            raise ValueError(f"Expected parts from {report.PARTS}. Received: part={part!r}")
+    return cfg
+
+
+def machine():
+    cores = os.cpu_count()
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{cpu}, {cores} CPU cores, {platform.system()} (CPU only)"
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from keras_blpa.benchmark import report
+
+    out = args.out
+    os.makedirs(out, exist_ok=True)
+    if args.report_only:
+        results = report.load_json(out)
+        for path in report.write(results, out):
+            print(path)
+        return 0
+    cfg = resolve(args)
+
+    import keras
+    import tensorflow as tf
+
+    from keras_blpa import quantization
+
+    def log(message):
+        print(time.strftime("%H:%M:%S ") + message, flush=True)
+
+    results = {}
+    if args.resume and os.path.exists(os.path.join(out, "results.json")):
+        results = report.load_json(out)
+    results["schema_version"] = report.SCHEMA_VERSION
+    results["meta"] = dict(
+        machine=machine(),
+        tensorflow=tf.__version__,
+        keras=keras.__version__,
+        python=platform.python_version(),
+        native_ops=quantization.native_ops_available(),
+        command="python -m keras_blpa.benchmark " + shlex.join(argv),
+        started=results.get("meta", {}).get("started") or time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+    )
+    results["config"] = {k: v for k, v in cfg.items()}
+    for part in report.PARTS:
+        results.setdefault(part, [])
+    report.save_json(results, out)
+    shape = (cfg["image_size"], cfg["image_size"], 3)
+
+    def have(part, **key):
+        return any(all(r.get(k) == v for k, v in key.items()) for r in results[part])
+
+    def save():
+        results["meta"]["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+        report.write(results, out)
+
+    if "memory" in cfg["parts"]:
+        from keras_blpa.benchmark import memory
+
+        for depth, width in cfg["depths"]:
+            for mode in cfg["modes"]:
+                todo = [b for b in cfg["memory_batches"]
+                        if not have("memory", mode=mode, depth=depth, width=width, batch=b)]
+                if not todo:
+                    continue
+                rows = memory.measure(mode, depth, todo, width, shape)
+                for r in rows:
+                    log(f"memory {mode} depth={depth} width={width} batch={r['batch']}: "
+                        f"peak {r['peak_mib']} MiB (step {r['step_mib']} MiB)")
+                results["memory"].extend(rows)
+                save()
+
+    if "timing" in cfg["parts"]:
+        from keras_blpa.benchmark import timing
+
+        for depth, width in cfg["depths"]:
+            todo = [m for m in cfg["modes"] if not have(
+                "timing", mode=m, depth=depth, width=width, batch=cfg["batch"])]
+            if not todo:
+                continue
+            rows = timing.measure(todo, depth, cfg["batch"], cfg["timing_steps"],
+                                  cfg["warmup"], width, shape, log=log)
+            for r in rows:
+                log(f"timing {r['mode']} depth={depth} width={width} batch={r['batch']}: "
+                    f"{r['ms_per_sample']} ms/sample")
+            results["timing"].extend(rows)
+            save()
+
+    if "max_batch" in cfg["parts"]:
+        from keras_blpa.benchmark import max_batch
+
+        for depth, width in cfg["max_batch_depths"]:
+            for mode in cfg["max_batch_modes"]:
+                if have("max_batch", mode=mode, depth=depth, width=width,
+                        budget_mib=cfg["budget_mib"]):
+                    continue
+                points = [(r["batch"], r["peak_mib"]) for r in results["memory"]
+                          if r["mode"] == mode and r["depth"] == depth
+                          and r["width"] == width]
+                row = max_batch.search(mode, depth, cfg["budget_mib"], points, width,
+                                       steps=2, image_size=cfg["image_size"], log=log)
+                log(f"max_batch {mode} depth={depth} width={width}: {row['max_batch']} "
+                    f"under {cfg['budget_mib']} MiB ({len(row['trials'])} trials)")
+                results["max_batch"].append(row)
+                save()
+
+    if "accuracy" in cfg["parts"]:
+        from keras_blpa.benchmark import accuracy
+
+        todo = [m for m in cfg["acc_modes"] if not have(
+            "accuracy", mode=m, depth=cfg["acc_depth"], epochs=cfg["acc_epochs"])]
+        if todo:
+            rows = accuracy.study(todo, cfg["acc_depth"], cfg["acc_seeds"],
+                                  cfg["acc_epochs"], cfg["acc_batch"],
+                                  cfg["acc_train_samples"], data_dir=args.data_dir, log=log)
+            results["accuracy"].extend(rows)
+            save()
+
+    save()
+    log(f"results in {out}/results.json, {out}/results.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

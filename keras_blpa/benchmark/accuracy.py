@@ -1,0 +1,92 @@
+"""Accuracy study on Fashion-MNIST: exact vs 8/4-bit vs naive quantisation.
+
+Every mode trains the same pre-activation bottleneck ResNet (28x28x1 input)
+from the same seeds, on the same data order and schedule (SGD, momentum 0.9,
+cosine-decayed learning rate); the figure is the test error, mean and sample
+standard deviation over the seeds.
+"""
+
+import statistics
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_blpa.benchmark import modes as modes_lib
+
+
+def load_data(train_samples=None, test_samples=None, data_dir=None):
+    """Standardised float32 Fashion-MNIST arrays (optionally the first N of each split)."""
+    from keras_blpa.datasets import load_fashion_mnist
+
+    (x_train, y_train), (x_test, y_test) = load_fashion_mnist(data_dir=data_dir)
+    if train_samples:
+        x_train, y_train = x_train[:train_samples], y_train[:train_samples]
+    if test_samples:
+        x_test, y_test = x_test[:test_samples], y_test[:test_samples]
+    mean, std = 72.94, 90.02  # Fashion-MNIST training-set pixel statistics.
+    prep = lambda x: ((x.astype(np.float32) - mean) / std)
+    return (prep(x_train), y_train.astype(np.int32)), (prep(x_test), y_test.astype(np.int32))
+
+
+def train_one(mode, depth, seed, data, epochs, batch_size, learning_rate=0.05):
+    """Trains one model; returns (test error in %, seconds)."""
+    (x_train, y_train), (x_test, y_test) = data
+    modes_lib.release()
+    keras.utils.set_random_seed(seed)
+    model = modes_lib.build_model(mode, depth, 10, x_train.shape[1:])
+    steps = epochs * (len(x_train) // batch_size)
+    schedule = keras.optimizers.schedules.CosineDecay(
+        learning_rate, decay_steps=max(1, steps), warmup_target=None
+    )
+    model.compile(
+        optimizer=keras.optimizers.SGD(schedule, momentum=0.9),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    # The same shuffled order for every mode of a seed.
+    order = np.random.default_rng(seed).permutation(len(x_train))
+    train = (
+        tf.data.Dataset.from_tensor_slices((x_train[order], y_train[order]))
+        .batch(batch_size, drop_remainder=True)
+        .prefetch(2)
+    )
+    start = time.perf_counter()
+    model.fit(train, epochs=epochs, verbose=0, shuffle=False)
+    seconds = time.perf_counter() - start
+    _, accuracy = model.evaluate(x_test, y_test, batch_size=500, verbose=0)
+    del model
+    modes_lib.release()
+    return 100.0 * (1.0 - float(accuracy)), seconds
+
+
+def study(modes, depth, seeds, epochs, batch_size, train_samples=None,
+          test_samples=None, data_dir=None, log=print):
+    """Test error of each mode over seeds; returns a list of dicts."""
+    data = load_data(train_samples, test_samples, data_dir)
+    rows = []
+    for mode in modes:
+        errors, seconds = [], []
+        for seed in seeds:
+            error, sec = train_one(mode, depth, seed, data, epochs, batch_size)
+            errors.append(round(error, 2))
+            seconds.append(round(sec, 1))
+            log(f"  accuracy {mode} depth={depth} seed={seed}: test error {error:.2f}% "
+                f"({sec:.0f} s)")
+        rows.append(
+            {
+                "mode": mode,
+                "depth": depth,
+                "seeds": list(seeds),
+                "epochs": epochs,
+                "batch": batch_size,
+                "train_samples": len(data[0][0]),
+                "test_samples": len(data[1][0]),
+                "test_error": errors,
+                "mean": round(statistics.mean(errors), 2),
+                "std": round(statistics.stdev(errors), 2) if len(errors) > 1 else 0.0,
+                "train_s": seconds,
+            }
+        )
+    return rows

@@ -1,0 +1,70 @@
+"""Peak training-step memory of each mode at fixed batch sizes, in one process.
+
+The peak is the allocator's (``tf.config.experimental.get_memory_info('CPU:0')``
+after ``reset_memory_stats``) over one compiled training step, measured after a
+warm-up step (tracing, optimizer slots). ``resident_mib`` is what was allocated
+before the step (weights, optimizer state, the batch); ``peak_mib`` includes it.
+"""
+
+import time
+
+import tensorflow as tf
+
+from keras_blpa.benchmark import modes as modes_lib
+
+MIB = 1024.0 * 1024.0
+
+
+def memory_info():
+    """(current, peak) bytes of the CPU allocator."""
+    info = tf.config.experimental.get_memory_info("CPU:0")
+    return info["current"], info["peak"]
+
+
+def step_peak(model, x, y):
+    """Peak bytes of one training step, and the bytes resident before it."""
+    tf.config.experimental.reset_memory_stats("CPU:0")
+    current, _ = memory_info()
+    modes_lib.train_step(model, x, y)
+    _, peak = memory_info()
+    return current, peak
+
+
+def measure(mode, depth, batches, width=1, input_shape=(32, 32, 3), num_classes=10):
+    """Peak step memory of one mode at each batch size (one model, one process).
+
+    Returns a list of dicts with mode, depth, width, batch, peak_mib,
+    resident_mib, step_mib (= peak - resident) and build/trace seconds.
+    """
+    modes_lib.release()
+    start = time.perf_counter()
+    model = modes_lib.compile_model(
+        modes_lib.build_model(mode, depth, num_classes, input_shape, width)
+    )
+    params = int(model.count_params())
+    built = time.perf_counter()
+    rows = []
+    for batch in batches:
+        x, y = modes_lib.random_batch(batch, input_shape, num_classes)
+        t0 = time.perf_counter()
+        modes_lib.train_step(model, x, y)  # warm-up (and retrace for a new batch)
+        warm = time.perf_counter() - t0
+        resident, peak = step_peak(model, x, y)
+        rows.append(
+            {
+                "mode": mode,
+                "depth": depth,
+                "width": width,
+                "batch": batch,
+                "params": params,
+                "peak_mib": round(peak / MIB, 2),
+                "resident_mib": round(resident / MIB, 2),
+                "step_mib": round((peak - resident) / MIB, 2),
+                "build_s": round(built - start, 2),
+                "warmup_s": round(warm, 2),
+            }
+        )
+        del x, y
+    del model
+    modes_lib.release()
+    return rows

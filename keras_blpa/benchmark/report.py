@@ -1,0 +1,265 @@
+"""Benchmark output: results.json, results.md (Markdown tables) and PNG plots."""
+
+import json
+import os
+
+from keras_blpa.benchmark.modes import DESCRIPTIONS
+from keras_blpa.benchmark.modes import MODES
+
+SCHEMA_VERSION = 1
+PARTS = ("memory", "max_batch", "timing", "accuracy")
+
+
+def depth_label(depth, width):
+    return f"{depth}" if width == 1 else f"{depth} ({width}x)"
+
+
+def save_json(results, out_dir):
+    path = os.path.join(out_dir, "results.json")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(tmp, path)
+    return path
+
+
+def load_json(out_dir):
+    path = os.path.join(out_dir, "results.json")
+    with open(path) as f:
+        return json.load(f)
+
+
+def _ordered(modes):
+    return [m for m in MODES if m in modes]
+
+
+def _depths(rows):
+    seen = []
+    for r in rows:
+        key = (r["depth"], r.get("width", 1))
+        if key not in seen:
+            seen.append(key)
+    return seen
+
+
+def _ratio(value, base):
+    if value is None or not base:
+        return ""
+    return f" ({value / base:.2f}x)"
+
+
+def memory_table(rows, batch):
+    """Peak MiB per mode (rows) and depth (columns) at the fixed batch."""
+    rows = [r for r in rows if r["batch"] == batch]
+    if not rows:
+        return ""
+    depths = _depths(rows)
+    lookup = {(r["mode"], r["depth"], r.get("width", 1)): r for r in rows}
+    lines = [
+        f"Peak training-step memory at batch {batch}, MiB (ratio to exact); "
+        "in brackets below it, the part above what was resident before the step.",
+        "",
+        "| mode | " + " | ".join(depth_label(*d) for d in depths) + " |",
+        "|---|" + "---:|" * len(depths),
+    ]
+    for mode in _ordered({r["mode"] for r in rows}):
+        cells = []
+        for d in depths:
+            r = lookup.get((mode, *d))
+            base = lookup.get(("exact", *d))
+            if r is None:
+                cells.append("-")
+                continue
+            cells.append(
+                f"{r['peak_mib']:.0f}{_ratio(r['peak_mib'], base and base['peak_mib'])}"
+                f" [{r['step_mib']:.0f}]"
+            )
+        lines.append(f"| {mode}: {DESCRIPTIONS[mode]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def memory_vs_batch_table(rows):
+    lines = []
+    for depth, width in _depths(rows):
+        sel = [r for r in rows if r["depth"] == depth and r.get("width", 1) == width]
+        batches = sorted({r["batch"] for r in sel})
+        if len(batches) < 2:
+            continue
+        lookup = {(r["mode"], r["batch"]): r["peak_mib"] for r in sel}
+        lines += [
+            f"Peak memory (MiB) vs batch size, depth {depth_label(depth, width)}:",
+            "",
+            "| mode | " + " | ".join(str(b) for b in batches) + " |",
+            "|---|" + "---:|" * len(batches),
+        ]
+        for mode in _ordered({r["mode"] for r in sel}):
+            cells = [f"{lookup[(mode, b)]:.0f}" if (mode, b) in lookup else "-" for b in batches]
+            lines.append(f"| {mode} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def max_batch_table(rows):
+    if not rows:
+        return ""
+    depths = _depths(rows)
+    lookup = {(r["mode"], r["depth"], r.get("width", 1)): r for r in rows}
+    budgets = sorted({r["budget_mib"] for r in rows})
+    lines = [
+        f"Largest batch under a {', '.join(str(b) for b in budgets)} MiB budget "
+        "(ratio to exact; time per sample at that batch, ms):",
+        "",
+        "| mode | " + " | ".join(depth_label(*d) for d in depths) + " |",
+        "|---|" + "---:|" * len(depths),
+    ]
+    for mode in _ordered({r["mode"] for r in rows}):
+        cells = []
+        for d in depths:
+            r = lookup.get((mode, *d))
+            base = lookup.get(("exact", *d))
+            if r is None:
+                cells.append("-")
+                continue
+            ms = r.get("ms_per_sample_at_max")
+            cells.append(
+                f"{r['max_batch']}{_ratio(r['max_batch'], base and base['max_batch'])}"
+                + (f"; {ms:.1f} ms" if ms else "")
+            )
+        lines.append(f"| {mode} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def timing_table(rows):
+    if not rows:
+        return ""
+    depths = _depths(rows)
+    lookup = {(r["mode"], r["depth"], r.get("width", 1)): r for r in rows}
+    batches = sorted({r["batch"] for r in rows})
+    lines = [
+        f"Time per training sample at batch {', '.join(str(b) for b in batches)}, "
+        "ms, median over interleaved steps (ratio to exact):",
+        "",
+        "| mode | " + " | ".join(depth_label(*d) for d in depths) + " |",
+        "|---|" + "---:|" * len(depths),
+    ]
+    for mode in _ordered({r["mode"] for r in rows}):
+        cells = []
+        for d in depths:
+            r = lookup.get((mode, *d))
+            base = lookup.get(("exact", *d))
+            cells.append(
+                "-" if r is None else
+                f"{r['ms_per_sample']:.2f}{_ratio(r['ms_per_sample'], base and base['ms_per_sample'])}"
+            )
+        lines.append(f"| {mode} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def accuracy_table(rows):
+    if not rows:
+        return ""
+    r0 = rows[0]
+    lines = [
+        f"Fashion-MNIST test error, ResNet-{r0['depth']}, {r0['epochs']} epoch(s), "
+        f"batch {r0['batch']}, {r0['train_samples']} training / {r0['test_samples']} "
+        f"test images, seeds {r0['seeds']} (mean +- std, %):",
+        "",
+        "| mode | test error | per seed |",
+        "|---|---:|---|",
+    ]
+    for mode in _ordered({r["mode"] for r in rows}):
+        r = next(r for r in rows if r["mode"] == mode)
+        lines.append(
+            f"| {mode} | {r['mean']:.2f} +- {r['std']:.2f} | "
+            + ", ".join(f"{e:.2f}" for e in r["test_error"]) + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def markdown(results):
+    meta = results.get("meta", {})
+    parts = [
+        "# keras_blpa benchmark",
+        "",
+        f"Machine: {meta.get('machine', '?')}. TensorFlow {meta.get('tensorflow', '?')}, "
+        f"Keras {meta.get('keras', '?')}, native ops: {meta.get('native_ops', '?')}.",
+        "",
+        f"Command: `{meta.get('command', '?')}`",
+        "",
+    ]
+    cfg = results.get("config", {})
+    if results.get("memory"):
+        parts.append(memory_table(results["memory"], cfg.get("batch")))
+        parts.append(memory_vs_batch_table(results["memory"]))
+    if results.get("timing"):
+        parts.append(timing_table(results["timing"]))
+    if results.get("max_batch"):
+        parts.append(max_batch_table(results["max_batch"]))
+    if results.get("accuracy"):
+        parts.append(accuracy_table(results["accuracy"]))
+    for plot in results.get("plots", []):
+        parts.append(f"![{plot}]({plot})\n")
+    return "\n".join(parts)
+
+
+def plots(results, out_dir):
+    """memory_vs_batch.png and max_batch_vs_depth.png; returns the file names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = []
+    memory = results.get("memory", [])
+    depths = _depths(memory)
+    if memory and any(
+        len({r["batch"] for r in memory if (r["depth"], r.get("width", 1)) == d}) > 1
+        for d in depths
+    ):
+        fig, axes = plt.subplots(1, len(depths), figsize=(5 * len(depths), 4), squeeze=False)
+        for ax, (depth, width) in zip(axes[0], depths):
+            sel = [r for r in memory if r["depth"] == depth and r.get("width", 1) == width]
+            for mode in _ordered({r["mode"] for r in sel}):
+                pts = sorted((r["batch"], r["peak_mib"]) for r in sel if r["mode"] == mode)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=mode)
+            ax.set_title(f"ResNet-{depth_label(depth, width)}")
+            ax.set_xlabel("batch size")
+            ax.set_ylabel("peak training-step memory (MiB)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, "memory_vs_batch.png"), dpi=100)
+        plt.close(fig)
+        names.append("memory_vs_batch.png")
+    max_batch = results.get("max_batch", [])
+    if max_batch:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        labels = [depth_label(*d) for d in _depths(max_batch)]
+        for mode in _ordered({r["mode"] for r in max_batch}):
+            pts = {depth_label(r["depth"], r.get("width", 1)): r["max_batch"]
+                   for r in max_batch if r["mode"] == mode}
+            xs = [i for i, lab in enumerate(labels) if lab in pts]
+            ax.plot(xs, [pts[labels[i]] for i in xs], "o-", label=mode)
+        ax.set_xticks(range(len(labels)), labels)
+        ax.set_xlabel("ResNet depth")
+        ax.set_ylabel("largest batch")
+        ax.set_yscale("log")
+        ax.set_title(f"Largest batch under {max_batch[0]['budget_mib']} MiB")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, "max_batch_vs_depth.png"), dpi=100)
+        plt.close(fig)
+        names.append("max_batch_vs_depth.png")
+    return names
+
+
+def write(results, out_dir):
+    """Writes results.json, the PNG plots and results.md; returns the paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    results["plots"] = plots(results, out_dir)
+    paths = [save_json(results, out_dir)]
+    md = os.path.join(out_dir, "results.md")
+    with open(md, "w") as f:
+        f.write(markdown(results))
+    return paths + [md] + [os.path.join(out_dir, p) for p in results["plots"]]
