@@ -255,7 +255,7 @@ def train_once(args, dataset, run, bits, checkpoint_dir):
         ),
         peak_memory_mib=round(peak, 1),
         memory_device=device,
-        optimizer_steps=int(model.optimizer.iterations),
+        optimizer_steps=int(keras.ops.convert_to_numpy(model.optimizer.iterations)),
         replicas=strategy.num_replicas_in_sync,
     )
     print(

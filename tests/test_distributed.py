@@ -1,0 +1,272 @@
+"""Distributed training: MirroredStrategy on 2 logical CPU devices, synchronized
+BN, MultiWorkerMirroredStrategy with 2 processes, resume after a kill.
+
+Every test runs its TensorFlow work in subprocesses, so the logical-device
+configuration and the strategies never leak into the test process.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from keras_blpa import datasets
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = os.path.join(ROOT, "examples")
+
+PRELUDE = textwrap.dedent(
+    f"""
+    import json, os, sys
+    sys.path.insert(0, {ROOT!r})
+    import numpy as np
+    import tensorflow as tf
+    cpus = tf.config.list_physical_devices("CPU")
+    tf.config.set_logical_device_configuration(
+        cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+    import keras
+    from keras_blpa import models, training
+    """
+)
+
+
+def python(code, env=None, timeout=300):
+    proc = subprocess.run(
+        [sys.executable, "-c", PRELUDE + textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **(env or {})),
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_mirrored_fit_two_replicas():
+    out = python(
+        """
+        strategy = training.make_strategy("mirrored")
+        training.check_batch_size(8, strategy)
+        with strategy.scope():
+            model = models.resnet(11, 10, (8, 8, 3), bits=4, weight_decay=2e-4)
+            model.compile(training.make_optimizer(0.1, total_steps=4, warmup_steps=1),
+                          "sparse_categorical_crossentropy", metrics=["accuracy"])
+        x = np.random.default_rng(0).normal(size=(32, 8, 8, 3)).astype("float32")
+        y = np.arange(32) % 10
+        history = model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+        print(json.dumps(dict(replicas=strategy.num_replicas_in_sync,
+                              loss=history.history["loss"],
+                              steps=int(keras.ops.convert_to_numpy(model.optimizer.iterations)))))
+        """
+    )
+    assert out["replicas"] == 2 and out["steps"] == 4
+    assert np.isfinite(out["loss"]).all()
+
+
+SYNC_TRAJECTORIES = """
+bits = {bits}
+x = np.random.default_rng(0).normal(size=(96, 8, 8, 3)).astype("float32")
+y = np.random.default_rng(1).integers(0, 10, 96)
+
+def run(strategy, synchronized):
+    keras.utils.set_random_seed(1)
+    losses = []
+    class Record(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            losses.append(float(logs["loss"]))
+    with strategy.scope():
+        model = models.resnet(11, 10, (8, 8, 3), bits=bits, synchronized=synchronized)
+        model.compile(keras.optimizers.SGD(0.2, momentum=0.9), "sparse_categorical_crossentropy")
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+    model.fit(data, epochs=1, verbose=0, shuffle=False, callbacks=[Record()])
+    return losses, [w.tolist() for w in model.get_weights()[:6]]
+
+one = run(tf.distribute.OneDeviceStrategy("/cpu:0"), False)
+mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+two = run(mirrored, True)
+unsync = run(mirrored, False)
+print(json.dumps(dict(one=one, two=two, unsync=unsync)))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bits", [4, None])
+def test_synchronized_bn_two_replicas_match_one(bits):
+    """2 replicas x B/2 with synchronized BN follow 1 replica x B; unsynchronized do not."""
+    out = python(SYNC_TRAJECTORIES.format(bits=bits))
+    (one_loss, one_w), (two_loss, two_w), (unsync_loss, unsync_w) = (
+        out["one"], out["two"], out["unsync"])
+    assert len(one_loss) == len(two_loss) == 6
+    # Float32 sums in another order (~1e-6 relative). With K bits a code can
+    # also flip at a bin edge; that changes a few decoded values by one step
+    # (6 / 2^K) and the weights, after 6 steps at lr 0.2 and momentum 0.9, by
+    # ~1e-3 (measured: losses 3e-6, weights 2e-3). Per-replica statistics move
+    # the weights by more than 0.1.
+    np.testing.assert_allclose(two_loss, one_loss, rtol=1e-4)
+    for a, b in zip(one_w, two_w):
+        np.testing.assert_allclose(a, b, atol=1e-2)
+    assert np.max(np.abs(np.array(unsync_loss) - one_loss)) > 1e-2
+    assert max(np.max(np.abs(np.array(a) - b)) for a, b in zip(one_w, unsync_w)) > 0.1
+
+
+ONE_STEP_GRADIENTS = """
+x = np.random.default_rng(0).normal(size=(16, 8, 8, 3)).astype("float32")
+y = np.random.default_rng(1).integers(0, 10, 16)
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+loss_fn = keras.losses.SparseCategoricalCrossentropy(reduction="sum")
+errors = {}
+for bits in (4, None):
+    keras.utils.set_random_seed(1)
+    with strategy.scope():
+        model = models.resnet(11, 10, (8, 8, 3), bits=bits, synchronized=True)
+    # Reference: the whole batch on one device (cross-replica context: local stats).
+    with tf.GradientTape() as tape:
+        loss = loss_fn(y, model(x, training=True)) / 16
+    reference = tape.gradient(loss, model.trainable_variables)
+
+    @tf.function
+    def replica_step(xb, yb):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(yb, model(xb, training=True)) / 16
+        return tape.gradient(loss, model.trainable_variables)
+
+    data = strategy.experimental_distribute_dataset(
+        tf.data.Dataset.from_tensor_slices((x, y)).batch(16))
+    for xb, yb in data:
+        per_replica = strategy.run(replica_step, args=(xb, yb))
+        summed = [strategy.reduce("SUM", g, axis=None) for g in per_replica]
+    errors[str(bits)] = max(
+        float(np.max(np.abs(a - b)) / np.max(np.abs(a))) for a, b in zip(reference, summed))
+print(json.dumps(errors))
+"""
+
+
+@pytest.mark.slow
+def test_synchronized_bn_one_step_gradients_match_one_device():
+    """Summed replica gradients (B/2 each, synchronized BN) == one-device gradient (B).
+
+    Catches per-replica BN statistics and gamma/beta gradients counted once per
+    replica. 4 bits: float32 reordering only (a code flip is ~1e-8 likely here).
+    """
+    errors = python(ONE_STEP_GRADIENTS)
+    assert errors["4"] < 1e-4 and errors["None"] < 1e-4, errors
+
+
+WORKER = """
+import json, os, sys
+sys.path.insert(0, {root!r})
+from keras_blpa import training
+strategy = training.make_strategy("multiworker")
+import numpy as np, keras, tensorflow as tf
+from keras_blpa import models
+keras.utils.set_random_seed(7)
+task = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
+x = np.random.default_rng(task).normal(size=(32, 8, 8, 3)).astype("float32")
+y = np.random.default_rng(10 + task).integers(0, 10, 32)
+options = tf.data.Options()
+options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+data = tf.data.Dataset.from_tensor_slices((x, y)).batch(8).repeat().with_options(options)
+with strategy.scope():
+    model = models.resnet(11, 10, (8, 8, 3), bits=4, synchronized=True)
+    model.compile(training.make_optimizer(0.1, total_steps=3, warmup_steps=0),
+                  "sparse_categorical_crossentropy")
+model.fit(data, epochs=1, steps_per_epoch=3, verbose=0)
+np.savez({out!r} + f"/worker{{task}}.npz", *model.get_weights())
+print(json.dumps(dict(replicas=strategy.num_replicas_in_sync,
+                      steps=int(keras.ops.convert_to_numpy(model.optimizer.iterations)))))
+"""
+
+
+def free_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+@pytest.mark.slow
+def test_multiworker_two_processes_identical_weights(tmp_path):
+    ports = free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    code = WORKER.format(root=ROOT, out=str(tmp_path))
+    procs = []
+    for index in range(2):
+        env = dict(
+            os.environ,
+            TF_CPP_MIN_LOG_LEVEL="2",
+            TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
+        )
+        procs.append(subprocess.Popen(
+            [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, env=env, cwd=ROOT))
+    outputs = []
+    try:
+        for proc in procs:
+            stdout, stderr = proc.communicate(timeout=300)
+            assert proc.returncode == 0, stderr[-4000:]
+            outputs.append(json.loads(stdout.strip().splitlines()[-1]))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    assert all(o == {"replicas": 2, "steps": 3} for o in outputs)
+    w0, w1 = (np.load(tmp_path / f"worker{i}.npz") for i in range(2))
+    for key in w0.files:
+        np.testing.assert_array_equal(w0[key], w1[key])
+    # The workers had different data, yet identical weights: gradients were all-reduced.
+
+
+needs_data = pytest.mark.skipif(
+    datasets.find_idx_dir() is None,
+    reason="no local Fashion-MNIST IDX files (apt-get install dataset-fashion-mnist)",
+)
+
+
+@pytest.mark.slow
+@needs_data
+def test_backup_and_restore_resumes_after_kill(tmp_path):
+    checkpoint = tmp_path / "ckpt"
+    args = [
+        sys.executable, os.path.join(EXAMPLES, "fashion_mnist.py"),
+        "--depth", "11", "--bits", "4", "--batch_size", "16", "--epochs", "4",
+        "--steps_per_epoch", "12", "--train_take", "512", "--eval_take", "64",
+        "--verbose", "0", "--data_dir", str(tmp_path / "tfds"),
+        "--checkpoint_dir", str(checkpoint),
+    ]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True, env=env, cwd=ROOT)
+    seen = []
+    try:
+        for line in proc.stdout:
+            seen.append(line.strip())
+            if line.startswith("EPOCH_DONE 2"):
+                proc.send_signal(signal.SIGKILL)  # a real kill, mid-training
+                break
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, seen
+    assert not any(line.startswith("RESULT") for line in seen)
+    assert checkpoint.exists() and any(checkpoint.iterdir())
+
+    resumed = subprocess.run(args, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    lines = resumed.stdout.splitlines()
+    begins = [line for line in lines if line.startswith("EPOCH_BEGIN")]
+    assert begins[0] == "EPOCH_BEGIN 3", begins  # epochs 1-2 are not redone
+    assert begins[-1] == "EPOCH_BEGIN 4"
+    result = [line for line in lines if line.startswith("RESULT")][-1]
+    # Nothing lost: the optimizer state (step count) came back with the weights.
+    assert "optimizer_steps=48" in result, result
+    assert not checkpoint.exists() or not any(checkpoint.iterdir())  # backup removed at the end
