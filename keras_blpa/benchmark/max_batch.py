@@ -119,11 +119,16 @@ def search(mode, depth, budget_mib, points=(), width=1, steps=2, image_size=32,
         if hi is not None and hi - lo <= max(1, math.ceil(rel_tol * lo)):
             break
         if hi is None:
-            # Step up a little past the estimate refined by the new point.
+            # Refit with the new point; try the refined estimate, or just above
+            # the largest fit when the estimate says it is already the answer.
             intercept, slope = affine_fit(points)
-            guess = max(lo + 1, int(max((budget_mib - intercept) / slope, lo) * 1.04) + 1)
-        elif lo == 0:
-            guess = max(1, hi // 2)
+            refined = int((budget_mib - intercept) / slope)
+            step = max(1, math.ceil(rel_tol * lo))
+            guess = refined if refined > lo else lo + step
+        elif lo < 0.8 * hi:
+            # The estimate was optimistic: step down 10% rather than bisect a
+            # wide window down to the small probe batches.
+            guess = max(lo + 1, int(0.9 * hi))
         else:
             guess = (lo + hi) // 2
     return _summary(mode, depth, width, budget_mib, lo, estimate, trials)

@@ -1,0 +1,107 @@
+"""The benchmark CLI: a reduced quick run (every part), its output schema, and the
+memory claim it exists to check (4-bit peak well below the stock-Keras peak)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from keras_blpa.benchmark import __main__ as cli
+from keras_blpa.benchmark import max_batch
+from keras_blpa.benchmark import report
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """The quick mode restricted to what CI can afford on 2 cores (about 2 minutes)."""
+    out = tmp_path_factory.mktemp("bench")
+    cmd = [
+        sys.executable, "-m", "keras_blpa.benchmark", "--quick", "--out", str(out),
+        "--depths", "29", "--modes", "exact,recompute,blpa4",
+        "--max-batch-depths", "11", "--max-batch-modes", "blpa4", "--budget-mib", "128",
+        "--timing-steps", "2",
+        "--acc-modes", "exact,blpa4", "--acc-seeds", "0", "--acc-train-samples", "256",
+    ]
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(out / "results.json") as f:
+        return out, json.load(f)
+
+
+@pytest.mark.slow
+def test_quick_run_schema(quick_run):
+    out, results = quick_run
+    assert results["schema_version"] == report.SCHEMA_VERSION
+    for key in ("machine", "tensorflow", "keras", "native_ops", "command"):
+        assert key in results["meta"]
+    assert set(report.PARTS) <= set(results)
+    for row in results["memory"]:
+        assert {"mode", "depth", "width", "batch", "peak_mib", "resident_mib",
+                "step_mib", "params"} <= set(row)
+        assert row["peak_mib"] > 0
+    assert {(r["mode"], r["batch"]) for r in results["memory"]} == {
+        (m, b) for m in ("exact", "recompute", "blpa4") for b in (8, 16)
+    }
+    for row in results["timing"]:
+        assert {"mode", "depth", "batch", "ms_per_sample", "ms_per_sample_all"} <= set(row)
+        assert row["ms_per_sample"] > 0
+    [mb] = results["max_batch"]
+    assert {"mode", "depth", "budget_mib", "max_batch", "trials"} <= set(mb)
+    assert mb["max_batch"] >= 1
+    fits = [t["batch"] for t in mb["trials"] if t["ok"]]
+    assert mb["max_batch"] == max(fits)
+    assert all(t["batch"] > mb["max_batch"] for t in mb["trials"] if not t["ok"])
+    for row in results["accuracy"]:
+        assert 0.0 <= row["mean"] <= 100.0 and len(row["test_error"]) == 1
+    for name in ("results.md", "memory_vs_batch.png", "max_batch_vs_depth.png"):
+        assert (out / name).stat().st_size > 0
+    assert "| blpa4" in (out / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_quick_run_4bit_peak_below_exact(quick_run):
+    _, results = quick_run
+    peak = {(r["mode"], r["batch"]): r["peak_mib"] for r in results["memory"]}
+    for batch in (8, 16):
+        # Measured about 1/5 of exact at depth 29; assert a conservative 2x.
+        assert peak[("blpa4", batch)] * 2 < peak[("exact", batch)], peak
+
+
+def test_search_brackets_the_largest_batch(monkeypatch):
+    """Against a fake affine memory model: the search returns the true largest batch."""
+    calls = []
+
+    def fake_trial(mode, depth, batch, budget_mib, *args, **kwargs):
+        calls.append(batch)
+        peak = 20.0 + 3.0 * batch
+        if peak > budget_mib:
+            return {"ok": False, "oom": True, "batch": batch, "wall_s": 0}
+        return {"ok": True, "batch": batch, "peak_mib": peak, "ms_per_sample": 1.0,
+                "wall_s": 0}
+
+    monkeypatch.setattr(max_batch, "run_trial", fake_trial)
+    row = max_batch.search("exact", 11, 1000, points=[(8, 44.0), (16, 68.0)],
+                           rel_tol=0.0, max_trials=12, log=lambda m: None)
+    assert row["max_batch"] == (1000 - 20) // 3
+    assert len(calls) <= 4, calls  # the affine estimate makes the search short
+    # From probes alone (no known points).
+    calls.clear()
+    row = max_batch.search("exact", 11, 1000, rel_tol=0.0, max_trials=12,
+                           log=lambda m: None)
+    assert row["max_batch"] == (1000 - 20) // 3
+
+
+def test_bad_flags():
+    with pytest.raises(ValueError, match="mode='fp16'"):
+        cli.resolve(cli.build_parser().parse_args(["--modes", "exact,fp16"]))
+    with pytest.raises(ValueError, match="part='speed'"):
+        cli.resolve(cli.build_parser().parse_args(["--parts", "speed"]))
+    with pytest.raises(ValueError, match="depth='164y'"):
+        cli.parse_depths("164y")
+    assert cli.parse_depths("164,1001x4") == [(164, 1), (1001, 4)]
