@@ -20,6 +20,7 @@ Environment:
 import ast
 import importlib.metadata
 import os
+import platform
 import shlex
 import shutil
 import subprocess
@@ -141,8 +142,11 @@ class BuildNativeOps(build_ext):
             defines = ["-DGOOGLE_CUDA=1"]
             cuda_link = ["-L" + lib_dir, *src["CUDA_LINKOPTS"]]
         cxx = shlex.split(os.environ.get("CXX", "g++"))
+        copts = src["HOST_COPTS"]
+        if platform.machine().lower() not in ("x86_64", "amd64", "i686", "i386"):
+            copts = [c for c in copts if not c.startswith("-mavx")]
         self._run(
-            [*cxx, "-shared", "-fPIC", *src["HOST_COPTS"], "-w", *defines, "-I", ROOT,
+            [*cxx, "-shared", "-fPIC", *copts, "-w", *defines, "-I", ROOT,
              *tf_cflags, *src["OP_SOURCES"], *objects, "-o", output, *tf_lflags,
              *cuda_link]
         )

@@ -205,8 +205,19 @@ struct GradArgs {
 // ---------------------------------------------------------------------------
 // CPU loops (host only).
 
+#include <stdlib.h>
+#include <string.h>
+
 #include <algorithm>
 #include <cstring>
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__)) && \
+    !defined(BLPA_NO_MULTIVERSION)
+#define BLPA_X86_DISPATCH 1
+#define BLPA_INLINE inline __attribute__((always_inline))
+#else
+#define BLPA_INLINE inline
+#endif
 
 namespace blpa {
 namespace cpu {
@@ -224,7 +235,7 @@ constexpr int64_t kExpanded = kSmallC + 2 * kSmallC;
 // of channel (c + k) % C for 0 <= k < run(c, remaining).
 class ChannelView {
  public:
-  ChannelView(const float* const* params, int count, int64_t C)
+  BLPA_INLINE ChannelView(const float* const* params, int count, int64_t C)
       : count_(count), C_(C) {
     expanded_ = C < kSmallC;
     if (expanded_) {
@@ -240,12 +251,12 @@ class ChannelView {
     }
   }
   // Length of the contiguous run starting at channel c.
-  int64_t run(int64_t c, int64_t remaining) const {
+  BLPA_INLINE int64_t run(int64_t c, int64_t remaining) const {
     return std::min(remaining, expanded_ ? period_ : C_ - c);
   }
   // Number of accumulator slots indexed by c + k (fold with % C).
   int64_t slots() const { return expanded_ ? period_ + C_ : C_; }
-  const float* ptr(int j, int64_t c) const { return ptr_[j] + c; }
+  BLPA_INLINE const float* ptr(int j, int64_t c) const { return ptr_[j] + c; }
 
  private:
   int count_;
@@ -257,7 +268,7 @@ class ChannelView {
 };
 
 template <int BITS>
-inline void pack_codes(const uint8_t* codes, int64_t nbytes, uint8_t* out) {
+BLPA_INLINE void pack_codes(const uint8_t* codes, int64_t nbytes, uint8_t* out) {
   if (BITS == 8) {
     std::memcpy(out, codes, nbytes);
   } else if (BITS == 4) {
@@ -274,7 +285,7 @@ inline void pack_codes(const uint8_t* codes, int64_t nbytes, uint8_t* out) {
 }
 
 template <int BITS>
-inline void unpack_codes(const uint8_t* in, int64_t nbytes, uint8_t* codes) {
+BLPA_INLINE void unpack_codes(const uint8_t* in, int64_t nbytes, uint8_t* codes) {
   if (BITS == 8) {
     std::memcpy(codes, in, nbytes);
   } else if (BITS == 4) {
@@ -295,7 +306,7 @@ inline void unpack_codes(const uint8_t* in, int64_t nbytes, uint8_t* codes) {
 }
 
 // Element range [e0, e1) of packed bytes [byte_begin, byte_end).
-inline void element_range(int64_t n, int bits, int64_t byte_begin,
+BLPA_INLINE void element_range(int64_t n, int bits, int64_t byte_begin,
                           int64_t byte_end, int64_t* e0, int64_t* e1) {
   const int64_t per = 8 / bits;
   *e0 = std::min(n, byte_begin * per);
@@ -303,7 +314,7 @@ inline void element_range(int64_t n, int bits, int64_t byte_begin,
 }
 
 template <int BITS>
-inline void bn_relu_encode_range(const EncodeArgs& a, int64_t byte_begin,
+BLPA_INLINE void bn_relu_encode_range(const EncodeArgs& a, int64_t byte_begin,
                                  int64_t byte_end) {
   constexpr int64_t per = 8 / BITS;
   const float top = static_cast<float>((1 << BITS) - 1);
@@ -341,7 +352,7 @@ inline void bn_relu_encode_range(const EncodeArgs& a, int64_t byte_begin,
 }
 
 template <int BITS>
-inline void decode_relu_range(const DecodeArgs& a, int64_t byte_begin,
+BLPA_INLINE void decode_relu_range(const DecodeArgs& a, int64_t byte_begin,
                               int64_t byte_end) {
   constexpr int64_t per = 8 / BITS;
   int64_t e0, e1;
@@ -377,7 +388,7 @@ inline int64_t reduce_scratch_size(int64_t C) {
 }
 
 template <int BITS>
-inline void bn_grad_reduce_range(const GradArgs& a, int64_t byte_begin,
+BLPA_INLINE void bn_grad_reduce_range(const GradArgs& a, int64_t byte_begin,
                                  int64_t byte_end, double* sum_g,
                                  double* sum_gx, double* scratch) {
   constexpr int64_t per = 8 / BITS;
@@ -424,7 +435,7 @@ inline void bn_grad_reduce_range(const GradArgs& a, int64_t byte_begin,
 }
 
 template <int BITS>
-inline void bn_grad_input_range(const GradArgs& a, int64_t byte_begin,
+BLPA_INLINE void bn_grad_input_range(const GradArgs& a, int64_t byte_begin,
                                 int64_t byte_end) {
   constexpr int64_t per = 8 / BITS;
   int64_t e0, e1;
@@ -466,37 +477,123 @@ inline void bn_grad_input_range(const GradArgs& a, int64_t byte_begin,
   }
 }
 
-// Dispatch on bits (callers validate bits with valid_bits first).
+// ---------------------------------------------------------------------------
+// Instruction-set dispatch. The loops above are compiled three times: for the
+// baseline of the build (AVX, which TensorFlow wheels require), AVX2 and
+// AVX-512 (F/BW/VL/DQ), and the best one the CPU supports runs. FMA is never
+// enabled, and every level gives bit-identical results (checked by
+// blpa_quant_test.cc). KERAS_BLPA_CPU_ISA=avx|avx2|avx512 caps the level.
+
+enum CpuLevel { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
+
+inline int& cpu_level_override() {
+  static int level = -1;  // -1: automatic
+  return level;
+}
+
+inline int detected_cpu_level() {
+#if defined(BLPA_X86_DISPATCH)
+  static const int level = [] {
+    __builtin_cpu_init();
+    int l = kBaseline;
+    if (__builtin_cpu_supports("avx2")) l = kAvx2;
+    if (l == kAvx2 && __builtin_cpu_supports("avx512f") &&
+        __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512dq"))
+      l = kAvx512;
+    const char* cap = getenv("KERAS_BLPA_CPU_ISA");
+    if (cap != nullptr) {
+      if (strcmp(cap, "avx") == 0) l = kBaseline;
+      if (strcmp(cap, "avx2") == 0 && l > kAvx2) l = kAvx2;
+    }
+    return l;
+  }();
+  return level;
+#else
+  return kBaseline;
+#endif
+}
+
+// The level in use (an override above the detected level is ignored).
+inline int cpu_level() {
+  const int detected = detected_cpu_level();
+  const int o = cpu_level_override();
+  return (o >= 0 && o < detected) ? o : detected;
+}
+
+inline const char* cpu_level_name(int level) {
+  return level == kAvx512 ? "avx512" : level == kAvx2 ? "avx2" : "baseline";
+}
+
+#if defined(BLPA_X86_DISPATCH)
+#define BLPA_TARGET_AVX2 __attribute__((target("avx2")))
+#define BLPA_TARGET_AVX512 \
+  __attribute__((target("avx2,avx512f,avx512bw,avx512vl,avx512dq")))
+#define BLPA_MULTIVERSION(name, params, args)                            \
+  template <int BITS>                                                    \
+  void name##_baseline params { name##_range<BITS> args; }               \
+  template <int BITS>                                                    \
+  BLPA_TARGET_AVX2 void name##_avx2 params { name##_range<BITS> args; }  \
+  template <int BITS>                                                    \
+  BLPA_TARGET_AVX512 void name##_avx512 params { name##_range<BITS> args; } \
+  template <int BITS>                                                    \
+  inline void name##_dispatch params {                                   \
+    switch (cpu_level()) {                                               \
+      case kAvx512: return name##_avx512<BITS> args;                     \
+      case kAvx2: return name##_avx2<BITS> args;                         \
+      default: return name##_baseline<BITS> args;                        \
+    }                                                                    \
+  }
+#else
+#define BLPA_MULTIVERSION(name, params, args) \
+  template <int BITS>                         \
+  inline void name##_dispatch params { name##_range<BITS> args; }
+#endif
+
+BLPA_MULTIVERSION(bn_relu_encode, (const EncodeArgs& a, int64_t b0, int64_t b1),
+                  (a, b0, b1))
+BLPA_MULTIVERSION(decode_relu, (const DecodeArgs& a, int64_t b0, int64_t b1),
+                  (a, b0, b1))
+BLPA_MULTIVERSION(bn_grad_reduce,
+                  (const GradArgs& a, int64_t b0, int64_t b1, double* sum_g,
+                   double* sum_gx, double* scratch),
+                  (a, b0, b1, sum_g, sum_gx, scratch))
+BLPA_MULTIVERSION(bn_grad_input, (const GradArgs& a, int64_t b0, int64_t b1),
+                  (a, b0, b1))
+#undef BLPA_MULTIVERSION
+
+// Entry points: dispatch on bits (callers validate bits with valid_bits).
 inline void bn_relu_encode(const EncodeArgs& a, int64_t b0, int64_t b1) {
   switch (a.bits) {
-    case 2: return bn_relu_encode_range<2>(a, b0, b1);
-    case 4: return bn_relu_encode_range<4>(a, b0, b1);
-    default: return bn_relu_encode_range<8>(a, b0, b1);
+    case 2: return bn_relu_encode_dispatch<2>(a, b0, b1);
+    case 4: return bn_relu_encode_dispatch<4>(a, b0, b1);
+    default: return bn_relu_encode_dispatch<8>(a, b0, b1);
   }
 }
 
 inline void decode_relu(const DecodeArgs& a, int64_t b0, int64_t b1) {
   switch (a.bits) {
-    case 2: return decode_relu_range<2>(a, b0, b1);
-    case 4: return decode_relu_range<4>(a, b0, b1);
-    default: return decode_relu_range<8>(a, b0, b1);
+    case 2: return decode_relu_dispatch<2>(a, b0, b1);
+    case 4: return decode_relu_dispatch<4>(a, b0, b1);
+    default: return decode_relu_dispatch<8>(a, b0, b1);
   }
 }
 
 inline void bn_grad_reduce(const GradArgs& a, int64_t b0, int64_t b1,
                            double* sum_g, double* sum_gx, double* scratch) {
   switch (a.bits) {
-    case 2: return bn_grad_reduce_range<2>(a, b0, b1, sum_g, sum_gx, scratch);
-    case 4: return bn_grad_reduce_range<4>(a, b0, b1, sum_g, sum_gx, scratch);
-    default: return bn_grad_reduce_range<8>(a, b0, b1, sum_g, sum_gx, scratch);
+    case 2: return bn_grad_reduce_dispatch<2>(a, b0, b1, sum_g, sum_gx, scratch);
+    case 4: return bn_grad_reduce_dispatch<4>(a, b0, b1, sum_g, sum_gx, scratch);
+    default: return bn_grad_reduce_dispatch<8>(a, b0, b1, sum_g, sum_gx, scratch);
   }
 }
 
 inline void bn_grad_input(const GradArgs& a, int64_t b0, int64_t b1) {
   switch (a.bits) {
-    case 2: return bn_grad_input_range<2>(a, b0, b1);
-    case 4: return bn_grad_input_range<4>(a, b0, b1);
-    default: return bn_grad_input_range<8>(a, b0, b1);
+    case 2: return bn_grad_input_dispatch<2>(a, b0, b1);
+    case 4: return bn_grad_input_dispatch<4>(a, b0, b1);
+    default: return bn_grad_input_dispatch<8>(a, b0, b1);
   }
 }
 

@@ -465,9 +465,10 @@ void bench_cpu(const Problem& p, int threads, int reps) {
   const double fb = 4.0 * p.n, cb = static_cast<double>(nbytes);
   const double gbs = ((fb + fb + cb) + (cb + fb)) / (t_enc + t_dec) / 1e9;
   const double copy_gbs = 2 * fb / t_copy / 1e9;
-  printf("CPU  bits=%d  threads=%d  n=%lld  encode %.3f ms  decode %.3f ms  "
+  printf("CPU  %s  bits=%d  threads=%d  n=%lld  encode %.3f ms  decode %.3f ms  "
          "enc+dec %.2f GB/s  memcpy %.2f GB/s  ratio %.2f\n",
-         p.bits, threads, static_cast<long long>(p.n), t_enc * 1e3, t_dec * 1e3,
+         blpa::cpu::cpu_level_name(blpa::cpu::cpu_level()), p.bits, threads,
+         static_cast<long long>(p.n), t_enc * 1e3, t_dec * 1e3,
          gbs, copy_gbs, gbs / copy_gbs);
 }
 
@@ -495,15 +496,22 @@ int main(int argc, char** argv) {
                               {1000, 64},  {4099, 17},   {8191, 255}, {8448, 256},
                               {10279, 257}, {65537, 1000}, {300001, 64}, {262147, 1}};
   int checked = 0;
-  for (int bits : {2, 4, 8}) {
-    for (const auto& s : sizes) {
-      const Problem p = make_problem(s[0], s[1], bits, 1234u + static_cast<uint32_t>(s[0]));
-      for (int t : {1, 3}) check_cpu(p, t);
-      ++checked;
+  const int detected = blpa::cpu::detected_cpu_level();
+  for (int level = 0; level <= detected; ++level) {
+    blpa::cpu::cpu_level_override() = level;  // every compiled ISA level
+    for (int bits : {2, 4, 8}) {
+      for (const auto& s : sizes) {
+        const Problem p =
+            make_problem(s[0], s[1], bits, 1234u + static_cast<uint32_t>(s[0]));
+        for (int t : {1, 3}) check_cpu(p, t);
+        ++checked;
+      }
     }
   }
-  printf("CPU checks: %d problems x 2 thread counts, %d mismatches\n", checked,
-         g_failures);
+  blpa::cpu::cpu_level_override() = -1;
+  printf("CPU checks: %d problems (ISA levels up to %s) x 2 thread counts, "
+         "%d mismatches\n",
+         checked, blpa::cpu::cpu_level_name(detected), g_failures);
 
 #if defined(BLPA_WITH_CUDA)
   const bool gpu = gpu_available();
