@@ -1,0 +1,234 @@
+"""Throughput of the quantisation kernels and the ApproxConvBlock step time.
+
+    python -m keras_blpa.benchmark.kernels [--quick] [--output FILE.json]
+
+Part 1, kernels: encode (``bn_relu_encode``: BN + ReLU + K-bit code from the
+block input) and decode (``decode_relu``) of a block activation, through the
+TensorFlow ops, for the native library and the pure-TF reference, next to a
+plain copy of the same bytes (``tf.raw_ops.DeepCopy``) timed in the same run.
+GB/s counts bytes read + written: encode reads 4n and writes 4n + the codes,
+decode reads the codes and writes 4n, the copy reads and writes 4n.
+
+Part 2, block: training-step time (forward + gradients of every variable) of a
+stack of ApproxConvBlock(bits=4) against the stock Keras
+BatchNormalization -> ReLU -> Conv2D stack with the same shapes, batch 64, on
+the native and the reference path. Modes are interleaved step by step so that
+load from other processes hits them alike; medians are reported.
+
+Prints a table and writes JSON (default benchmark_results/kernels.json).
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+import tensorflow as tf
+
+
+def _median_times(fns, reps):
+    """Interleaved timing: {name: median seconds} over `reps` rounds."""
+    for fn in fns.values():
+        fn()  # warm-up / tracing
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def _kernel_fns(kernels, x, scale, offset, params, bits):
+    shape = tf.shape(x)
+
+    @tf.function
+    def encode(x):
+        return kernels.bn_relu_encode(
+            x, scale, offset, params["inv_step"], params["shift"], bits
+        )
+
+    _, packed = encode(x)
+
+    @tf.function
+    def decode(packed):
+        return kernels.decode_relu(packed, shape, params["step"], params["shift"], bits)
+
+    return (lambda: encode(x)), (lambda: decode(packed)), int(packed.shape[0])
+
+
+def bench_kernels(shape, bits_list, reps):
+    from keras_blpa import native
+    from keras_blpa import reference
+
+    rng = np.random.default_rng(0)
+    channels = shape[-1]
+    x = tf.constant(rng.normal(size=shape).astype(np.float32))
+    gamma = rng.uniform(0.5, 2.0, channels).astype(np.float32)
+    beta = rng.normal(size=channels).astype(np.float32)
+    scale = tf.constant(gamma)
+    offset = tf.constant(beta)
+    n = int(np.prod(shape))
+    copy = tf.function(lambda x: tf.raw_ops.DeepCopy(x=x))
+    paths = {"reference": reference}
+    ops = native.load()
+    if ops is not None:
+        paths["native"] = ops
+    rows = []
+    for bits in bits_list:
+        params = reference.channel_params(gamma, beta, bits)
+        fns = {"copy": lambda: copy(x)}
+        nbytes = 0
+        for name, kernels in paths.items():
+            enc, dec, nbytes = _kernel_fns(kernels, x, scale, offset, params, bits)
+            fns[f"{name}/encode"] = enc
+            fns[f"{name}/decode"] = dec
+        t = _median_times(fns, reps)
+        copy_gbs = 2 * 4 * n / t["copy"] / 1e9
+        traffic = (4 * n + 4 * n + nbytes) + (nbytes + 4 * n)
+        for name in paths:
+            total = t[f"{name}/encode"] + t[f"{name}/decode"]
+            gbs = traffic / total / 1e9
+            rows.append(
+                {
+                    "path": name,
+                    "bits": bits,
+                    "elements": n,
+                    "encode_ms": 1e3 * t[f"{name}/encode"],
+                    "decode_ms": 1e3 * t[f"{name}/decode"],
+                    "copy_ms": 1e3 * t["copy"],
+                    "enc_dec_gb_s": gbs,
+                    "copy_gb_s": copy_gbs,
+                    "fraction_of_copy": gbs / copy_gbs,
+                }
+            )
+    return rows
+
+
+def _stock_block(filters):
+    import keras
+
+    return [
+        keras.layers.BatchNormalization(epsilon=1e-3),
+        keras.layers.ReLU(),
+        keras.layers.Conv2D(filters, 3, padding="same", use_bias=False),
+    ]
+
+
+def _model(kind, blocks, shape):
+    import keras
+
+    import keras_blpa
+
+    inputs = keras.Input(shape[1:], batch_size=shape[0])
+    h = inputs
+    for _ in range(blocks):
+        if kind == "stock":
+            for layer in _stock_block(shape[-1]):
+                h = layer(h)
+        else:
+            h = keras_blpa.ApproxConvBlock(shape[-1], 3, bits=4)(h)
+    return keras.Model(inputs, h)
+
+
+def _step_fn(model, x):
+    @tf.function
+    def step():
+        with tf.GradientTape() as tape:
+            y = model(x, training=True)
+            loss = tf.reduce_mean(tf.square(y))
+        grads = tape.gradient(loss, model.trainable_variables)
+        return loss, grads
+
+    return lambda: step()
+
+
+def bench_block(shape, blocks, reps):
+    try:
+        import keras_blpa  # noqa: F401
+        from keras_blpa import native
+    except ImportError as e:  # layers not there yet
+        return {"skipped": f"keras_blpa.ApproxConvBlock unavailable: {e}"}
+    x = tf.constant(np.random.default_rng(1).normal(size=shape).astype(np.float32))
+    fns = {"stock": _step_fn(_model("stock", blocks, shape), x)}
+    real_load = native.load
+    if real_load() is not None:
+        fns["blpa4_native"] = _step_fn(_model("blpa", blocks, shape), x)
+        fns["blpa4_native"]()  # trace while the native path is active
+    native.load = lambda: None  # trace the reference path
+    try:
+        fns["blpa4_reference"] = _step_fn(_model("blpa", blocks, shape), x)
+        fns["blpa4_reference"]()
+    finally:
+        native.load = real_load
+    t = _median_times(fns, reps)
+    result = {
+        "batch_shape": list(shape),
+        "blocks": blocks,
+        "step_ms": {k: 1e3 * v for k, v in t.items()},
+    }
+    for k in t:
+        if k != "stock":
+            result[f"ratio_{k}_vs_stock"] = t[k] / t["stock"]
+    return result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions")
+    parser.add_argument("--output", default=os.path.join("benchmark_results", "kernels.json"))
+    parser.add_argument("--reps", type=int, default=None, help="timed rounds (kernels)")
+    parser.add_argument("--block-reps", type=int, default=None, help="timed steps (block)")
+    parser.add_argument("--blocks", type=int, default=4, help="blocks in the timed stack")
+    parser.add_argument("--no-block", action="store_true", help="skip the block timing")
+    args = parser.parse_args(argv)
+    reps = args.reps or (10 if args.quick else 40)
+    block_reps = args.block_reps or (3 if args.quick else 10)
+    shape = (64, 32, 32, 64)
+
+    from keras_blpa import native
+
+    ops = native.load()
+    info = {
+        "machine": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "tensorflow": tf.__version__,
+        "python": sys.version.split()[0],
+        "native": None if ops is None else ops.path,
+        "native_error": native.load_error(),
+        "activation_shape": list(shape),
+        "reps": reps,
+    }
+    rows = bench_kernels(shape, (2, 4, 8), reps)
+    print(f"Kernels on a {shape} float32 activation (median of {reps}, interleaved):")
+    print(f"{'path':<10} {'bits':>4} {'enc ms':>8} {'dec ms':>8} {'GB/s':>7} "
+          f"{'copy GB/s':>9} {'vs copy':>8}")
+    for r in rows:
+        print(f"{r['path']:<10} {r['bits']:>4} {r['encode_ms']:>8.2f} {r['decode_ms']:>8.2f} "
+              f"{r['enc_dec_gb_s']:>7.2f} {r['copy_gb_s']:>9.2f} {r['fraction_of_copy']:>7.0%}")
+    block = None
+    if not args.no_block:
+        block = bench_block(shape, args.blocks, block_reps)
+        if "skipped" in block:
+            print(block["skipped"])
+        else:
+            print(f"\nTraining step, {args.blocks} blocks, batch {shape} "
+                  f"(median of {block_reps}, interleaved):")
+            for k, v in block["step_ms"].items():
+                ratio = block.get(f"ratio_{k}_vs_stock")
+                extra = f"  {ratio:.2f}x stock" if ratio else ""
+                print(f"  {k:<16} {v:9.1f} ms{extra}")
+    result = {"info": info, "kernels": rows, "block_step": block}
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    with open(args.output, "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=2)
+    print(f"\nwrote {args.output}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
