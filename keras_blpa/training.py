@@ -158,33 +158,28 @@ def make_strategy(name):
             '"task": {"type": "worker", "index": 0}}. '
             f"Received: TF_CONFIG={config!r}"
         )
-    return tf.distribute.MultiWorkerMirroredStrategy()
+    return _MultiWorkerMirroredStrategy()
 
 
-def check_batch_size(batch_size, strategy):
-    """Returns the per-replica batch; raises ValueError unless it divides evenly."""
-    replicas = strategy.num_replicas_in_sync
-    if (
-        isinstance(batch_size, bool)
-        or not isinstance(batch_size, int)
-        or batch_size < 1
-        or batch_size % replicas
-    ):
-        raise ValueError(
-            f"Expected a global batch size divisible by the {replicas} replicas "
-            f"of the strategy. Received: batch_size={batch_size!r}"
-        )
-    return batch_size // replicas
+class _MultiWorkerMirroredStrategy(tf.distribute.MultiWorkerMirroredStrategy):
+    """MultiWorkerMirroredStrategy whose reduce() works the way Keras 3 calls it.
 
+    Keras 3 (3.15) model.fit under MultiWorkerMirroredStrategy fails twice:
+    it reduces the first (x, y) batch as a tuple to learn its shapes (this
+    strategy's reduce takes single values only: "Attempt to convert a value
+    (PerReplica...)"), and it reduces the scalar logs with axis=0 ("Invalid
+    reduction dimension 0 for input with 0 dimensions"). Here reduce maps over
+    structures and reduces scalars with axis=None (the same mean).
+    """
 
-def is_chief():
-    """Whether this process is the chief (writes final outputs) under TF_CONFIG."""
-    config = os.environ.get("TF_CONFIG")
-    if not config:
-        return True
-    task = json.loads(config).get("task", {})
-    return task.get("type", "worker") == "chief" or (
-        task.get("type", "worker") == "worker"
-        and task.get("index", 0) == 0
-        and "chief" not in json.loads(config).get("cluster", {})
-    )
+    def reduce(self, reduce_op, value, axis):
+        parent = super()
+
+        def one(v):
+            local = self.experimental_local_results(v)[0]
+            rank = getattr(local, "shape", None)
+            if axis is not None and rank is not None and rank.rank == 0:
+                return parent.reduce(reduce_op, v, axis=None)
+            return parent.reduce(reduce_op, v, axis)
+
+        return tf.nest.map_structure(one, value)
