@@ -161,6 +161,35 @@ def make_strategy(name):
     return _MultiWorkerMirroredStrategy()
 
 
+def check_batch_size(batch_size, strategy):
+    """Returns the per-replica batch; raises ValueError unless it divides evenly."""
+    replicas = strategy.num_replicas_in_sync
+    if (
+        isinstance(batch_size, bool)
+        or not isinstance(batch_size, int)
+        or batch_size < 1
+        or batch_size % replicas
+    ):
+        raise ValueError(
+            f"Expected a global batch size divisible by the {replicas} replicas "
+            f"of the strategy. Received: batch_size={batch_size!r}"
+        )
+    return batch_size // replicas
+
+
+def is_chief():
+    """Whether this process is the chief (writes final outputs) under TF_CONFIG."""
+    config = os.environ.get("TF_CONFIG")
+    if not config:
+        return True
+    task = json.loads(config).get("task", {})
+    return task.get("type", "worker") == "chief" or (
+        task.get("type", "worker") == "worker"
+        and task.get("index", 0) == 0
+        and "chief" not in json.loads(config).get("cluster", {})
+    )
+
+
 class _MultiWorkerMirroredStrategy(tf.distribute.MultiWorkerMirroredStrategy):
     """MultiWorkerMirroredStrategy whose reduce() works the way Keras 3 calls it.
 
