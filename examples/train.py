@@ -71,6 +71,8 @@ def build_parser(dataset=None):
                         help="steps at lr/10 (default: 400, at most 10%% of the steps)")
     parser.add_argument("--momentum", type=float, default=0.9)
     parser.add_argument("--weight_decay", type=float, default=2e-4)
+    parser.add_argument("--bn_momentum", type=float, default=0.99,
+                        help="BN moving-statistics momentum (0.9 for short runs)")
     parser.add_argument("--accumulation_steps", type=int, default=1,
                         help="batches per optimizer update (gradient accumulation)")
     parser.add_argument("--strategy", default="none",
@@ -203,6 +205,7 @@ def train_once(args, dataset, run, bits, checkpoint_dir):
             quantization=args.quantization,
             weight_decay=args.weight_decay,
             synchronized=args.synchronized,
+            bn_momentum=args.bn_momentum,
         )
         optimizer = training.make_optimizer(
             run["lr"],

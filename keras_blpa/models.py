@@ -98,6 +98,7 @@ def apply_conv_unit(
     synchronized=False,
     kernel_regularizer=None,
     return_activation=False,
+    bn_momentum=BN_MOMENTUM,
     name=None,
 ):
     """BN -> ReLU -> Conv2D on `x`, compressed (bits set) or stock (bits=None).
@@ -113,6 +114,7 @@ def apply_conv_unit(
             BatchNormalization.
         kernel_regularizer: regulariser of the kernel.
         return_activation: if True return ``(conv_output, bn_relu_output)``.
+        bn_momentum: momentum of the BN moving statistics.
         name: layer-name prefix.
 
     Returns:
@@ -124,7 +126,7 @@ def apply_conv_unit(
             kernel_size,
             strides=strides,
             bits=bits,
-            momentum=BN_MOMENTUM,
+            momentum=bn_momentum,
             epsilon=BN_EPSILON,
             kernel_regularizer=kernel_regularizer,
             quantization=quantization,
@@ -134,7 +136,7 @@ def apply_conv_unit(
         )(x)
         return tuple(out) if return_activation else out
     a = keras.layers.BatchNormalization(
-        momentum=BN_MOMENTUM,
+        momentum=bn_momentum,
         epsilon=BN_EPSILON,
         synchronized=synchronized,
         name=f"{name}_bn",
@@ -190,6 +192,7 @@ def apply_bottleneck_unit(
     quantization="blpa",
     synchronized=False,
     kernel_regularizer=None,
+    bn_momentum=BN_MOMENTUM,
     name="unit",
 ):
     """Pre-activation bottleneck unit: 3 x (BN-ReLU-Conv) 1x1 / 3x3 / 1x1 + shortcut.
@@ -206,6 +209,7 @@ def apply_bottleneck_unit(
         quantization=quantization,
         synchronized=synchronized,
         kernel_regularizer=kernel_regularizer,
+        bn_momentum=bn_momentum,
     )
     shortcut = x
     if shortcut_from_activation:
@@ -287,6 +291,7 @@ def resnet(
     synchronized=False,
     classifier_activation="softmax",
     unit_wrapper=None,
+    bn_momentum=BN_MOMENTUM,
     name=None,
 ):
     """Pre-activation bottleneck ResNet built from keras_blpa (or stock) layers.
@@ -321,6 +326,8 @@ def resnet(
             ``synchronized`` / BatchNormalization ``synchronized``).
         classifier_activation: activation of the (float32) dense classifier;
             None for logits.
+        bn_momentum: momentum of every BN's moving statistics (Keras'
+            default 0.99; 0.9 suits short runs).
         unit_wrapper: optional callable applied to each residual unit built as
             a small keras.Model; returns a layer (e.g. `RecomputeGrad`).
         name: model name (default ``resnet{depth}_{bits}bit`` / ``_exact``).
@@ -382,6 +389,7 @@ def resnet(
         quantization=quantization,
         synchronized=synchronized,
         kernel_regularizer=regularizer,
+        bn_momentum=bn_momentum,
     )
 
     inputs = keras.Input(shape=input_shape, name="image")
@@ -423,7 +431,7 @@ def resnet(
                 x = _wrapped_unit(x, unit_wrapper, unit_name, **args)
 
     x = keras.layers.BatchNormalization(
-        momentum=BN_MOMENTUM,
+        momentum=bn_momentum,
         epsilon=BN_EPSILON,
         synchronized=synchronized,
         name="final_bn",
