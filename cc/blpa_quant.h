@@ -267,20 +267,47 @@ class ChannelView {
   float buf_[kMaxParams][kExpanded];
 };
 
+#if defined(__GNUC__) && defined(__BYTE_ORDER__) && \
+    __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+// Word views of the code buffer: one packed byte <-> one 16-bit (4 bits) or
+// 32-bit (2 bits) word of codes, contiguous on both sides, so the loops
+// vectorise. may_alias makes the views legal over the uint8_t buffer.
+#define BLPA_WORD_PACKING 1
+typedef uint16_t __attribute__((may_alias)) blpa_u16a;
+typedef uint32_t __attribute__((may_alias)) blpa_u32a;
+#endif
+
 template <int BITS>
 BLPA_INLINE void pack_codes(const uint8_t* codes, int64_t nbytes, uint8_t* out) {
   if (BITS == 8) {
     std::memcpy(out, codes, nbytes);
   } else if (BITS == 4) {
+#if defined(BLPA_WORD_PACKING)
+    const blpa_u16a* w = reinterpret_cast<const blpa_u16a*>(codes);
+    for (int64_t b = 0; b < nbytes; ++b) {
+      const uint32_t v = w[b];  // code 2b in bits 0-7, code 2b+1 in bits 8-15
+      out[b] = static_cast<uint8_t>((v & 0xFu) | ((v >> 4) & 0xF0u));
+    }
+#else
     for (int64_t b = 0; b < nbytes; ++b) {
       out[b] = static_cast<uint8_t>(codes[2 * b] | (codes[2 * b + 1] << 4));
     }
+#endif
   } else {
+#if defined(BLPA_WORD_PACKING)
+    const blpa_u32a* w = reinterpret_cast<const blpa_u32a*>(codes);
+    for (int64_t b = 0; b < nbytes; ++b) {
+      const uint32_t v = w[b];  // code 4b+j in bits 8j .. 8j+7
+      out[b] = static_cast<uint8_t>((v & 0x3u) | ((v >> 6) & 0xCu) |
+                                    ((v >> 12) & 0x30u) | ((v >> 18) & 0xC0u));
+    }
+#else
     for (int64_t b = 0; b < nbytes; ++b) {
       out[b] = static_cast<uint8_t>(codes[4 * b] | (codes[4 * b + 1] << 2) |
                                     (codes[4 * b + 2] << 4) |
                                     (codes[4 * b + 3] << 6));
     }
+#endif
   }
 }
 
@@ -289,12 +316,28 @@ BLPA_INLINE void unpack_codes(const uint8_t* in, int64_t nbytes, uint8_t* codes)
   if (BITS == 8) {
     std::memcpy(codes, in, nbytes);
   } else if (BITS == 4) {
+#if defined(BLPA_WORD_PACKING)
+    blpa_u16a* w = reinterpret_cast<blpa_u16a*>(codes);
+    for (int64_t b = 0; b < nbytes; ++b) {
+      const uint32_t v = in[b];
+      w[b] = static_cast<uint16_t>((v & 0xFu) | ((v << 4) & 0xF00u));
+    }
+#else
     for (int64_t b = 0; b < nbytes; ++b) {
       const uint8_t v = in[b];
       codes[2 * b] = v & 15;
       codes[2 * b + 1] = v >> 4;
     }
+#endif
   } else {
+#if defined(BLPA_WORD_PACKING)
+    blpa_u32a* w = reinterpret_cast<blpa_u32a*>(codes);
+    for (int64_t b = 0; b < nbytes; ++b) {
+      const uint32_t v = in[b];
+      w[b] = (v & 0x3u) | ((v << 6) & 0x300u) | ((v << 12) & 0x30000u) |
+             ((v << 18) & 0x3000000u);
+    }
+#else
     for (int64_t b = 0; b < nbytes; ++b) {
       const uint8_t v = in[b];
       codes[4 * b] = v & 3;
@@ -302,6 +345,7 @@ BLPA_INLINE void unpack_codes(const uint8_t* in, int64_t nbytes, uint8_t* codes)
       codes[4 * b + 2] = (v >> 4) & 3;
       codes[4 * b + 3] = v >> 6;
     }
+#endif
   }
 }
 
