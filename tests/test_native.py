@@ -67,9 +67,11 @@ SPECIALS = np.array(
 def _input(shape, rng, specials=True):
     x = (2.0 * rng.normal(size=shape)).astype(np.float32)
     if specials and x.size:
-        flat = x.reshape(-1)
-        flat[:: max(1, flat.size // 40)] = np.resize(SPECIALS, flat[:: max(1, flat.size // 40)].shape)
-        flat[: min(flat.size, SPECIALS.size)] = SPECIALS[: min(flat.size, SPECIALS.size)]
+        flat = x.reshape(-1)  # a view: writes go into x
+        idx = np.arange(0, flat.size, max(1, flat.size // 40))
+        flat[idx] = np.resize(SPECIALS, idx.size)  # spread over the tensor
+        k = min(flat.size, SPECIALS.size)
+        flat[:k] = SPECIALS[:k]  # and all of them in the first elements
     return x
 
 
