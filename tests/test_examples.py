@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import keras
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -48,8 +49,8 @@ def result_lines(stdout):
 @pytest.mark.parametrize(
     "script,extra",
     [
-        ("cifar10", []),
-        ("cifar100", ["--bits", "none"]),
+        ("cifar10", ["--mixed_precision", "mixed_bfloat16", "--accumulation_steps", "2"]),
+        ("cifar100", ["--bits", "none", "--synchronized", "--strategy", "mirrored"]),
         ("fashion_mnist", ["--bits", "8"]),
         ("imagenet2012", ["--depth", "26", "--image_size", "32", "--bits", "2"]),
     ],
@@ -59,7 +60,9 @@ def test_example_runs_on_mock_data(script, extra, tmp_path, capsys):
     with tfds.testing.mock_data(num_examples=16):
         (result,) = module.main(QUICK + ["--data_dir", str(tmp_path)] + extra)
     assert result["dataset"] == script
-    assert result["optimizer_steps"] == 2
+    # 2 batches; with 2-step gradient accumulation, 1 optimizer update.
+    assert result["optimizer_steps"] == (1 if "--accumulation_steps" in extra else 2)
+    assert keras.mixed_precision.global_policy().name == "float32"  # restored
     assert 0.0 <= result["test_accuracy"] <= 1.0
     assert result["time_per_sample_ms"] > 0
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("RESULT ")
