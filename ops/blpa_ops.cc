@@ -16,7 +16,9 @@
 // is a 1-D uint8 tensor of ceil(n * bits / 8) bytes; `bits` is 2, 4 or 8.
 #include <algorithm>
 #include <cstdint>
+#include <functional>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "tensorflow/core/framework/op.h"
