@@ -138,15 +138,16 @@ def resolve(args, dataset):
         input_shape = (args.image_size, args.image_size, 3)
     examples = args.train_take or defaults["train_examples"]
     steps_per_epoch = args.steps_per_epoch or max(1, examples // batch_size)
-    if args.steps is not None:
-        total = args.steps
-        epochs = max(1, math.ceil(total / steps_per_epoch))
-        steps_per_epoch = min(steps_per_epoch, total)
-    elif args.epochs is not None:
+    if args.epochs is not None and args.steps is None:
         epochs = args.epochs
     else:
-        total = defaults["steps"]
+        # Total steps, split into whole epochs of at most one pass each (the
+        # total is rounded up to a multiple of the epoch count).
+        total = args.steps if args.steps is not None else defaults["steps"]
+        if total < 1:
+            raise ValueError(f"Expected steps >= 1. Received: steps={total}")
         epochs = max(1, math.ceil(total / steps_per_epoch))
+        steps_per_epoch = math.ceil(total / epochs)
     if epochs < 1 or steps_per_epoch < 1:
         raise ValueError(f"Expected positive steps/epochs. Received: epochs={epochs}")
     return dict(

@@ -110,8 +110,8 @@ def test_load_fashion_mnist_from_idx_files(tmp_path, monkeypatch):
 def test_fashion_mnist_example_on_real_files(tmp_path):
     proc = run_script(
         "fashion_mnist.py",
-        QUICK[:-6] + ["--steps", "3", "--batch_size", "16", "--eval_take", "64",
-                      "--train_take", "512", "--verbose", "0", "--data_dir", str(tmp_path)],
+        ["--depth", "11", "--steps", "3", "--batch_size", "16", "--eval_take", "64",
+         "--train_take", "512", "--verbose", "0", "--data_dir", str(tmp_path)],
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (result,) = result_lines(proc.stdout)
@@ -160,6 +160,6 @@ def test_batch_not_divisible_by_replicas(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train.training, "make_strategy", lambda name: TwoReplicas())
     with pytest.raises(ValueError, match="divisible by the 2 replicas"):
-        train.main(QUICK[:-6] + ["--dataset", "fashion_mnist", "--batch_size", "5",
-                                 "--checkpoint_dir", str(tmp_path / "ckpt")])
+        train.main(["--dataset", "fashion_mnist", "--depth", "11", "--batch_size", "5",
+                    "--checkpoint_dir", str(tmp_path / "ckpt")])
     assert not (tmp_path / "ckpt").exists()
