@@ -228,7 +228,11 @@ def train_once(args, dataset, run, bits, checkpoint_dir):
     if checkpoint_dir:
         # Saves weights, optimizer state and the epoch at each epoch end; a
         # restarted run resumes there and the backup is deleted at the end.
-        callbacks.append(keras.callbacks.BackupAndRestore(checkpoint_dir))
+        # double_checkpoint keeps the previous backup, used if a kill leaves
+        # the latest one half-written.
+        callbacks.append(
+            keras.callbacks.BackupAndRestore(checkpoint_dir, double_checkpoint=True)
+        )
     callbacks.append(_EpochLog())
     device = memory_device()
     reset_memory(device)
@@ -277,7 +281,8 @@ def main(argv=None, dataset=None):
     if dataset == "fashion_mnist":
         datasets.fashion_mnist_source(args.data_dir, args.download)
     checkpoint_dir = args.checkpoint_dir
-    if checkpoint_dir and not training.is_chief():
+    if checkpoint_dir and args.strategy == "multiworker":
+        # One backup per worker (each deletes its own at the end).
         task = json.loads(os.environ["TF_CONFIG"])["task"]
         checkpoint_dir = os.path.join(checkpoint_dir, f"{task['type']}_{task['index']}")
     previous_policy = keras.mixed_precision.global_policy().name

@@ -177,19 +177,6 @@ def check_batch_size(batch_size, strategy):
     return batch_size // replicas
 
 
-def is_chief():
-    """Whether this process is the chief (writes final outputs) under TF_CONFIG."""
-    config = os.environ.get("TF_CONFIG")
-    if not config:
-        return True
-    task = json.loads(config).get("task", {})
-    return task.get("type", "worker") == "chief" or (
-        task.get("type", "worker") == "worker"
-        and task.get("index", 0) == 0
-        and "chief" not in json.loads(config).get("cluster", {})
-    )
-
-
 class _MultiWorkerMirroredStrategy(tf.distribute.MultiWorkerMirroredStrategy):
     """MultiWorkerMirroredStrategy whose reduce() works the way Keras 3 calls it.
 
