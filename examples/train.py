@@ -8,7 +8,7 @@ evaluation at scale 256. `cifar10.py`, `cifar100.py`, `imagenet2012.py` and
 `fashion_mnist.py` are thin wrappers that fix --dataset.
 
     python examples/train.py --dataset cifar10 --bits 4 --strategy mirrored
-    python examples/fashion_mnist.py --compare --depth 11 --steps 150
+    python examples/fashion_mnist.py --compare --depth 11 --steps 200 --bn_momentum 0.9
 
 The last line printed is ``RESULT dataset=... bits=... test_accuracy=...
 time_per_sample_ms=... peak_memory_mib=...``; with --compare one such line

@@ -22,7 +22,7 @@ STOCK_LAYERS = (
 )
 
 
-def bottleneck_params(c_in, c, bn_channels_in=True):
+def bottleneck_params(c_in, c):
     """Parameters of one pre-activation bottleneck unit, counted by hand."""
     params = 0
     for cin, k, cout in ((c_in, 1, c), (c, 3, c), (c, 1, 4 * c)):

@@ -5,7 +5,6 @@ import json
 import numpy as np
 import pytest
 import keras
-import tensorflow as tf
 
 from keras_blpa import training
 
