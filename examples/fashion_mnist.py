@@ -3,7 +3,7 @@ local copy (Debian's dataset-fashion-mnist package, ~/.keras/datasets/fashion-mn
 or --data_dir). --compare trains the exact (stock) and the K-bit model and prints
 the test accuracy and peak memory of each.
 
-    python examples/fashion_mnist.py --compare --depth 11 --steps 200 --bn_momentum 0.9
+    python examples/fashion_mnist.py --compare     # depth 11, batch 128, 200 steps
 
 All flags: see examples/train.py (python examples/fashion_mnist.py --help).
 """
