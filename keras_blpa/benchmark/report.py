@@ -7,6 +7,9 @@ from keras_blpa.benchmark.modes import DESCRIPTIONS
 from keras_blpa.benchmark.modes import MODES
 
 SCHEMA_VERSION = 1
+# Line styles that keep coinciding curves (exact/remat, blpa/naive) visible.
+STYLES = {"exact": "o-", "remat": "s--", "recompute": "^-", "blpa8": "D-",
+          "blpa4": "o-", "naive8": "v:", "naive4": "P:"}
 PARTS = ("memory", "max_batch", "timing", "accuracy")
 
 
@@ -56,8 +59,8 @@ def memory_table(rows, batch):
     depths = _depths(rows)
     lookup = {(r["mode"], r["depth"], r.get("width", 1)): r for r in rows}
     lines = [
-        f"Peak training-step memory at batch {batch}, MiB (ratio to exact); "
-        "in brackets below it, the part above what was resident before the step.",
+        f"Peak training-step memory at batch {batch}, MiB (ratio to exact) "
+        "[in brackets: the part above what was resident before the step].",
         "",
         "| mode | " + " | ".join(depth_label(*d) for d in depths) + " |",
         "|---|" + "---:|" * len(depths),
@@ -219,9 +222,23 @@ def plots(results, out_dir):
         fig, axes = plt.subplots(1, len(depths), figsize=(5 * len(depths), 4), squeeze=False)
         for ax, (depth, width) in zip(axes[0], depths):
             sel = [r for r in memory if r["depth"] == depth and r.get("width", 1) == width]
+            trials = [r for r in results.get("max_batch", [])
+                      if r["depth"] == depth and r.get("width", 1) == width]
             for mode in _ordered({r["mode"] for r in sel}):
                 pts = sorted((r["batch"], r["peak_mib"]) for r in sel if r["mode"] == mode)
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=mode)
+                line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], STYLES[mode],
+                                label=mode, markerfacecolor="none")
+                # The largest-batch trials that fit (BFC allocator, budget-limited).
+                extra = sorted((t["batch"], t["peak_mib"]) for r in trials if r["mode"] == mode
+                               for t in r["trials"] if t.get("ok"))
+                if extra:
+                    ax.plot([p[0] for p in extra], [p[1] for p in extra], "x",
+                            color=line.get_color(), label=f"{mode} (largest-batch trials)")
+            if trials:
+                ax.axhline(trials[0]["budget_mib"], color="gray", ls="--", lw=0.8,
+                           label=f"budget {trials[0]['budget_mib']} MiB")
+                ax.set_xscale("log")
+                ax.set_yscale("log")
             ax.set_title(f"ResNet-{depth_label(depth, width)}")
             ax.set_xlabel("batch size")
             ax.set_ylabel("peak training-step memory (MiB)")
@@ -239,7 +256,7 @@ def plots(results, out_dir):
             pts = {depth_label(r["depth"], r.get("width", 1)): r["max_batch"]
                    for r in max_batch if r["mode"] == mode}
             xs = [i for i, lab in enumerate(labels) if lab in pts]
-            ax.plot(xs, [pts[labels[i]] for i in xs], "o-", label=mode)
+            ax.plot(xs, [pts[labels[i]] for i in xs], STYLES[mode], label=mode)
         ax.set_xticks(range(len(labels)), labels)
         ax.set_xlabel("ResNet depth")
         ax.set_ylabel("largest batch")
