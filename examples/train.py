@@ -319,9 +319,14 @@ def main(argv=None, dataset=None):
     return results
 
 
-if __name__ == "__main__":
+def cli(dataset=None):
+    """Command-line entry: bad flags or missing data exit with status 2 and one line."""
     try:
-        main()
+        main(dataset=dataset)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli()
