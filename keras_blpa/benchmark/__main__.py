@@ -194,13 +194,16 @@ def main(argv=None):
     if args.resume and os.path.exists(os.path.join(out, "results.json")):
         results = report.load_json(out)
     results["schema_version"] = report.SCHEMA_VERSION
+    command = "python -m keras_blpa.benchmark " + shlex.join(argv)
+    commands = results.get("meta", {}).get("commands", [])
     results["meta"] = dict(
         machine=machine(),
         tensorflow=tf.__version__,
         keras=keras.__version__,
         python=platform.python_version(),
         native_ops=quantization.native_ops_available(),
-        command="python -m keras_blpa.benchmark " + shlex.join(argv),
+        command=command,
+        commands=commands + [command],  # every run that wrote into this folder
         started=results.get("meta", {}).get("started") or time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
     )
     results["config"] = {k: v for k, v in cfg.items()}

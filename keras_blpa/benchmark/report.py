@@ -187,7 +187,9 @@ def markdown(results):
         f"Machine: {meta.get('machine', '?')}. TensorFlow {meta.get('tensorflow', '?')}, "
         f"Keras {meta.get('keras', '?')}, native ops: {meta.get('native_ops', '?')}.",
         "",
-        f"Command: `{meta.get('command', '?')}`",
+        "Commands (in order, each with --resume adding to the same folder):",
+        "",
+        *[f"    {c}" for c in meta.get("commands", [meta.get("command", "?")])],
         "",
     ]
     cfg = results.get("config", {})
