@@ -3,6 +3,7 @@
 // is the BLPA_HOST_DEVICE code of blpa_quant.h, with __f*_rn intrinsics so that
 // every operation rounds like TensorFlow's separate ops (also build with
 // -fmad=false). One thread handles one packed byte (1, 2 or 4 elements).
+#include <type_traits>
 #include <cuda_runtime.h>
 
 #include "cc/blpa_quant.h"
@@ -140,45 +141,46 @@ __global__ void grad_reduce_kernel(GradArgs a, float* sum_g, float* sum_gx) {
 
 int last_error() { return static_cast<int>(cudaGetLastError()); }
 
+// Runs launch(std::integral_constant<int, BITS>) for bits in {2, 4, 8}; the
+// launch status, or cudaErrorInvalidValue for other bits.
+template <typename Launch>
+int for_bits(int bits, Launch launch) {
+  switch (bits) {
+    case 2: launch(std::integral_constant<int, 2>()); break;
+    case 4: launch(std::integral_constant<int, 4>()); break;
+    case 8: launch(std::integral_constant<int, 8>()); break;
+    default: return static_cast<int>(cudaErrorInvalidValue);
+  }
+  return last_error();
+}
+
 }  // namespace
 
 int bn_relu_encode(const EncodeArgs& a, cudaStream_t stream) {
   const int64_t nbytes = packed_size(a.n, a.bits);
   if (nbytes == 0) return 0;
   const int grid = grid_for(nbytes);
-  switch (a.bits) {
-    case 2: encode_kernel<2><<<grid, kThreads, 0, stream>>>(a); break;
-    case 4: encode_kernel<4><<<grid, kThreads, 0, stream>>>(a); break;
-    case 8: encode_kernel<8><<<grid, kThreads, 0, stream>>>(a); break;
-    default: return static_cast<int>(cudaErrorInvalidValue);
-  }
-  return last_error();
+  return for_bits(a.bits, [&](auto b) {
+    encode_kernel<decltype(b)::value><<<grid, kThreads, 0, stream>>>(a);
+  });
 }
 
 int decode_relu(const DecodeArgs& a, cudaStream_t stream) {
   const int64_t nbytes = packed_size(a.n, a.bits);
   if (nbytes == 0) return 0;
   const int grid = grid_for(nbytes);
-  switch (a.bits) {
-    case 2: decode_kernel<2><<<grid, kThreads, 0, stream>>>(a); break;
-    case 4: decode_kernel<4><<<grid, kThreads, 0, stream>>>(a); break;
-    case 8: decode_kernel<8><<<grid, kThreads, 0, stream>>>(a); break;
-    default: return static_cast<int>(cudaErrorInvalidValue);
-  }
-  return last_error();
+  return for_bits(a.bits, [&](auto b) {
+    decode_kernel<decltype(b)::value><<<grid, kThreads, 0, stream>>>(a);
+  });
 }
 
 int bn_grad_input(const GradArgs& a, cudaStream_t stream) {
   const int64_t nbytes = packed_size(a.n, a.bits);
   if (nbytes == 0) return 0;
   const int grid = grid_for(nbytes);
-  switch (a.bits) {
-    case 2: grad_input_kernel<2><<<grid, kThreads, 0, stream>>>(a); break;
-    case 4: grad_input_kernel<4><<<grid, kThreads, 0, stream>>>(a); break;
-    case 8: grad_input_kernel<8><<<grid, kThreads, 0, stream>>>(a); break;
-    default: return static_cast<int>(cudaErrorInvalidValue);
-  }
-  return last_error();
+  return for_bits(a.bits, [&](auto b) {
+    grad_input_kernel<decltype(b)::value><<<grid, kThreads, 0, stream>>>(a);
+  });
 }
 
 int bn_grad_reduce(const GradArgs& a, float* sum_g, float* sum_gx,
@@ -199,13 +201,9 @@ int bn_grad_reduce(const GradArgs& a, float* sum_g, float* sum_gx,
   if (gy > 65535) gy = 65535;
   const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
   const dim3 block(kRedX, kRedY);
-  switch (a.bits) {
-    case 2: grad_reduce_kernel<2><<<grid, block, 0, stream>>>(a, sum_g, sum_gx); break;
-    case 4: grad_reduce_kernel<4><<<grid, block, 0, stream>>>(a, sum_g, sum_gx); break;
-    case 8: grad_reduce_kernel<8><<<grid, block, 0, stream>>>(a, sum_g, sum_gx); break;
-    default: return static_cast<int>(cudaErrorInvalidValue);
-  }
-  return last_error();
+  return for_bits(a.bits, [&](auto b) {
+    grad_reduce_kernel<decltype(b)::value><<<grid, block, 0, stream>>>(a, sum_g, sum_gx);
+  });
 }
 
 const char* error_string(int error) {
