@@ -23,6 +23,7 @@ def quick_run(tmp_path_factory):
         sys.executable, "-m", "keras_blpa.benchmark", "--quick", "--out", str(out),
         "--depths", "29", "--modes", "exact,recompute,blpa4",
         "--max-batch-depths", "11", "--max-batch-modes", "blpa4", "--budget-mib", "128",
+        "--max-batch-tol", "0.1",
         "--timing-steps", "2",
         "--acc-modes", "exact,blpa4", "--acc-seeds", "0", "--acc-train-samples", "256",
     ]

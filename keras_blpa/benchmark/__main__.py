@@ -26,6 +26,8 @@ FULL = dict(
     depths="164,254,488,1001,1001x4",
     modes="exact,remat,recompute,blpa8,blpa4,naive8,naive4",
     max_batch_modes="exact,blpa4",
+    max_batch_depths=None,  # the --depths
+    max_batch_tol=0.04,
     batch=32,
     memory_batches="8,16,32,64",
     budget_mib=4096,
@@ -40,12 +42,14 @@ FULL = dict(
     parts="memory,timing,max_batch,accuracy",
 )
 QUICK = dict(
-    depths="20,29",
+    depths="11,29",
     modes="exact,remat,recompute,blpa8,blpa4,naive8,naive4",
     max_batch_modes="exact,blpa4",
+    max_batch_depths="29",
+    max_batch_tol=0.1,
     batch=16,
     memory_batches="8,16",
-    budget_mib=256,
+    budget_mib=192,
     timing_steps=3,
     warmup=1,
     acc_depth=11,
@@ -101,6 +105,8 @@ def build_parser():
     p.add_argument("--batch", type=int, help="fixed batch of the memory table and timing")
     p.add_argument("--memory-batches", help="batch sizes of the memory-vs-batch curve")
     p.add_argument("--budget-mib", type=int, help="memory budget of the largest-batch search")
+    p.add_argument("--max-batch-tol", type=float,
+                   help="relative width at which the largest-batch search stops")
     p.add_argument("--timing-steps", type=int, help="timed steps per mode")
     p.add_argument("--warmup", type=int, help="warm-up steps per mode")
     p.add_argument("--image-size", type=int, default=32)
@@ -137,6 +143,7 @@ def resolve(args):
         batch=args.batch,
         memory_batches=sorted(set(ints(args.memory_batches)) | {args.batch}),
         budget_mib=args.budget_mib,
+        max_batch_tol=args.max_batch_tol,
         timing_steps=args.timing_steps,
         warmup=args.warmup,
         image_size=args.image_size,
@@ -263,7 +270,8 @@ def main(argv=None):
                           if r["mode"] == mode and r["depth"] == depth
                           and r["width"] == width]
                 row = max_batch.search(mode, depth, cfg["budget_mib"], points, width,
-                                       steps=2, image_size=cfg["image_size"], log=log)
+                                       steps=2, image_size=cfg["image_size"],
+                                       rel_tol=cfg["max_batch_tol"], log=log)
                 log(f"max_batch {mode} depth={depth} width={width}: {row['max_batch']} "
                     f"under {cfg['budget_mib']} MiB ({len(row['trials'])} trials)")
                 results["max_batch"].append(row)

@@ -49,7 +49,10 @@ def run_trial(mode, depth, batch, budget_mib, width=1, steps=2, image_size=32,
             return result
     # A crash without the marker: an allocation failure outside TF's error path
     # (std::bad_alloc, the kernel's OOM killer) also means "does not fit".
-    oom = any(m in out for m in OOM_MARKERS) or returncode in (-6, -9, 134, 137)
+    # Far past the budget a trial can also die by a signal (SIGSEGV seen here,
+    # from an allocation failure outside TF's error path): counted as not
+    # fitting, with the signal recorded.
+    oom = any(m in out for m in OOM_MARKERS) or returncode in (-6, -9, -11, 134, 137, 139)
     result = {"ok": False, "batch": batch, "oom": oom, "wall_s": elapsed,
               "returncode": returncode}
     if not oom:
