@@ -41,6 +41,12 @@ def _check_rank4(shape, layer):
         )
 
 
+def _after(dependencies, tensor):
+    """`tensor`, read only once `dependencies` are computed (orders the executor)."""
+    with tf.control_dependencies(dependencies):
+        return tf.identity(tensor)
+
+
 def _cross_replica_sum(values, synchronized):
     """All-reduces (sums) a list of tensors across replicas when synchronized."""
     ctx = tf.distribute.get_replica_context()
@@ -270,8 +276,7 @@ class ApproxConvBlock(keras.layers.Layer):
                 # Decode only once the incoming gradient exists: otherwise the
                 # executor decodes every block at the start of backprop and the
                 # float activations all come back at once (DESIGN.md trap).
-                with tf.control_dependencies([d_out]):
-                    codes = tf.identity(packed)
+                codes = _after([d_out], packed)
                 a_dec = kernels.decode_relu(codes, x_shape, p["step"], p["shift"], bits)
                 d_kernel = tf.raw_ops.Conv2DBackpropFilter(
                     input=tf.cast(a_dec, d_out.dtype),
@@ -295,8 +300,7 @@ class ApproxConvBlock(keras.layers.Layer):
                     d_a += tf.cast(d_activation, tf.float32)
                 # Each decode waits for the result before it, so that at most
                 # one block's float temporaries exist at a time.
-                with tf.control_dependencies([d_a]):
-                    codes = tf.identity(packed)
+                codes = _after([d_a], packed)
                 sum_g, sum_gx = kernels.bn_grad_reduce(
                     codes, d_a, p["step"], p["shift"], p["gamma"], beta, bits
                 )
@@ -307,8 +311,7 @@ class ApproxConvBlock(keras.layers.Layer):
                 sum_g, sum_gx, count = _cross_replica_sum(
                     [sum_g, sum_gx, count], synchronized
                 )
-                with tf.control_dependencies([sum_g, sum_gx]):
-                    codes = tf.identity(packed)
+                codes = _after([sum_g, sum_gx], packed)
                 d_x = kernels.bn_grad_input(
                     codes,
                     d_a,
