@@ -73,7 +73,7 @@ def affine_fit(points):
 
 
 def search(mode, depth, budget_mib, points=(), width=1, steps=2, image_size=32,
-           probe_batches=(4, 8), rel_tol=0.04, max_trials=8, log=print):
+           probe_batches=(4, 8), rel_tol=0.04, max_trials=10, log=print):
     """Largest batch of one mode that fits ``budget_mib``.
 
     Args:
@@ -128,9 +128,11 @@ def search(mode, depth, budget_mib, points=(), width=1, steps=2, image_size=32,
             refined = int((budget_mib - intercept) / slope)
             step = max(1, math.ceil(rel_tol * lo))
             guess = refined if refined > lo else lo + step
+        elif hi > 2 * lo:
+            # The estimate was far too optimistic: bisect geometrically.
+            guess = max(lo + 1, int(math.sqrt(max(lo, 1) * hi)))
         elif lo < 0.8 * hi:
-            # The estimate was optimistic: step down 10% rather than bisect a
-            # wide window down to the small probe batches.
+            # Somewhat optimistic: step down 10% rather than bisect a wide window.
             guess = max(lo + 1, int(0.9 * hi))
         else:
             guess = (lo + hi) // 2
