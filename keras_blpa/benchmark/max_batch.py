@@ -121,19 +121,19 @@ def search(mode, depth, budget_mib, points=(), width=1, steps=2, image_size=32,
             hi = guess if hi is None else min(hi, guess)
         if hi is not None and hi - lo <= max(1, math.ceil(rel_tol * lo)):
             break
+        intercept, slope = affine_fit(points)
+        refined = int((budget_mib - intercept) / slope)
         if hi is None:
             # Refit with the new point; try the refined estimate, or just above
             # the largest fit when the estimate says it is already the answer.
-            intercept, slope = affine_fit(points)
-            refined = int((budget_mib - intercept) / slope)
             step = max(1, math.ceil(rel_tol * lo))
             guess = refined if refined > lo else lo + step
+        elif trials[-1]["ok"] and lo < refined < hi:
+            # A new fit refines the line: its estimate lies inside the bracket.
+            guess = refined
         elif hi > 2 * lo:
             # The estimate was far too optimistic: bisect geometrically.
             guess = max(lo + 1, int(math.sqrt(max(lo, 1) * hi)))
-        elif lo < 0.8 * hi:
-            # Somewhat optimistic: step down 10% rather than bisect a wide window.
-            guess = max(lo + 1, int(0.9 * hi))
         else:
             guess = (lo + hi) // 2
     return _summary(mode, depth, width, budget_mib, lo, estimate, trials)
