@@ -128,9 +128,11 @@ def search(mode, depth, budget_mib, points=(), width=1, steps=2, image_size=32,
             # the largest fit when the estimate says it is already the answer.
             step = max(1, math.ceil(rel_tol * lo))
             guess = refined if refined > lo else lo + step
-        elif trials[-1]["ok"] and lo < refined < hi:
-            # A new fit refines the line: its estimate lies inside the bracket.
-            guess = refined
+        elif trials[-1]["ok"]:
+            # A new fit refines the line: try its estimate if it lies inside the
+            # bracket, else just above the fit (the estimate says lo is close).
+            step = max(1, math.ceil(rel_tol * lo))
+            guess = refined if lo < refined < hi else min(lo + step, (lo + hi) // 2)
         elif hi > 2 * lo:
             # The estimate was far too optimistic: bisect geometrically.
             guess = max(lo + 1, int(math.sqrt(max(lo, 1) * hi)))
