@@ -13,6 +13,11 @@ STYLES = {"exact": "o-", "remat": "s--", "recompute": "^-", "blpa8": "D-",
 PARTS = ("memory", "max_batch", "timing", "accuracy")
 
 
+def _color(mode):
+    """The same colour for a mode in every plot."""
+    return f"C{MODES.index(mode)}"
+
+
 def depth_label(depth, width):
     return f"{depth}" if width == 1 else f"{depth} ({width}x)"
 
@@ -229,7 +234,7 @@ def plots(results, out_dir):
             for mode in _ordered({r["mode"] for r in sel}):
                 pts = sorted((r["batch"], r["peak_mib"]) for r in sel if r["mode"] == mode)
                 line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], STYLES[mode],
-                                label=mode, markerfacecolor="none")
+                                label=mode, markerfacecolor="none", color=_color(mode))
                 # The largest-batch trials that fit (BFC allocator, budget-limited).
                 extra = sorted((t["batch"], t["peak_mib"]) for r in trials if r["mode"] == mode
                                for t in r["trials"] if t.get("ok"))
@@ -258,7 +263,8 @@ def plots(results, out_dir):
             pts = {depth_label(r["depth"], r.get("width", 1)): r["max_batch"]
                    for r in max_batch if r["mode"] == mode}
             xs = [i for i, lab in enumerate(labels) if lab in pts]
-            ax.plot(xs, [pts[labels[i]] for i in xs], STYLES[mode], label=mode)
+            ax.plot(xs, [pts[labels[i]] for i in xs], STYLES[mode], label=mode,
+                    color=_color(mode))
         ax.set_xticks(range(len(labels)), labels)
         ax.set_xlabel("ResNet depth")
         ax.set_ylabel("largest batch")
