@@ -1,0 +1,1 @@
+"""Benchmarks of keras_blpa: `python -m keras_blpa.benchmark --help` (see __main__.py)."""
