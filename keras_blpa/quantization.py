@@ -10,9 +10,10 @@ import tensorflow as tf
 
 from keras_blpa import native
 from keras_blpa import reference
-from keras_blpa.reference import VALID_BITS
 from keras_blpa.reference import channel_params
 from keras_blpa.reference import packed_size
+from keras_blpa.validation import VALID_BITS
+from keras_blpa.validation import check_bits
 
 __all__ = [
     "VALID_BITS",
@@ -25,15 +26,6 @@ __all__ = [
     "packed_size",
 ]
 
-
-def check_bits(bits, allow_none=True):
-    """Returns `bits` if valid, else raises a ValueError naming it."""
-    if bits is None and allow_none:
-        return None
-    if isinstance(bits, bool) or bits not in VALID_BITS:
-        allowed = f"{VALID_BITS}" + (" or None" if allow_none else "")
-        raise ValueError(f"Expected bits in {allowed}. Received: bits={bits!r}")
-    return int(bits)
 
 
 def native_ops_available():

@@ -28,7 +28,7 @@ byte, 4 bits two per byte (element 2i in the low nibble), 2 bits four per byte
 
 import tensorflow as tf
 
-VALID_BITS = (2, 4, 8)
+from keras_blpa.validation import VALID_BITS  # noqa: F401 (re-exported)
 GAMMA_FLOOR = 1e-8
 
 
