@@ -97,24 +97,6 @@ def build_parser(dataset=None):
     return parser
 
 
-def memory_device():
-    return "GPU:0" if tf.config.list_physical_devices("GPU") else "CPU:0"
-
-
-def peak_memory_mib(device):
-    try:
-        return tf.config.experimental.get_memory_info(device)["peak"] / 2**20
-    except (ValueError, RuntimeError):
-        return float("nan")
-
-
-def reset_memory(device):
-    try:
-        tf.config.experimental.reset_memory_stats(device)
-    except (ValueError, RuntimeError):
-        pass
-
-
 class _EpochLog(keras.callbacks.Callback):
     """Prints EPOCH_BEGIN / EPOCH_DONE markers (runs after BackupAndRestore)."""
 
@@ -241,19 +223,18 @@ def train_once(args, dataset, run, bits, checkpoint_dir):
             keras.callbacks.BackupAndRestore(checkpoint_dir, double_checkpoint=True)
         )
     callbacks.append(_EpochLog())
-    device = memory_device()
-    reset_memory(device)
-    start = time.perf_counter()
-    history = model.fit(
-        train_ds,
-        epochs=run["epochs"],
-        steps_per_epoch=run["steps_per_epoch"],
-        callbacks=callbacks,
-        verbose=args.verbose,
-        shuffle=False,  # the pipeline shuffles
-    )
-    seconds = time.perf_counter() - start
-    peak = peak_memory_mib(device)
+    # Fails with the reason (never a silent nan) if the allocator keeps no statistics.
+    with keras_blpa.memory.PeakMemory() as peak:
+        start = time.perf_counter()
+        history = model.fit(
+            train_ds,
+            epochs=run["epochs"],
+            steps_per_epoch=run["steps_per_epoch"],
+            callbacks=callbacks,
+            verbose=args.verbose,
+            shuffle=False,  # the pipeline shuffles
+        )
+        seconds = time.perf_counter() - start
     steps_run = len(history.epoch) * run["steps_per_epoch"]
     if ten_crop:
         accuracy = datasets.ten_crop_accuracy(model, test_ds)
@@ -268,8 +249,8 @@ def train_once(args, dataset, run, bits, checkpoint_dir):
         time_per_sample_ms=round(
             1000 * seconds / max(1, steps_run * run["batch_size"]), 3
         ),
-        peak_memory_mib=round(peak, 1),
-        memory_device=device,
+        peak_memory_mib=round(peak.peak_mib, 1),
+        memory_device=peak.device,
         optimizer_steps=int(keras.ops.convert_to_numpy(model.optimizer.iterations)),
         replicas=strategy.num_replicas_in_sync,
     )
