@@ -5,8 +5,9 @@ built, and FAIL instead when KERAS_BLPA_REQUIRE_NATIVE=1 (CI sets it after
 building the library).
 """
 
-import ast
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,10 +19,10 @@ import pytest
 import tensorflow as tf
 
 from keras_blpa import native
+from keras_blpa import native_build
 from keras_blpa import reference
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SOURCES_BZL = os.path.join(REPO, "ops", "bazel", "sources.bzl")
 
 
 def _require_native():
@@ -310,7 +311,7 @@ def test_loader_missing_library_warns_once(fresh_loader, tmp_path):
 def test_loader_broken_library_warns_once(fresh_loader, tmp_path):
     path = tmp_path / "_blpa_ops.so"
     path.write_bytes(b"this is not an ELF shared object")
-    fresh_loader.setattr(native, "library_path", lambda: str(path))
+    fresh_loader.setenv(native.LIBRARY_ENV, str(path))
     fresh_loader.delenv(native.PURE_TF_ENV, raising=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -320,6 +321,7 @@ def test_loader_broken_library_warns_once(fresh_loader, tmp_path):
     assert len(messages) == 1, messages
     assert str(path) in messages[0]
     assert native.load_error() is not None
+    assert native.status() == {"kernels": "pure-TF", "reason": native.load_error()}
 
 
 def test_pure_tf_env_forces_reference_in_subprocess():
@@ -344,71 +346,160 @@ def test_pure_tf_env_forces_reference_in_subprocess():
 
 
 # ---------------------------------------------------------------------------
-# Builds: one source list, read by both Bazel and setup.py.
+# Finding or building the library for the TensorFlow in use (native_build).
 
 
-def _sources_bzl():
-    tree = ast.parse(open(SOURCES_BZL, encoding="utf-8").read())
-    return {
-        n.targets[0].id: ast.literal_eval(n.value)
-        for n in tree.body
-        if isinstance(n, ast.Assign)
-    }
+def test_library_stamped_for_another_tensorflow_is_never_loaded(fresh_loader, tmp_path):
+    built, _ = _a_built_library()
+    library = tmp_path / "_blpa_ops.so"
+    shutil.copyfile(built, library)
+    stamp = dict(native_build.read_stamp(built) or {}, tensorflow="2.0.0", key="0" * 20)
+    (tmp_path / "_blpa_ops.json").write_text(json.dumps(stamp))
+    tf_info = native_build.tensorflow_info()
+    assert not native_build.matches(str(library), tf_info)  # never picked from the package
+    fresh_loader.setenv(native.LIBRARY_ENV, str(library))  # nor when named explicitly
+    fresh_loader.delenv(native.PURE_TF_ENV, raising=False)
+    with pytest.warns(RuntimeWarning, match=r"built for TensorFlow 2\.0\.0, not " + tf.__version__):
+        assert native.load() is None
 
 
-def _setup_sources():
-    """The lists setup.py compiles, by running its own native_sources()."""
-    tree = ast.parse(open(os.path.join(REPO, "setup.py"), encoding="utf-8").read())
-    wanted = {"ROOT", "SOURCES_FILE"}
-    body = [
-        n for n in tree.body
-        if isinstance(n, (ast.Import, ast.ImportFrom))
-        or (isinstance(n, ast.FunctionDef) and n.name == "native_sources")
-        or (isinstance(n, ast.Assign) and n.targets[0].id in wanted)
-    ]
-    namespace = {"__file__": os.path.join(REPO, "setup.py")}
-    exec(compile(ast.Module(body=body, type_ignores=[]), "setup.py", "exec"), namespace)
-    return namespace["native_sources"]()
+def test_packaged_library_matches_only_its_own_sources_and_tensorflow(tmp_path):
+    built, tf_info = _a_built_library()
+    if native_build.read_stamp(built) is None:
+        pytest.skip(f"{built} has no stamp (not built by setup.py or the cache)")
+    assert native_build.matches(built, tf_info)
+    assert not native_build.matches(built, dict(tf_info, version="2.0.0"))
+    assert not native_build.matches(built, dict(tf_info, cflags=tf_info["cflags"] + ["-DX"]))
+    root = tmp_path / "src"
+    for rel in native_build.library_files():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(os.path.join(REPO, rel), root / rel)
+    assert native_build.matches(built, tf_info, root=str(root))
+    with open(root / "ops" / "blpa_ops.cc", "a") as f:
+        f.write("// an edit\n")
+    assert not native_build.matches(built, tf_info, root=str(root))
 
 
-def _bazel_targets(has_cuda):
-    """Evaluates BUILD (Starlark is Python syntax here) with recording stubs."""
-    targets = {}
-    bzl = _sources_bzl()
-
-    def load(label, *names):
-        if label.endswith("sources.bzl"):
-            for name in names:
-                namespace[name] = bzl[name]
-        elif label.endswith("config.bzl"):
-            namespace.update(HAS_CUDA=has_cuda, NVCC="nvcc")
-
-    def rule(**kwargs):
-        targets[kwargs["name"]] = kwargs
-
-    namespace = {"load": load, "exports_files": lambda *a, **k: None}
-    for name in ("cc_library", "cc_binary", "genrule"):
-        namespace[name] = rule
-    exec(compile(open(os.path.join(REPO, "BUILD"), encoding="utf-8").read(), "BUILD", "exec"),
-         namespace)
-    return targets
+def _a_built_library():
+    """A library the loader would use here (built by setup.py or in the cache)."""
+    tf_info = native_build.tensorflow_info()
+    packaged = native.packaged_library()
+    if native_build.matches(packaged, tf_info):
+        return packaged, tf_info
+    try:
+        return native_build.cached_library(tf_info), tf_info
+    except native_build.BuildError as e:
+        if _require_native():
+            pytest.fail(str(e))
+        pytest.skip(str(e))
 
 
-def test_bazel_and_setup_build_the_same_sources():
-    setup_lists = _setup_sources()
-    bzl = _sources_bzl()
-    assert setup_lists == bzl
-    for has_cuda in (False, True):
-        targets = _bazel_targets(has_cuda)
-        lib = targets["_blpa_ops.so"]
-        srcs = [s for s in lib["srcs"] if not s.startswith(":")]
-        assert sorted(srcs) == sorted(setup_lists["OP_SOURCES"] + setup_lists["HEADERS"])
-        if has_cuda:
-            genrule = targets[lib["srcs"][-1][1:]]
-            assert [s for s in genrule["srcs"] if s.endswith(".cu")] == setup_lists["CUDA_SOURCES"]
-        else:
-            assert not any(s.startswith(":") for s in lib["srcs"])
-    # Every native file of the tree is listed, and every listed file exists.
+BUILD_IN_CACHE = """
+import json, logging, sys, tensorflow as tf
+from keras_blpa import native_build
+logging.basicConfig(level=logging.WARNING, format="%(message)s")
+path = native_build.cached_library()
+module = tf.load_op_library(path)
+print(json.dumps(dict(path=path, isa=module.blpa_cpu_isa().numpy().decode())))
+"""
+
+
+@pytest.mark.slow
+def test_cache_builds_once_for_parallel_processes(tmp_path):
+    """Two processes asking at once: one compiles under the lock, both load the result."""
+    if shutil.which(os.environ.get("CXX", "g++")) is None:
+        pytest.skip("no C++ compiler")
+    env = dict(os.environ, KERAS_BLPA_CACHE=str(tmp_path), TF_CPP_MIN_LOG_LEVEL="3")
+    procs = [subprocess.Popen([sys.executable, "-c", BUILD_IN_CACHE], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [r[1][-2000:] for r in results]
+    outs = [json.loads(out.strip().splitlines()[-1]) for out, _ in results]
+    assert outs[0]["path"] == outs[1]["path"]
+    assert outs[0]["isa"] in ("baseline", "avx2", "avx512")
+    compiles = sum(err.count("compiling the native ops") for _, err in results)
+    assert compiles == 1, [err[-2000:] for _, err in results]
+    entries = [p for p in os.listdir(tmp_path) if p.startswith("ops-")]
+    assert len(entries) == 1
+    stamp = native_build.read_stamp(outs[0]["path"])
+    assert stamp["tensorflow"] == tf.__version__
+
+
+def test_no_compiler_warns_once_and_falls_back(fresh_loader, tmp_path):
+    fresh_loader.setattr(native, "packaged_library", lambda: str(tmp_path / "none.so"))
+    fresh_loader.setenv("KERAS_BLPA_CACHE", str(tmp_path / "cache"))
+    fresh_loader.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    fresh_loader.delenv(native.LIBRARY_ENV, raising=False)
+    fresh_loader.delenv(native.PURE_TF_ENV, raising=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert native.load() is None and native.load() is None
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1 and "no C++ compiler" in messages[0], messages
+    assert "pure-TensorFlow" in messages[0]
+
+
+def test_failed_compile_is_remembered_with_its_output(tmp_path, monkeypatch):
+    compiler = tmp_path / "broken-cxx"
+    compiler.write_text("#!/bin/sh\necho 'broken-cxx: simulated failure' >&2\nexit 1\n")
+    compiler.chmod(0o755)
+    monkeypatch.setenv("KERAS_BLPA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CXX", str(compiler))
+    with pytest.raises(native_build.BuildError, match="simulated failure"):
+        native_build.cached_library()
+    with pytest.raises(native_build.BuildError, match="delete .*build-error.txt to try again"):
+        native_build.cached_library()
+
+
+def test_build_can_be_forbidden(fresh_loader, tmp_path):
+    fresh_loader.setattr(native, "packaged_library", lambda: str(tmp_path / "none.so"))
+    fresh_loader.setenv(native.BUILD_ENV, "0")
+    fresh_loader.delenv(native.LIBRARY_ENV, raising=False)
+    fresh_loader.delenv(native.PURE_TF_ENV, raising=False)
+    with pytest.warns(RuntimeWarning, match=f"{native.BUILD_ENV}=0"):
+        assert native.load() is None
+
+
+def test_cuda_plan_matches_the_tensorflow_build(monkeypatch):
+    info = dict(native_build.tensorflow_info(), version="2.21.0")
+    plan, reason = native_build.cuda_plan(dict(info, cuda_version=None))
+    assert plan is None and "not a CUDA build" in reason
+    monkeypatch.setattr(native_build, "find_cuda",
+                        lambda: {"nvcc": "/x/bin/nvcc", "lib_dir": "/x/lib64", "version": "13.0"})
+    plan, reason = native_build.cuda_plan(dict(info, cuda_version="12.5.1"))
+    assert plan is None and "CUDA 12.5.1" in reason and "CUDA 13.0" in reason
+    plan, reason = native_build.cuda_plan(dict(info, cuda_version="13.0"))
+    assert plan["nvcc"] == "/x/bin/nvcc" and "built with" in reason
+    monkeypatch.setenv("KERAS_BLPA_CUDA", "0")
+    assert native_build.cuda_plan(dict(info, cuda_version="13.0"))[0] is None
+
+
+def test_info_entry_point_names_the_path_in_use():
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    out = subprocess.run([sys.executable, "-m", "keras_blpa.info"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    facts = dict(line.split(": ", 1) for line in out.stdout.splitlines() if ": " in line)
+    assert facts["tensorflow"] == tf.__version__
+    assert facts["memory_stats"].startswith("available on")
+    if facts["kernels"] == "native":
+        assert os.path.exists(facts["library"])
+        assert facts["cpu_isa"] in ("baseline", "avx2", "avx512")
+    else:
+        assert not _require_native(), facts
+    env.update(KERAS_BLPA_PURE_TF="1")
+    out = subprocess.run([sys.executable, "-m", "keras_blpa.info", "--require-native"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1 and "kernels: pure-TF" in out.stdout
+
+
+# ---------------------------------------------------------------------------
+# Builds: every native source is listed, and every build exports the ops.
+
+
+def test_every_native_source_is_listed():
+    bzl = native_build.sources()
     listed = set(sum((bzl[k] for k in ("OP_SOURCES", "HEADERS", "CUDA_SOURCES",
                                          "STANDALONE_SOURCES")), []))
     on_disk = {
@@ -418,6 +509,21 @@ def test_bazel_and_setup_build_the_same_sources():
         if f.endswith((".cc", ".h", ".cu"))
     }
     assert listed == on_disk
+
+
+def _registered_ops():
+    """Op names registered in the op sources, as TensorFlow's Python wrappers name them."""
+    names = []
+    for rel in native_build.sources()["OP_SOURCES"]:
+        text = open(os.path.join(REPO, rel), encoding="utf-8").read()
+        names += re.findall(r'REGISTER_OP\("Blpa>(\w+)"\)', text)
+    return {"blpa_" + re.sub(r"(?<!^)(?=[A-Z])", "_", n).lower() for n in names}
+
+
+def test_library_in_use_exports_every_registered_op(ops):
+    """Run against each build (pip here; ops/ci.sh runs it on Bazel's library)."""
+    exported = {n for n in dir(ops._module) if n.startswith("blpa_")}
+    assert _registered_ops() <= exported and len(_registered_ops()) >= 5, exported
 
 
 # ---------------------------------------------------------------------------
@@ -430,7 +536,7 @@ def test_standalone_cc_program(tmp_path):
         if _require_native():
             pytest.fail("no C++ compiler to build cc/blpa_quant_test.cc")
         pytest.skip("no C++ compiler")
-    bzl = _sources_bzl()
+    bzl = native_build.sources()
     exe = str(tmp_path / "blpa_quant_test")
     subprocess.run(
         [cxx, "-std=c++17", *bzl["HOST_COPTS"], "-pthread", "-I", REPO,
@@ -443,23 +549,13 @@ def test_standalone_cc_program(tmp_path):
     assert "0 mismatches" in out.stdout and "GB/s" in out.stdout
 
 
-def _cuda_lib_dir(nvcc):
-    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"),
-             os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "/usr/local/cuda"]
-    for home in filter(None, homes):
-        for lib in ("lib64", "lib", "targets/x86_64-linux/lib"):
-            if os.path.exists(os.path.join(home, lib, "libcudart_static.a")):
-                return os.path.join(home, lib), os.path.join(home, "include")
-    return None
-
-
 def test_cuda_sources_compile_and_standalone_gpu_check(tmp_path):
     """nvcc compiles the kernels; the standalone program links with them and
     checks GPU against CPU results when a device exists (skips that part here)."""
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         pytest.skip("nvcc not on PATH")
-    bzl = _sources_bzl()
+    bzl = native_build.sources()
     obj = str(tmp_path / "blpa_quant_cuda.o")
     for source in bzl["CUDA_SOURCES"]:
         subprocess.run(
@@ -468,11 +564,12 @@ def test_cuda_sources_compile_and_standalone_gpu_check(tmp_path):
              os.path.join(REPO, source), "-o", obj],
             check=True, timeout=600,
         )
-    dirs = _cuda_lib_dir(nvcc)
+    toolkit = native_build.find_cuda()
     cxx = shutil.which(os.environ.get("CXX", "g++"))
-    if dirs is None or cxx is None:
+    if toolkit is None or cxx is None:
         pytest.skip("no static CUDA runtime or C++ compiler to link the standalone program")
-    lib_dir, include_dir = dirs
+    lib_dir = toolkit["lib_dir"]
+    include_dir = os.path.join(os.path.dirname(os.path.dirname(toolkit["nvcc"])), "include")
     exe = str(tmp_path / "blpa_quant_test_cuda")
     subprocess.run(
         [cxx, "-std=c++17", *bzl["HOST_COPTS"], "-pthread", "-DBLPA_WITH_CUDA", "-I", REPO,

@@ -11,8 +11,10 @@ into the repository, which then provides
   :cudart_static  the static CUDA runtime (when a toolkit was found);
   :config.bzl     HAS_CUDA, and NVCC (the nvcc path) for the genrule.
 
-CUDA is used when nvcc is found (CUDA_HOME / CUDA_PATH, PATH, /usr/local/cuda)
-together with libcudart_static.a, unless KERAS_BLPA_CUDA=0.
+CUDA is used as keras_blpa/native_build.py decides for every build route: when
+TensorFlow is a CUDA build and an nvcc of its CUDA major version (CUDA_HOME /
+CUDA_PATH, PATH, /usr/local/cuda) is found with libcudart_static.a, unless
+KERAS_BLPA_CUDA=0.
 """
 
 _PY = """
@@ -35,31 +37,20 @@ def _python(ctx):
             return str(found)
     fail("keras_blpa: no Python interpreter found (set PYTHON_BIN_PATH)")
 
-def _find_cuda(ctx):
-    if ctx.os.environ.get("KERAS_BLPA_CUDA", "") in ["0", "false", "no", "off"]:
+def _find_cuda(ctx, python):
+    # The one CUDA discovery of the project (keras_blpa/native_build.py, also used
+    # by setup.py and at first use): CUDA kernels only for a CUDA build of
+    # TensorFlow, with an nvcc of the same CUDA major version.
+    script = ctx.path(Label("//:setup.py")).dirname.get_child("keras_blpa").get_child("native_build.py")
+    res = ctx.execute([python, str(script), "cuda"], environment = {"TF_CPP_MIN_LOG_LEVEL": "3"})
+    if res.return_code != 0:
+        fail("keras_blpa: CUDA discovery failed:\n%s" % res.stderr)
+    plan = json.decode(res.stdout.strip().splitlines()[-1])
+    print("keras_blpa: " + plan["reason"])
+    toolkit = plan["toolkit"]
+    if not toolkit:
         return None
-    homes = [ctx.os.environ.get("CUDA_HOME", ""), ctx.os.environ.get("CUDA_PATH", "")]
-    nvcc_on_path = ctx.which("nvcc")
-    homes.append("/usr/local/cuda")
-    for home in homes:
-        if not home:
-            continue
-        nvcc = ctx.path(home + "/bin/nvcc")
-        if not nvcc.exists:
-            continue
-        for lib in ["lib64", "lib", "targets/x86_64-linux/lib"]:
-            if ctx.path(home + "/" + lib + "/libcudart_static.a").exists:
-                return struct(nvcc = str(nvcc), lib = home + "/" + lib)
-    if nvcc_on_path:
-        # nvcc may be a wrapper script: ask it where its toolkit lives.
-        res = ctx.execute([str(nvcc_on_path), "--dryrun", "--version"])
-        for line in (res.stdout + res.stderr).splitlines():
-            if "TOP=" in line:
-                top = line.split("TOP=", 1)[1].strip()
-                for lib in ["lib64", "lib", "targets/x86_64-linux/lib"]:
-                    if ctx.path(top + "/" + lib + "/libcudart_static.a").exists:
-                        return struct(nvcc = str(nvcc_on_path), lib = top + "/" + lib)
-    return None
+    return struct(nvcc = toolkit["nvcc"], lib = toolkit["lib_dir"])
 
 def _local_config_impl(ctx):
     python = _python(ctx)
@@ -73,7 +64,7 @@ def _local_config_impl(ctx):
     for flag in info["cflags"]:
         if flag.startswith("-D"):
             defines.append(flag[2:])
-    cuda = _find_cuda(ctx)
+    cuda = _find_cuda(ctx, python)
     build = [
         "package(default_visibility = [\"//visibility:public\"])",
         "",
