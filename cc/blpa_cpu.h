@@ -1,7 +1,7 @@
 // keras_blpa: CPU loops of the four fused block kernels (host only).
 //
-// Each kernel works on a range [byte_begin, byte_end) of PACKED BYTES, so that a
-// caller can shard a tensor over any thread pool (TensorFlow's, or std::thread
+// Each kernel works on a range [byte_begin, byte_end) of PACKED BYTES, so that
+// a caller can shard a tensor over any thread pool (TensorFlow's, or std::thread
 // in the standalone test); bn_grad_reduce shards itself over fixed blocks
 // through a caller's parallel-for. The element math is blpa_bins.h; here is
 // only the walk over the data: ONE tile/run/channel skeleton (for_each_run)
@@ -15,9 +15,7 @@
 #ifndef KERAS_BLPA_CC_BLPA_CPU_H_
 #define KERAS_BLPA_CC_BLPA_CPU_H_
 
-#include <stddef.h>
 #include <stdint.h>
-#include <string.h>
 
 #include <algorithm>
 #include <cstring>
@@ -68,8 +66,8 @@ inline CpuLevel detected_cpu_level() {
 inline CpuLevel usable_cpu_level(const char* cap) {
   CpuLevel l = detected_cpu_level();
   if (cap != nullptr) {
-    if (strcmp(cap, "avx") == 0) l = kBaseline;
-    if (strcmp(cap, "avx2") == 0 && l > kAvx2) l = kAvx2;
+    if (std::strcmp(cap, "avx") == 0) l = kBaseline;
+    if (std::strcmp(cap, "avx2") == 0 && l > kAvx2) l = kAvx2;
   }
   return l;
 }
@@ -125,7 +123,10 @@ class ChannelView {
   bool expanded_;
   int64_t period_;
   const float* ptr_[NP];
-  float buf_[NP][kExpanded];
+  // Cache-line aligned rows: the vector loads of a run never split lines
+  // (kExpanded floats are a multiple of 64 bytes). Measured: a few % of
+  // encode throughput with AVX-512.
+  alignas(64) float buf_[NP][kExpanded];
 };
 
 #if defined(__GNUC__) && defined(__BYTE_ORDER__) && \
@@ -210,7 +211,8 @@ BLPA_INLINE void unpack_codes(const uint8_t* in, int64_t nbytes, uint8_t* codes)
   }
 }
 
-// Element range [e0, e1) of packed bytes [byte_begin, byte_end); false if empty.
+// Element range [e0, e1) of packed bytes [byte_begin, byte_end); false when
+// empty.
 BLPA_INLINE bool element_range(int64_t n, int bits, int64_t byte_begin,
                                int64_t byte_end, int64_t* e0, int64_t* e1) {
   const int64_t per = 8 / bits;
@@ -226,13 +228,14 @@ enum class Codes { kPack, kUnpack };
 // [byte_begin, byte_end) of an n-element, C-channel tensor tile by tile
 // (kUnpack: the tile's codes are unpacked from `packed` first; kPack: the
 // codes the runs write are packed into `packed` after it), and each tile in
-// runs of consecutive channels: run(i, c, len, codes, view) handles elements
-// [i, i + len) of channels c, c + 1, ... (mod C), whose codes are codes[0, len)
-// and whose per-channel vectors are view.ptr(j, c)[0, len).
+// runs of consecutive channels: per_run(i, c, len, codes, view) handles
+// elements [i, i + len) of channels c, c + 1, ... (mod C), whose codes are
+// codes[0, len) and whose per-channel vectors are view.ptr(j, c)[0, len).
+// per_run is always inlined: each kernel's loop compiles as if written here.
 template <int BITS, Codes CODES, int NP, typename Byte, typename Run>
 BLPA_INLINE void for_each_run(int64_t n, int64_t C, int64_t byte_begin,
                               int64_t byte_end, const float* const (&params)[NP],
-                              Byte* packed, Run&& run) {
+                              Byte* packed, Run&& per_run) {
   constexpr int64_t per = 8 / BITS;
   int64_t e0, e1;
   if (!element_range(n, BITS, byte_begin, byte_end, &e0, &e1)) return;
@@ -248,7 +251,7 @@ BLPA_INLINE void for_each_run(int64_t n, int64_t C, int64_t byte_begin,
     }
     for (int64_t i = t0; i < t1;) {
       const int64_t len = view.run(c, t1 - i);
-      run(i, c, len, codes + (i - t0), view);
+      per_run(i, c, len, codes + (i - t0), view);
       i += len;
       c = (c + len) % C;
     }
@@ -333,7 +336,7 @@ struct BnGradPartialSums {
           double* __restrict__ agx = acc_gx + c;
           for (int64_t k = 0; k < len; ++k) {
             const float y_dec = decode_one(cd[k], st[k], sh[k]);
-            const float gk = g[k];  // unconditional load keeps the loop branch free
+            const float gk = g[k];  // unconditional load: no branch in the loop
             const float gy = mask_one(cd[k], sh[k]) ? gk : 0.0f;
             const float xh = xhat_one(y_dec, be[k], ga[k]);
             ag[k] += static_cast<double>(gy);
@@ -368,7 +371,7 @@ struct BnGradInput {
           const float* __restrict__ mgx = v.ptr(6, c);
           for (int64_t k = 0; k < len; ++k) {
             const float y_dec = decode_one(cd[k], st[k], sh[k]);
-            const float gk = g[k];  // unconditional load keeps the loop branch free
+            const float gk = g[k];  // unconditional load: no branch in the loop
             const float gy = mask_one(cd[k], sh[k]) ? gk : 0.0f;
             const float xh = xhat_one(y_dec, be[k], ga[k]);
             dx[k] = grad_input_one(gy, xh, co[k], mg[k], mgx[k]);
@@ -415,7 +418,7 @@ inline void run_level(CpuLevel level, const Args& a, int64_t b0, int64_t b1,
 // Runs Kernel over packed bytes [b0, b1) at `level` (callers validate a.bits
 // with valid_bits).
 template <typename Kernel, typename Args, typename... More>
-inline void run(CpuLevel level, const Args& a, int64_t b0, int64_t b1,
+inline void run_kernel(CpuLevel level, const Args& a, int64_t b0, int64_t b1,
                 More... more) {
   switch (a.bits) {
     case 2: return run_level<Kernel, 2>(level, a, b0, b1, more...);
@@ -429,17 +432,17 @@ inline void run(CpuLevel level, const Args& a, int64_t b0, int64_t b1,
 
 inline void bn_relu_encode(const EncodeArgs& a, int64_t b0, int64_t b1,
                            CpuLevel level) {
-  run<BnReluEncode>(level, a, b0, b1);
+  run_kernel<BnReluEncode>(level, a, b0, b1);
 }
 
 inline void decode_relu(const DecodeArgs& a, int64_t b0, int64_t b1,
                         CpuLevel level) {
-  run<DecodeRelu>(level, a, b0, b1);
+  run_kernel<DecodeRelu>(level, a, b0, b1);
 }
 
 inline void bn_grad_input(const GradArgs& a, int64_t b0, int64_t b1,
                           CpuLevel level) {
-  run<BnGradInput>(level, a, b0, b1);
+  run_kernel<BnGradInput>(level, a, b0, b1);
 }
 
 // Fixed partition of the packed bytes into blocks for the reduction: the
@@ -474,7 +477,7 @@ void bn_grad_reduce(const GradArgs& a, CpuLevel level, float* sum_g,
     for (int64_t b = first; b < last; ++b) {
       const int64_t lo = b * kReduceBlockBytes;
       const int64_t hi = std::min(nbytes, lo + kReduceBlockBytes);
-      run<BnGradPartialSums>(level, a, lo, hi, &part[2 * C * b],
+      run_kernel<BnGradPartialSums>(level, a, lo, hi, &part[2 * C * b],
                              &part[2 * C * b + C], scratch.data());
     }
   });

@@ -254,7 +254,6 @@ void check_cpu(const Problem& p, int threads, blpa::cpu::CpuLevel level) {
   compare_floats("decode_relu " + l, got.dec, want.dec);
   compare_floats("bn_grad_input " + l, got.dx, want.dx);
   compare_sums("bn_grad_reduce sum_g " + l, got.sum_g, want.sum_g, p.grad, p.C);
-  std::vector<float> absx(p.n);
   compare_sums("bn_grad_reduce sum_gx " + l, got.sum_gx, want.sum_gx, p.grad, p.C);
 }
 
