@@ -1,12 +1,12 @@
 // keras_blpa: CUDA kernels of the four fused block kernels (split design: this
 // file includes only CUDA headers and cc/, never TensorFlow). The element math
-// is the BLPA_HOST_DEVICE code of blpa_quant.h, with __f*_rn intrinsics so that
+// is the BLPA_HOST_DEVICE code of blpa_bins.h, with __f*_rn intrinsics so that
 // every operation rounds like TensorFlow's separate ops (also build with
 // -fmad=false). One thread handles one packed byte (1, 2 or 4 elements).
 #include <type_traits>
 #include <cuda_runtime.h>
 
-#include "cc/blpa_quant.h"
+#include "cc/blpa_bins.h"
 #include "cc/blpa_quant_cuda.h"
 
 namespace blpa {

@@ -6,11 +6,11 @@
 // call into the object nvcc builds from blpa_quant_cuda.cu. Every launcher is
 // asynchronous on `stream` and returns a cudaError_t as an int (0 = success);
 // blpa_cuda_error_string turns it into text. Argument structs and semantics are
-// those of blpa_quant.h (all pointers are device pointers).
+// those of blpa_bins.h (all pointers are device pointers).
 #ifndef KERAS_BLPA_CC_BLPA_QUANT_CUDA_H_
 #define KERAS_BLPA_CC_BLPA_QUANT_CUDA_H_
 
-#include "cc/blpa_quant.h"
+#include "cc/blpa_bins.h"
 
 typedef struct CUstream_st* cudaStream_t;
 

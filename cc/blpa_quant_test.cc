@@ -15,7 +15,9 @@
 // shapes, every bits value and NaN/Inf inputs; with BLPA_WITH_CUDA also the GPU
 // kernels against the CPU ones. Then prints encode+decode throughput in GB/s
 // (bytes read + written) next to a memcpy of the same bytes.
-// Options: --quick (smaller benchmark), --no-bench, --threads N, --elements N.
+// Options: --quick (smaller benchmark), --no-bench, --threads N, --elements N,
+// --isa avx|avx2|avx512 (cap the instruction-set level: checks run every level
+// up to the cap, the benchmark runs at the cap; default: the best the CPU has).
 // Exit status 0 when every check passes, 1 on a mismatch.
 #include <stdio.h>
 #include <stdlib.h>
@@ -31,7 +33,8 @@
 #include <thread>
 #include <vector>
 
-#include "cc/blpa_quant.h"
+#include "cc/blpa_bins.h"
+#include "cc/blpa_cpu.h"
 #if defined(BLPA_WITH_CUDA)
 #include <cuda_runtime.h>
 
@@ -180,7 +183,7 @@ struct CpuResult {
   std::vector<uint8_t> packed;
 };
 
-CpuResult run_cpu(const Problem& p, int threads) {
+CpuResult run_cpu(const Problem& p, int threads, blpa::cpu::CpuLevel level) {
   CpuResult r;
   const int64_t nbytes = blpa::packed_size(p.n, p.bits);
   r.relu.assign(p.n, -7.0f);
@@ -189,40 +192,23 @@ CpuResult run_cpu(const Problem& p, int threads) {
   r.packed.assign(nbytes, 0xAB);
   const blpa::EncodeArgs ea = encode_args(p, r.relu.data(), r.packed.data());
   parallel_for(threads, nbytes, [&](int64_t b, int64_t e) {
-    blpa::cpu::bn_relu_encode(ea, b, e);
+    blpa::cpu::bn_relu_encode(ea, b, e, level);
   });
   const blpa::DecodeArgs da = {r.packed.data(), p.step.data(), p.shift.data(),
                                p.n, p.C, p.bits, r.dec.data()};
   parallel_for(threads, nbytes, [&](int64_t b, int64_t e) {
-    blpa::cpu::decode_relu(da, b, e);
+    blpa::cpu::decode_relu(da, b, e, level);
   });
   const blpa::GradArgs ga = grad_args(p, r.packed.data(), r.dx.data());
   parallel_for(threads, nbytes, [&](int64_t b, int64_t e) {
-    blpa::cpu::bn_grad_input(ga, b, e);
+    blpa::cpu::bn_grad_input(ga, b, e, level);
   });
-  const int64_t blocks = blpa::cpu::reduce_num_blocks(nbytes);
-  const int64_t slots = blpa::cpu::reduce_scratch_size(p.C);
-  std::vector<double> part(2 * p.C * blocks, 0.0);
-  parallel_for(threads, blocks, [&](int64_t b0, int64_t b1) {
-    std::vector<double> scratch(2 * slots);
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t lo = b * blpa::cpu::kReduceBlockBytes;
-      const int64_t hi = std::min(nbytes, lo + blpa::cpu::kReduceBlockBytes);
-      blpa::cpu::bn_grad_reduce(ga, lo, hi, &part[2 * p.C * b],
-                                &part[2 * p.C * b + p.C], scratch.data());
-    }
-  });
-  r.sum_g.assign(p.C, 0.0f);
-  r.sum_gx.assign(p.C, 0.0f);
-  for (int64_t c = 0; c < p.C; ++c) {
-    double sg = 0, sgx = 0;
-    for (int64_t b = 0; b < blocks; ++b) {
-      sg += part[2 * p.C * b + c];
-      sgx += part[2 * p.C * b + p.C + c];
-    }
-    r.sum_g[c] = static_cast<float>(sg);
-    r.sum_gx[c] = static_cast<float>(sgx);
-  }
+  r.sum_g.assign(p.C, -7.0f);
+  r.sum_gx.assign(p.C, -7.0f);
+  blpa::cpu::bn_grad_reduce(ga, level, r.sum_g.data(), r.sum_gx.data(),
+                            [&](int64_t blocks, auto fn) {
+                              parallel_for(threads, blocks, fn);
+                            });
   return r;
 }
 
@@ -258,16 +244,16 @@ void compare_sums(const std::string& what, const std::vector<float>& got,
   }
 }
 
-void check_cpu(const Problem& p, int threads) {
+void check_cpu(const Problem& p, int threads, blpa::cpu::CpuLevel level) {
   const Naive want = naive(p);
-  const CpuResult got = run_cpu(p, threads);
-  const std::string l = label(p) + " threads=" + std::to_string(threads);
+  const CpuResult got = run_cpu(p, threads, level);
+  const std::string l = label(p) + " threads=" + std::to_string(threads) +
+                        " isa=" + blpa::cpu::cpu_level_name(level);
   if (got.packed != want.packed) fail("packed codes " + l);
   compare_floats("relu " + l, got.relu, want.relu);
   compare_floats("decode_relu " + l, got.dec, want.dec);
   compare_floats("bn_grad_input " + l, got.dx, want.dx);
   compare_sums("bn_grad_reduce sum_g " + l, got.sum_g, want.sum_g, p.grad, p.C);
-  std::vector<float> absx(p.n);
   compare_sums("bn_grad_reduce sum_gx " + l, got.sum_gx, want.sum_gx, p.grad, p.C);
 }
 
@@ -368,7 +354,7 @@ void launch_ok(int err, const char* what) {
 }
 
 void check_gpu(const Problem& p) {
-  const CpuResult want = run_cpu(p, 1);
+  const CpuResult want = run_cpu(p, 1, blpa::cpu::kBaseline);
   const Naive nv = naive(p);
   DeviceProblem d = upload(p);
   launch_ok(blpa::cuda::bn_relu_encode(d.ea, 0), "encode");
@@ -438,7 +424,7 @@ double best_time(int reps, Fn fn) {
   return best;
 }
 
-void bench_cpu(const Problem& p, int threads, int reps) {
+void bench_cpu(const Problem& p, int threads, int reps, blpa::cpu::CpuLevel level) {
   const int64_t nbytes = blpa::packed_size(p.n, p.bits);
   std::vector<float> relu(p.n), dec(p.n), copy(p.n);
   std::vector<uint8_t> packed(nbytes);
@@ -447,12 +433,12 @@ void bench_cpu(const Problem& p, int threads, int reps) {
                                p.n, p.C, p.bits, dec.data()};
   const double t_enc = best_time(reps, [&] {
     parallel_for(threads, nbytes, [&](int64_t b, int64_t e) {
-      blpa::cpu::bn_relu_encode(ea, b, e);
+      blpa::cpu::bn_relu_encode(ea, b, e, level);
     });
   });
   const double t_dec = best_time(reps, [&] {
     parallel_for(threads, nbytes, [&](int64_t b, int64_t e) {
-      blpa::cpu::decode_relu(da, b, e);
+      blpa::cpu::decode_relu(da, b, e, level);
     });
   });
   const double t_copy = best_time(reps, [&] {
@@ -467,7 +453,7 @@ void bench_cpu(const Problem& p, int threads, int reps) {
   const double copy_gbs = 2 * fb / t_copy / 1e9;
   printf("CPU  %s  bits=%d  threads=%d  n=%lld  encode %.3f ms  decode %.3f ms  "
          "enc+dec %.2f GB/s  memcpy %.2f GB/s  ratio %.2f\n",
-         blpa::cpu::cpu_level_name(blpa::cpu::cpu_level()), p.bits, threads,
+         blpa::cpu::cpu_level_name(level), p.bits, threads,
          static_cast<long long>(p.n), t_enc * 1e3, t_dec * 1e3,
          gbs, copy_gbs, gbs / copy_gbs);
 }
@@ -478,14 +464,18 @@ int main(int argc, char** argv) {
   bool quick = false, bench = true;
   int threads = std::max(1u, std::thread::hardware_concurrency());
   int64_t elements = 64LL * 32 * 32 * 64;  // batch 64, 32x32, 64 channels
+  const char* isa = nullptr;  // no cap
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--quick") quick = true;
     else if (a == "--no-bench") bench = false;
     else if (a == "--threads" && i + 1 < argc) threads = atoi(argv[++i]);
     else if (a == "--elements" && i + 1 < argc) elements = atoll(argv[++i]);
+    else if (a == "--isa" && i + 1 < argc) isa = argv[++i];
     else {
-      fprintf(stderr, "usage: %s [--quick] [--no-bench] [--threads N] [--elements N]\n",
+      fprintf(stderr,
+              "usage: %s [--quick] [--no-bench] [--threads N] [--elements N] "
+              "[--isa avx|avx2|avx512]\n",
               argv[0]);
       return 2;
     }
@@ -496,22 +486,21 @@ int main(int argc, char** argv) {
                               {1000, 64},  {4099, 17},   {8191, 255}, {8448, 256},
                               {10279, 257}, {65537, 1000}, {300001, 64}, {262147, 1}};
   int checked = 0;
-  const int detected = blpa::cpu::detected_cpu_level();
-  for (int level = 0; level <= detected; ++level) {
-    blpa::cpu::cpu_level_override() = level;  // every compiled ISA level
+  const blpa::cpu::CpuLevel top = blpa::cpu::usable_cpu_level(isa);
+  for (int l = blpa::cpu::kBaseline; l <= top; ++l) {  // every level up to the cap
+    const auto level = static_cast<blpa::cpu::CpuLevel>(l);
     for (int bits : {2, 4, 8}) {
       for (const auto& s : sizes) {
         const Problem p =
             make_problem(s[0], s[1], bits, 1234u + static_cast<uint32_t>(s[0]));
-        for (int t : {1, 3}) check_cpu(p, t);
+        for (int t : {1, 3}) check_cpu(p, t, level);
         ++checked;
       }
     }
   }
-  blpa::cpu::cpu_level_override() = -1;
   printf("CPU checks: %d problems (ISA levels up to %s) x 2 thread counts, "
          "%d mismatches\n",
-         checked, blpa::cpu::cpu_level_name(detected), g_failures);
+         checked, blpa::cpu::cpu_level_name(top), g_failures);
 
 #if defined(BLPA_WITH_CUDA)
   const bool gpu = gpu_available();
@@ -528,7 +517,7 @@ int main(int argc, char** argv) {
   if (bench && g_failures == 0) {
     for (int bits : {2, 4, 8}) {
       const Problem p = make_problem(elements, 64, bits, 7u);
-      bench_cpu(p, threads, quick ? 3 : 10);
+      bench_cpu(p, threads, quick ? 3 : 10, top);
 #if defined(BLPA_WITH_CUDA)
       if (gpu) bench_gpu(p, quick ? 5 : 50);
 #endif

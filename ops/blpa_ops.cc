@@ -1,8 +1,10 @@
 // keras_blpa: TensorFlow ops of the fused BLPA block kernels.
 //
-// Thin OpKernels around cc/blpa_quant.h (CPU, sharded over TensorFlow's intra-op
+// Thin OpKernels around cc/blpa_cpu.h (CPU, sharded over TensorFlow's intra-op
 // thread pool) and cc/blpa_quant_cuda.h (GPU, launched on the op's raw CUDA
-// stream; compiled in when GOOGLE_CUDA is defined). The semantics, argument
+// stream; compiled in when GOOGLE_CUDA is defined). KERAS_BLPA_CPU_ISA=avx|avx2
+// caps the instruction-set level of the CPU kernels (default: the best the CPU
+// supports; every level gives the same bits). The semantics, argument
 // order and packing layout are those of keras_blpa/reference.py:
 //
 //   Blpa>BnReluEncode  (x, scale, offset, inv_step, shift)            -> (relu(y), packed)
@@ -14,12 +16,11 @@
 // All float tensors are float32, channels last (channel = flat index % C where
 // C is the last dimension); every per-channel vector has C elements; `packed`
 // is a 1-D uint8 tensor of ceil(n * bits / 8) bytes; `bits` is 2, 4 or 8.
-#include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <functional>
 #include <string>
 #include <type_traits>
-#include <vector>
 
 #include "tensorflow/core/framework/common_shape_fns.h"
 #include "tensorflow/core/framework/op.h"
@@ -29,7 +30,8 @@
 #include "tensorflow/core/framework/tensor_util.h"
 #include "tensorflow/core/platform/threadpool.h"
 
-#include "cc/blpa_quant.h"
+#include "cc/blpa_bins.h"
+#include "cc/blpa_cpu.h"
 
 #if GOOGLE_CUDA
 #include "xla/stream_executor/stream.h"
@@ -280,6 +282,13 @@ void ParallelBytes(OpKernelContext* ctx, int64_t nbytes, int64_t cost,
       nbytes, cost, fn);
 }
 
+// Instruction-set level of the CPU kernels, read once.
+blpa::cpu::CpuLevel CpuIsa() {
+  static const blpa::cpu::CpuLevel level =
+      blpa::cpu::usable_cpu_level(std::getenv("KERAS_BLPA_CPU_ISA"));
+  return level;
+}
+
 #if GOOGLE_CUDA
 cudaStream_t RawStream(OpKernelContext* ctx) {
   return reinterpret_cast<cudaStream_t>(
@@ -330,7 +339,7 @@ class BnReluEncodeOp : public BitsKernel {
     a.packed = packed->flat<uint8_t>().data();
     if constexpr (std::is_same<Device, CpuTag>::value) {
       ParallelBytes(ctx, nbytes, ByteCost(bits_), [&a](int64_t b, int64_t e) {
-        blpa::cpu::bn_relu_encode(a, b, e);
+        blpa::cpu::bn_relu_encode(a, b, e, CpuIsa());
       });
     } else {
 #if GOOGLE_CUDA
@@ -375,7 +384,9 @@ class DecodeReluOp : public BitsKernel {
     a.out = out->flat<float>().data();
     if constexpr (std::is_same<Device, CpuTag>::value) {
       ParallelBytes(ctx, packed.NumElements(), ByteCost(bits_),
-                    [&a](int64_t b, int64_t e) { blpa::cpu::decode_relu(a, b, e); });
+                    [&a](int64_t b, int64_t e) {
+                      blpa::cpu::decode_relu(a, b, e, CpuIsa());
+                    });
     } else {
 #if GOOGLE_CUDA
       CheckLaunch(ctx, blpa::cuda::decode_relu(a, RawStream(ctx)),
@@ -433,35 +444,14 @@ class BnGradReduceOp : public BitsKernel {
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({C}), &sum_g));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({C}), &sum_gx));
     if constexpr (std::is_same<Device, CpuTag>::value) {
-      const int64_t nbytes = blpa::packed_size(a.n, bits_);
-      const int64_t blocks = blpa::cpu::reduce_num_blocks(nbytes);
-      const int64_t slots = blpa::cpu::reduce_scratch_size(C);
-      // Fixed blocks with one partial sum each: the result does not depend
-      // on how the thread pool schedules them.
-      std::vector<double> part(2 * C * blocks, 0.0);
-      const int64_t block_cost =
-          blpa::cpu::kReduceBlockBytes * ByteCost(bits_);
-      ParallelBytes(ctx, blocks, block_cost, [&](int64_t b0, int64_t b1) {
-        std::vector<double> scratch(2 * slots);
-        for (int64_t b = b0; b < b1; ++b) {
-          const int64_t lo = b * blpa::cpu::kReduceBlockBytes;
-          const int64_t hi =
-              std::min(nbytes, lo + blpa::cpu::kReduceBlockBytes);
-          blpa::cpu::bn_grad_reduce(a, lo, hi, &part[2 * C * b],
-                                    &part[2 * C * b + C], scratch.data());
-        }
-      });
-      float* sg = sum_g->flat<float>().data();
-      float* sgx = sum_gx->flat<float>().data();
-      for (int64_t c = 0; c < C; ++c) {
-        double tg = 0.0, tgx = 0.0;
-        for (int64_t b = 0; b < blocks; ++b) {
-          tg += part[2 * C * b + c];
-          tgx += part[2 * C * b + C + c];
-        }
-        sg[c] = static_cast<float>(tg);
-        sgx[c] = static_cast<float>(tgx);
-      }
+      // Fixed blocks, each a fixed partial sum: the same bits however the
+      // thread pool schedules them.
+      const int64_t block_cost = blpa::cpu::kReduceBlockBytes * ByteCost(bits_);
+      blpa::cpu::bn_grad_reduce(
+          a, CpuIsa(), sum_g->flat<float>().data(), sum_gx->flat<float>().data(),
+          [ctx, block_cost](int64_t blocks, auto fn) {
+            ParallelBytes(ctx, blocks, block_cost, fn);
+          });
     } else {
 #if GOOGLE_CUDA
       CheckLaunch(ctx,
@@ -488,7 +478,9 @@ class BnGradInputOp : public BitsKernel {
     a.grad_x = dx->flat<float>().data();
     if constexpr (std::is_same<Device, CpuTag>::value) {
       ParallelBytes(ctx, blpa::packed_size(a.n, bits_), ByteCost(bits_) * 2,
-                    [&a](int64_t b, int64_t e) { blpa::cpu::bn_grad_input(a, b, e); });
+                    [&a](int64_t b, int64_t e) {
+                      blpa::cpu::bn_grad_input(a, b, e, CpuIsa());
+                    });
     } else {
 #if GOOGLE_CUDA
       CheckLaunch(ctx, blpa::cuda::bn_grad_input(a, RawStream(ctx)),

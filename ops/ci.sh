@@ -18,12 +18,24 @@ load_check() {  # $1: library path
     "import keras_blpa; assert keras_blpa.native_ops_available(), 'not loaded'; print('loaded', '$1')"
 }
 
+sources_bzl() {  # $1: a list of ops/bazel/sources.bzl -> its items, space separated
+  "$PY" -c 'import ast, sys
+lists = {n.targets[0].id: ast.literal_eval(n.value)
+         for n in ast.parse(open("ops/bazel/sources.bzl").read()).body if isinstance(n, ast.Assign)}
+print(" ".join(lists[sys.argv[1]]))' "$1"
+}
+
 echo "== nvcc compile check"
 if command -v nvcc >/dev/null; then
+  # Flags and sources from ops/bazel/sources.bzl, as Bazel and setup.py use them.
+  nvcc_flags=$(sources_bzl NVCC_FLAGS)
+  gencode=$(sources_bzl CUDA_GENCODE)
+  cuda_sources=$(sources_bzl CUDA_SOURCES)
   tmp=$(mktemp -d)
-  nice nvcc -c -O3 -std=c++17 -fmad=false -Xcompiler -fPIC \
-    -gencode=arch=compute_75,code=sm_75 -gencode=arch=compute_90,code=sm_90 \
-    -I. cc/blpa_quant_cuda.cu -o "$tmp/blpa_quant_cuda.o"
+  for src in $cuda_sources; do
+    # shellcheck disable=SC2086  # word splitting of the flag lists is intended
+    nice nvcc -c $nvcc_flags $gencode -I. "$src" -o "$tmp/$(basename "$src").o"
+  done
   rm -rf "$tmp"
 else
   echo "nvcc not found: CUDA compile check skipped"

@@ -228,6 +228,32 @@ def test_empty_tensor(ops):
     np.testing.assert_array_equal(s_g.numpy(), np.zeros(3))
 
 
+def test_zero_channels_in_subprocess(ops):
+    """C = 0 (a [4, 0] tensor) gives the reference's empty outputs. In a child
+    process: BnGradReduce once divided by C there and killed it (SIGFPE)."""
+    code = textwrap.dedent(
+        """
+        import tensorflow as tf
+        from keras_blpa import native, reference
+        x, v = tf.zeros([4, 0]), tf.zeros([0])
+        for k in (native.load(), reference):
+            a, codes = k.bn_relu_encode(x, v, v, v, v, 4)
+            outs = [a, codes, k.decode_relu(codes, tf.shape(x), v, v, 4),
+                    *k.bn_grad_reduce(codes, x, v, v, v, v, 4),
+                    k.bn_grad_input(codes, x, v, v, v, v, v, v, v, 4)]
+            print([tuple(t.shape) for t in outs])
+        """
+    )
+    env = dict(os.environ, KERAS_BLPA_OPS_LIBRARY=ops.path, TF_CPP_MIN_LOG_LEVEL="3")
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, f"exit {out.returncode}: {out.stderr[-2000:]}"
+    native_shapes, reference_shapes = out.stdout.strip().splitlines()[-2:]
+    assert native_shapes == reference_shapes == "[(4, 0), (0,), (4, 0), (0,), (0,), (4, 0)]"
+
+
 def test_op_requires_errors(ops):
     rng = np.random.default_rng(0)
     p, scale, offset = _params(3, 4, rng)

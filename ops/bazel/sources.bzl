@@ -11,7 +11,8 @@ OP_SOURCES = [
 
 # Headers the op library and the CUDA object include.
 HEADERS = [
-    "cc/blpa_quant.h",
+    "cc/blpa_bins.h",
+    "cc/blpa_cpu.h",
     "cc/blpa_quant_cuda.h",
 ]
 

@@ -1,0 +1,201 @@
+// keras_blpa: K-bit activation codes (Chakrabarti & Moseley, 2019), framework free.
+//
+// The bin math shared by the CPU loops (blpa_cpu.h) and the CUDA kernels
+// (blpa_quant_cuda.cu): inline functions usable from host and device code
+// (BLPA_HOST_DEVICE), written so that every float operation rounds exactly
+// like TensorFlow's separate Mul / Add / Sub / Div ops (no FMA contraction:
+// compile host code with -ffp-contract=off; device code uses __f*_rn), and the
+// argument structs of the four fused block kernels.
+//
+// Semantics are those of keras_blpa/reference.py (the oracle):
+//   y      = x * scale + offset                       (BN folded, channels last)
+//   t      = floor(y * inv_step) + shift
+//   t      = y > 0 ? max(t, shift) : min(t, shift - 1)
+//   code   = clip(t, 0, 2^K - 1), NaN anywhere -> 0
+//   decode = (code + 0.5 - shift) * step, mask = code >= shift
+//   x_hat  = (decode - beta) / gamma
+// Tensors are flattened row-major with channel = flat_index % C. Packing: 8 bits
+// one code per byte, 4 bits two per byte (element 2i in the low nibble), 2 bits
+// four per byte (element 4i+j at bit 2j); the last byte is zero padded.
+#ifndef KERAS_BLPA_CC_BLPA_BINS_H_
+#define KERAS_BLPA_CC_BLPA_BINS_H_
+#include <stddef.h>
+#include <stdint.h>
+
+#include <cmath>
+
+#if defined(__CUDACC__)
+#define BLPA_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define BLPA_HOST_DEVICE inline
+#endif
+
+namespace blpa {
+
+// ---------------------------------------------------------------------------
+// Sizes.
+
+BLPA_HOST_DEVICE int codes_per_byte(int bits) { return 8 / bits; }
+
+BLPA_HOST_DEVICE bool valid_bits(int bits) {
+  return bits == 2 || bits == 4 || bits == 8;
+}
+
+// Bytes holding n codes of `bits` bits: ceil(n * bits / 8).
+BLPA_HOST_DEVICE int64_t packed_size(int64_t n, int bits) {
+  const int64_t per = 8 / bits;
+  return (n + per - 1) / per;
+}
+
+// ---------------------------------------------------------------------------
+// Correctly rounded float arithmetic, one rounding per operation (like TF).
+
+BLPA_HOST_DEVICE float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
+BLPA_HOST_DEVICE float add_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+
+BLPA_HOST_DEVICE float sub_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fsub_rn(a, b);
+#else
+  return a - b;
+#endif
+}
+
+BLPA_HOST_DEVICE float div_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fdiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
+
+BLPA_HOST_DEVICE float floor_f(float v) {
+#if defined(__CUDA_ARCH__)
+  return floorf(v);
+#else
+  return std::floor(v);
+#endif
+}
+
+// ---------------------------------------------------------------------------
+// Bin math, one element.
+
+// BN output from the block input: TF's Mul then Add.
+BLPA_HOST_DEVICE float bn_apply(float x, float scale, float offset) {
+  return add_rn(mul_rn(x, scale), offset);
+}
+
+// tf.nn.relu: negative -> 0, while NaN and -0 pass through unchanged.
+BLPA_HOST_DEVICE float relu(float y) { return y < 0.0f ? 0.0f : y; }
+
+// The K-bit code of y (top = 2^K - 1 as a float).
+BLPA_HOST_DEVICE uint32_t encode_one(float y, float inv_step, float shift,
+                                     float top) {
+  const float t = add_rn(floor_f(mul_rn(y, inv_step)), shift);
+  // TF's max/min/clip propagate NaN and the reference then maps NaN to code 0.
+  // t is NaN whenever y, inv_step or shift is (or on inf - inf), and shift - 1
+  // is NaN only if shift is, so testing t once covers every case.
+  const bool is_nan = !(t == t);
+  // Both sides computed unconditionally, then selected: branch free, so the
+  // CPU loops vectorise.
+  const float below = sub_rn(shift, 1.0f);
+  const float r_pos = t < shift ? shift : t;
+  const float r_neg = t > below ? below : t;
+  float r = y > 0.0f ? r_pos : r_neg;
+  r = r > top ? top : r;
+  r = r < 0.0f ? 0.0f : r;
+  r = is_nan ? 0.0f : r;
+  return static_cast<uint32_t>(static_cast<int32_t>(r));
+}
+
+// Bin centre of a code: (code + 0.5 - shift) * step.
+BLPA_HOST_DEVICE float decode_one(uint32_t code, float step, float shift) {
+  const float c = static_cast<float>(static_cast<int32_t>(code));
+  return mul_rn(sub_rn(add_rn(c, 0.5f), shift), step);
+}
+
+// Exact ReLU mask (y > 0) read back from the code.
+BLPA_HOST_DEVICE bool mask_one(uint32_t code, float shift) {
+  return static_cast<float>(static_cast<int32_t>(code)) >= shift;
+}
+
+// Decoded ReLU output: bin centre where the mask is on, else 0.
+BLPA_HOST_DEVICE float decode_relu_one(uint32_t code, float step, float shift) {
+  return mask_one(code, shift) ? decode_one(code, step, shift) : 0.0f;
+}
+
+// Normalised value from the decoded BN output.
+BLPA_HOST_DEVICE float xhat_one(float y_dec, float beta, float gamma) {
+  return div_rn(sub_rn(y_dec, beta), gamma);
+}
+
+// BN input gradient of one element: coef * ((g - mean_g) - x_hat * mean_gx).
+BLPA_HOST_DEVICE float grad_input_one(float g, float x_hat, float coef,
+                                      float mean_g, float mean_gx) {
+  return mul_rn(coef, sub_rn(sub_rn(g, mean_g), mul_rn(x_hat, mean_gx)));
+}
+
+// Code of element j (0 <= j < codes_per_byte) inside a packed byte.
+BLPA_HOST_DEVICE uint32_t unpack_one(uint32_t byte, int j, int bits) {
+  return (byte >> (j * bits)) & ((1u << bits) - 1u);
+}
+
+// ---------------------------------------------------------------------------
+// Kernel arguments (raw pointers; all per-channel vectors have C floats).
+
+struct EncodeArgs {
+  const float* x;         // [n]
+  const float* scale;     // [C]  gamma / std
+  const float* offset;    // [C]  beta - mean * scale
+  const float* inv_step;  // [C]
+  const float* shift;     // [C]
+  int64_t n;
+  int64_t C;
+  int bits;
+  float* relu_out;   // [n]  relu(y)
+  uint8_t* packed;   // [packed_size(n, bits)]
+};
+
+struct DecodeArgs {
+  const uint8_t* packed;
+  const float* step;   // [C]
+  const float* shift;  // [C]
+  int64_t n;
+  int64_t C;
+  int bits;
+  float* out;  // [n]  decoded relu output
+};
+
+struct GradArgs {
+  const uint8_t* packed;
+  const float* grad_a;  // [n]  gradient w.r.t. the ReLU output
+  const float* step;    // [C]
+  const float* shift;   // [C]
+  const float* gamma;   // [C]
+  const float* beta;    // [C]
+  int64_t n;
+  int64_t C;
+  int bits;
+  // bn_grad_input only:
+  const float* coef;     // [C]
+  const float* mean_g;   // [C]
+  const float* mean_gx;  // [C]
+  float* grad_x;         // [n]
+};
+
+}  // namespace blpa
+
+#endif  // KERAS_BLPA_CC_BLPA_BINS_H_

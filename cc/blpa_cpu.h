@@ -1,0 +1,498 @@
+// keras_blpa: CPU loops of the four fused block kernels (host only).
+//
+// Each kernel works on a range [byte_begin, byte_end) of PACKED BYTES, so that
+// a caller can shard a tensor over any thread pool (TensorFlow's, or std::thread
+// in the standalone test); bn_grad_reduce shards itself over fixed blocks
+// through a caller's parallel-for. The element math is blpa_bins.h; here is
+// only the walk over the data: ONE tile/run/channel skeleton (for_each_run)
+// with the per-run work of each kernel as an inlined callable.
+//
+// Every kernel is compiled for three x86 instruction-set levels (the build's
+// baseline AVX, AVX2, AVX-512 F/BW/VL/DQ; FMA never enabled) and runs the level
+// the caller passes, capped at what the CPU supports; all levels give
+// bit-identical results (checked by blpa_quant_test.cc). This header reads no
+// environment: callers choose the level (usable_cpu_level).
+#ifndef KERAS_BLPA_CC_BLPA_CPU_H_
+#define KERAS_BLPA_CC_BLPA_CPU_H_
+
+#include <stdint.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "cc/blpa_bins.h"
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__)) && \
+    !defined(BLPA_NO_MULTIVERSION)
+#define BLPA_X86_DISPATCH 1
+#define BLPA_INLINE inline __attribute__((always_inline))
+#define BLPA_INLINE_LAMBDA __attribute__((always_inline))
+#else
+#define BLPA_INLINE inline
+#define BLPA_INLINE_LAMBDA
+#endif
+
+namespace blpa {
+namespace cpu {
+
+// ---------------------------------------------------------------------------
+// Instruction-set levels.
+
+enum CpuLevel { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
+
+// The best level this CPU supports (kBaseline off x86 or without dispatch).
+inline CpuLevel detected_cpu_level() {
+#if defined(BLPA_X86_DISPATCH)
+  static const CpuLevel level = [] {
+    __builtin_cpu_init();
+    CpuLevel l = kBaseline;
+    if (__builtin_cpu_supports("avx2")) l = kAvx2;
+    if (l == kAvx2 && __builtin_cpu_supports("avx512f") &&
+        __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512dq"))
+      l = kAvx512;
+    return l;
+  }();
+  return level;
+#else
+  return kBaseline;
+#endif
+}
+
+// The detected level capped by `cap`: "avx" -> baseline, "avx2" -> at most
+// AVX2; nullptr or any other name (e.g. "avx512") -> no cap.
+inline CpuLevel usable_cpu_level(const char* cap) {
+  CpuLevel l = detected_cpu_level();
+  if (cap != nullptr) {
+    if (std::strcmp(cap, "avx") == 0) l = kBaseline;
+    if (std::strcmp(cap, "avx2") == 0 && l > kAvx2) l = kAvx2;
+  }
+  return l;
+}
+
+inline const char* cpu_level_name(int level) {
+  return level == kAvx512 ? "avx512" : level == kAvx2 ? "avx2" : "baseline";
+}
+
+// ---------------------------------------------------------------------------
+// Tiles, channel runs and bit packing.
+
+// Elements processed per tile: codes of a tile live in a small stack buffer
+// between the arithmetic loop (vectorised over channels) and the bit packing.
+constexpr int64_t kTile = 2048;
+// Channel counts below this are expanded into a periodic parameter buffer so
+// the inner loops stay long for small C (C = 1, 3, ...).
+constexpr int64_t kSmallC = 256;
+constexpr int64_t kExpanded = kSmallC + 2 * kSmallC;
+
+// Accumulator slots indexed by c + k of a run (fold with % C): the expanded
+// period plus C for small C, else C.
+inline int64_t reduce_scratch_size(int64_t C) {
+  return C < kSmallC ? C * ((kSmallC + C - 1) / C) + C : C;
+}
+
+// NP per-channel vectors viewed from a channel c: `ptr(j, c)[k]` is vector j
+// at channel (c + k) % C for 0 <= k < run(c, remaining).
+template <int NP>
+class ChannelView {
+ public:
+  BLPA_INLINE ChannelView(const float* const (&params)[NP], int64_t C) : C_(C) {
+    expanded_ = C < kSmallC;
+    if (expanded_) {
+      period_ = C * ((kSmallC + C - 1) / C);  // multiple of C, >= kSmallC
+      const int64_t len = period_ + C;
+      for (int j = 0; j < NP; ++j) {
+        for (int64_t i = 0; i < len; ++i) buf_[j][i] = params[j][i % C];
+        ptr_[j] = buf_[j];
+      }
+    } else {
+      period_ = C;
+      for (int j = 0; j < NP; ++j) ptr_[j] = params[j];
+    }
+  }
+  // Length of the contiguous run starting at channel c.
+  BLPA_INLINE int64_t run(int64_t c, int64_t remaining) const {
+    return std::min(remaining, expanded_ ? period_ : C_ - c);
+  }
+  BLPA_INLINE const float* ptr(int j, int64_t c) const { return ptr_[j] + c; }
+
+ private:
+  int64_t C_;
+  bool expanded_;
+  int64_t period_;
+  const float* ptr_[NP];
+  // Cache-line aligned rows: the vector loads of a run never split lines
+  // (kExpanded floats are a multiple of 64 bytes). Measured: a few % of
+  // encode throughput with AVX-512.
+  alignas(64) float buf_[NP][kExpanded];
+};
+
+#if defined(__GNUC__) && defined(__BYTE_ORDER__) && \
+    __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+// Word views of the code buffer: one packed byte <-> one 16-bit (4 bits) or
+// 32-bit (2 bits) word of codes, contiguous on both sides, so the loops
+// vectorise. may_alias makes the views legal over the uint8_t buffer.
+#define BLPA_WORD_PACKING 1
+typedef uint16_t __attribute__((may_alias)) blpa_u16a;
+typedef uint32_t __attribute__((may_alias)) blpa_u32a;
+#endif
+
+template <int BITS>
+BLPA_INLINE void pack_codes(const uint8_t* codes, int64_t nbytes, uint8_t* out) {
+  if (BITS == 8) {
+    std::memcpy(out, codes, nbytes);
+  } else if (BITS == 4) {
+#if defined(BLPA_WORD_PACKING)
+    const blpa_u16a* w = reinterpret_cast<const blpa_u16a*>(codes);
+    for (int64_t b = 0; b < nbytes; ++b) {
+      const uint32_t v = w[b];  // code 2b in bits 0-7, code 2b+1 in bits 8-15
+      out[b] = static_cast<uint8_t>((v & 0xFu) | ((v >> 4) & 0xF0u));
+    }
+#else
+    for (int64_t b = 0; b < nbytes; ++b) {
+      out[b] = static_cast<uint8_t>(codes[2 * b] | (codes[2 * b + 1] << 4));
+    }
+#endif
+  } else {
+#if defined(BLPA_WORD_PACKING)
+    const blpa_u32a* w = reinterpret_cast<const blpa_u32a*>(codes);
+    for (int64_t b = 0; b < nbytes; ++b) {
+      const uint32_t v = w[b];  // code 4b+j in bits 8j .. 8j+7
+      out[b] = static_cast<uint8_t>((v & 0x3u) | ((v >> 6) & 0xCu) |
+                                    ((v >> 12) & 0x30u) | ((v >> 18) & 0xC0u));
+    }
+#else
+    for (int64_t b = 0; b < nbytes; ++b) {
+      out[b] = static_cast<uint8_t>(codes[4 * b] | (codes[4 * b + 1] << 2) |
+                                    (codes[4 * b + 2] << 4) |
+                                    (codes[4 * b + 3] << 6));
+    }
+#endif
+  }
+}
+
+template <int BITS>
+BLPA_INLINE void unpack_codes(const uint8_t* in, int64_t nbytes, uint8_t* codes) {
+  if (BITS == 8) {
+    std::memcpy(codes, in, nbytes);
+  } else if (BITS == 4) {
+#if defined(BLPA_WORD_PACKING)
+    blpa_u16a* w = reinterpret_cast<blpa_u16a*>(codes);
+    for (int64_t b = 0; b < nbytes; ++b) {
+      const uint32_t v = in[b];
+      w[b] = static_cast<uint16_t>((v & 0xFu) | ((v << 4) & 0xF00u));
+    }
+#else
+    for (int64_t b = 0; b < nbytes; ++b) {
+      const uint8_t v = in[b];
+      codes[2 * b] = v & 15;
+      codes[2 * b + 1] = v >> 4;
+    }
+#endif
+  } else {
+#if defined(BLPA_WORD_PACKING)
+    blpa_u32a* w = reinterpret_cast<blpa_u32a*>(codes);
+    for (int64_t b = 0; b < nbytes; ++b) {
+      const uint32_t v = in[b];
+      w[b] = (v & 0x3u) | ((v << 6) & 0x300u) | ((v << 12) & 0x30000u) |
+             ((v << 18) & 0x3000000u);
+    }
+#else
+    for (int64_t b = 0; b < nbytes; ++b) {
+      const uint8_t v = in[b];
+      codes[4 * b] = v & 3;
+      codes[4 * b + 1] = (v >> 2) & 3;
+      codes[4 * b + 2] = (v >> 4) & 3;
+      codes[4 * b + 3] = v >> 6;
+    }
+#endif
+  }
+}
+
+// Element range [e0, e1) of packed bytes [byte_begin, byte_end); false when
+// empty.
+BLPA_INLINE bool element_range(int64_t n, int bits, int64_t byte_begin,
+                               int64_t byte_end, int64_t* e0, int64_t* e1) {
+  const int64_t per = 8 / bits;
+  *e0 = std::min(n, byte_begin * per);
+  *e1 = std::min(n, byte_end * per);
+  return *e0 < *e1;
+}
+
+// Where a kernel's codes go: packed after each tile, or unpacked before it.
+enum class Codes { kPack, kUnpack };
+
+// The skeleton of every CPU loop. Walks the elements of packed bytes
+// [byte_begin, byte_end) of an n-element, C-channel tensor tile by tile
+// (kUnpack: the tile's codes are unpacked from `packed` first; kPack: the
+// codes the runs write are packed into `packed` after it), and each tile in
+// runs of consecutive channels: per_run(i, c, len, codes, view) handles
+// elements [i, i + len) of channels c, c + 1, ... (mod C), whose codes are
+// codes[0, len) and whose per-channel vectors are view.ptr(j, c)[0, len).
+// per_run is always inlined: each kernel's loop compiles as if written here.
+template <int BITS, Codes CODES, int NP, typename Byte, typename Run>
+BLPA_INLINE void for_each_run(int64_t n, int64_t C, int64_t byte_begin,
+                              int64_t byte_end, const float* const (&params)[NP],
+                              Byte* packed, Run&& per_run) {
+  constexpr int64_t per = 8 / BITS;
+  int64_t e0, e1;
+  if (!element_range(n, BITS, byte_begin, byte_end, &e0, &e1)) return;
+  const ChannelView<NP> view(params, C);
+  alignas(64) uint8_t codes[kTile];
+  int64_t c = e0 % C;
+  for (int64_t t0 = e0; t0 < e1; t0 += kTile) {
+    const int64_t t1 = std::min(e1, t0 + kTile);
+    const int64_t count = t1 - t0;
+    const int64_t nbytes = (count + per - 1) / per;
+    if constexpr (CODES == Codes::kUnpack) {
+      unpack_codes<BITS>(packed + t0 / per, nbytes, codes);
+    }
+    for (int64_t i = t0; i < t1;) {
+      const int64_t len = view.run(c, t1 - i);
+      per_run(i, c, len, codes + (i - t0), view);
+      i += len;
+      c = (c + len) % C;
+    }
+    if constexpr (CODES == Codes::kPack) {
+      for (int64_t k = count; k < nbytes * per; ++k) codes[k] = 0;  // padding
+      pack_codes<BITS>(codes, nbytes, packed + t0 / per);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// The four kernels: the per-run work of each, inside the skeleton.
+
+struct BnReluEncode {
+  template <int BITS>
+  static BLPA_INLINE void range(const EncodeArgs& a, int64_t b0, int64_t b1) {
+    const float top = static_cast<float>((1 << BITS) - 1);
+    const float* params[4] = {a.scale, a.offset, a.inv_step, a.shift};
+    for_each_run<BITS, Codes::kPack>(
+        a.n, a.C, b0, b1, params, a.packed,
+        [&](int64_t i, int64_t c, int64_t len, uint8_t* codes,
+            const ChannelView<4>& v) BLPA_INLINE_LAMBDA {
+          const float* __restrict__ x = a.x + i;
+          float* __restrict__ out = a.relu_out + i;
+          uint8_t* __restrict__ cd = codes;
+          const float* __restrict__ sc = v.ptr(0, c);
+          const float* __restrict__ of = v.ptr(1, c);
+          const float* __restrict__ is = v.ptr(2, c);
+          const float* __restrict__ sh = v.ptr(3, c);
+          for (int64_t k = 0; k < len; ++k) {
+            const float y = bn_apply(x[k], sc[k], of[k]);
+            out[k] = relu(y);
+            cd[k] = static_cast<uint8_t>(encode_one(y, is[k], sh[k], top));
+          }
+        });
+  }
+};
+
+struct DecodeRelu {
+  template <int BITS>
+  static BLPA_INLINE void range(const DecodeArgs& a, int64_t b0, int64_t b1) {
+    const float* params[2] = {a.step, a.shift};
+    for_each_run<BITS, Codes::kUnpack>(
+        a.n, a.C, b0, b1, params, a.packed,
+        [&](int64_t i, int64_t c, int64_t len, uint8_t* codes,
+            const ChannelView<2>& v) BLPA_INLINE_LAMBDA {
+          const uint8_t* __restrict__ cd = codes;
+          float* __restrict__ out = a.out + i;
+          const float* __restrict__ st = v.ptr(0, c);
+          const float* __restrict__ sh = v.ptr(1, c);
+          for (int64_t k = 0; k < len; ++k) {
+            out[k] = decode_relu_one(cd[k], st[k], sh[k]);
+          }
+        });
+  }
+};
+
+// Adds the per-channel sums of g and g * x_hat over the range to sum_g and
+// sum_gx (C doubles each); `scratch` holds 2 * reduce_scratch_size(C) doubles.
+struct BnGradPartialSums {
+  template <int BITS>
+  static BLPA_INLINE void range(const GradArgs& a, int64_t b0, int64_t b1,
+                                double* sum_g, double* sum_gx, double* scratch) {
+    int64_t e0, e1;
+    if (!element_range(a.n, BITS, b0, b1, &e0, &e1)) return;
+    const int64_t slots = reduce_scratch_size(a.C);
+    double* const acc_g = scratch;
+    double* const acc_gx = scratch + slots;
+    std::fill(scratch, scratch + 2 * slots, 0.0);
+    const float* params[4] = {a.step, a.shift, a.gamma, a.beta};
+    for_each_run<BITS, Codes::kUnpack>(
+        a.n, a.C, b0, b1, params, a.packed,
+        [&](int64_t i, int64_t c, int64_t len, uint8_t* codes,
+            const ChannelView<4>& v) BLPA_INLINE_LAMBDA {
+          const uint8_t* __restrict__ cd = codes;
+          const float* __restrict__ g = a.grad_a + i;
+          const float* __restrict__ st = v.ptr(0, c);
+          const float* __restrict__ sh = v.ptr(1, c);
+          const float* __restrict__ ga = v.ptr(2, c);
+          const float* __restrict__ be = v.ptr(3, c);
+          double* __restrict__ ag = acc_g + c;
+          double* __restrict__ agx = acc_gx + c;
+          for (int64_t k = 0; k < len; ++k) {
+            const float y_dec = decode_one(cd[k], st[k], sh[k]);
+            const float gk = g[k];  // unconditional load: no branch in the loop
+            const float gy = mask_one(cd[k], sh[k]) ? gk : 0.0f;
+            const float xh = xhat_one(y_dec, be[k], ga[k]);
+            ag[k] += static_cast<double>(gy);
+            agx[k] += static_cast<double>(mul_rn(gy, xh));
+          }
+        });
+    for (int64_t j = 0; j < slots; ++j) {
+      sum_g[j % a.C] += acc_g[j];
+      sum_gx[j % a.C] += acc_gx[j];
+    }
+  }
+};
+
+struct BnGradInput {
+  template <int BITS>
+  static BLPA_INLINE void range(const GradArgs& a, int64_t b0, int64_t b1) {
+    const float* params[7] = {a.step, a.shift,  a.gamma,  a.beta,
+                              a.coef, a.mean_g, a.mean_gx};
+    for_each_run<BITS, Codes::kUnpack>(
+        a.n, a.C, b0, b1, params, a.packed,
+        [&](int64_t i, int64_t c, int64_t len, uint8_t* codes,
+            const ChannelView<7>& v) BLPA_INLINE_LAMBDA {
+          const uint8_t* __restrict__ cd = codes;
+          const float* __restrict__ g = a.grad_a + i;
+          float* __restrict__ dx = a.grad_x + i;
+          const float* __restrict__ st = v.ptr(0, c);
+          const float* __restrict__ sh = v.ptr(1, c);
+          const float* __restrict__ ga = v.ptr(2, c);
+          const float* __restrict__ be = v.ptr(3, c);
+          const float* __restrict__ co = v.ptr(4, c);
+          const float* __restrict__ mg = v.ptr(5, c);
+          const float* __restrict__ mgx = v.ptr(6, c);
+          for (int64_t k = 0; k < len; ++k) {
+            const float y_dec = decode_one(cd[k], st[k], sh[k]);
+            const float gk = g[k];  // unconditional load: no branch in the loop
+            const float gy = mask_one(cd[k], sh[k]) ? gk : 0.0f;
+            const float xh = xhat_one(y_dec, be[k], ga[k]);
+            dx[k] = grad_input_one(gy, xh, co[k], mg[k], mgx[k]);
+          }
+        });
+  }
+};
+
+// ---------------------------------------------------------------------------
+// Instruction-set and bits dispatch: Kernel::range<BITS> compiled once per
+// level (inlined into a function with that target), chosen at run time.
+
+template <typename Kernel, int BITS, typename Args, typename... More>
+void run_baseline(const Args& a, int64_t b0, int64_t b1, More... more) {
+  Kernel::template range<BITS>(a, b0, b1, more...);
+}
+
+#if defined(BLPA_X86_DISPATCH)
+template <typename Kernel, int BITS, typename Args, typename... More>
+__attribute__((target("avx2"))) void run_avx2(const Args& a, int64_t b0,
+                                               int64_t b1, More... more) {
+  Kernel::template range<BITS>(a, b0, b1, more...);
+}
+
+template <typename Kernel, int BITS, typename Args, typename... More>
+__attribute__((target("avx2,avx512f,avx512bw,avx512vl,avx512dq"))) void
+run_avx512(const Args& a, int64_t b0, int64_t b1, More... more) {
+  Kernel::template range<BITS>(a, b0, b1, more...);
+}
+#endif
+
+template <typename Kernel, int BITS, typename Args, typename... More>
+inline void run_level(CpuLevel level, const Args& a, int64_t b0, int64_t b1,
+                      More... more) {
+#if defined(BLPA_X86_DISPATCH)
+  // Never above what the CPU supports, whatever the caller asks.
+  level = std::min(level, detected_cpu_level());
+  if (level == kAvx512) return run_avx512<Kernel, BITS>(a, b0, b1, more...);
+  if (level == kAvx2) return run_avx2<Kernel, BITS>(a, b0, b1, more...);
+#endif
+  run_baseline<Kernel, BITS>(a, b0, b1, more...);
+}
+
+// Runs Kernel over packed bytes [b0, b1) at `level` (callers validate a.bits
+// with valid_bits).
+template <typename Kernel, typename Args, typename... More>
+inline void run_kernel(CpuLevel level, const Args& a, int64_t b0, int64_t b1,
+                More... more) {
+  switch (a.bits) {
+    case 2: return run_level<Kernel, 2>(level, a, b0, b1, more...);
+    case 4: return run_level<Kernel, 4>(level, a, b0, b1, more...);
+    default: return run_level<Kernel, 8>(level, a, b0, b1, more...);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Entry points.
+
+inline void bn_relu_encode(const EncodeArgs& a, int64_t b0, int64_t b1,
+                           CpuLevel level) {
+  run_kernel<BnReluEncode>(level, a, b0, b1);
+}
+
+inline void decode_relu(const DecodeArgs& a, int64_t b0, int64_t b1,
+                        CpuLevel level) {
+  run_kernel<DecodeRelu>(level, a, b0, b1);
+}
+
+inline void bn_grad_input(const GradArgs& a, int64_t b0, int64_t b1,
+                          CpuLevel level) {
+  run_kernel<BnGradInput>(level, a, b0, b1);
+}
+
+// Fixed partition of the packed bytes into blocks for the reduction: the
+// result depends only on the tensor size, never on the number of threads.
+constexpr int64_t kReduceBlockBytes = 1 << 15;
+
+inline int64_t reduce_num_blocks(int64_t nbytes) {
+  return std::max<int64_t>(1, (nbytes + kReduceBlockBytes - 1) /
+                                  kReduceBlockBytes);
+}
+
+// Per-channel sums of g and g * x_hat (g = grad_a * mask) over the whole
+// tensor, written to sum_g and sum_gx (C floats each). Deterministic: one
+// double partial sum per fixed block of kReduceBlockBytes packed bytes, added
+// in block order. parallel_for(blocks, fn) must call fn(first, last) on
+// disjoint ranges covering [0, blocks), on any threads.
+template <typename ParallelFor>
+void bn_grad_reduce(const GradArgs& a, CpuLevel level, float* sum_g,
+                    float* sum_gx, ParallelFor&& parallel_for) {
+  const int64_t C = a.C;
+  if (a.n == 0) {
+    std::fill(sum_g, sum_g + C, 0.0f);
+    std::fill(sum_gx, sum_gx + C, 0.0f);
+    return;
+  }
+  const int64_t nbytes = packed_size(a.n, a.bits);
+  const int64_t blocks = reduce_num_blocks(nbytes);
+  const int64_t slots = reduce_scratch_size(C);
+  std::vector<double> part(2 * C * blocks, 0.0);
+  parallel_for(blocks, [&](int64_t first, int64_t last) {
+    std::vector<double> scratch(2 * slots);
+    for (int64_t b = first; b < last; ++b) {
+      const int64_t lo = b * kReduceBlockBytes;
+      const int64_t hi = std::min(nbytes, lo + kReduceBlockBytes);
+      run_kernel<BnGradPartialSums>(level, a, lo, hi, &part[2 * C * b],
+                             &part[2 * C * b + C], scratch.data());
+    }
+  });
+  for (int64_t c = 0; c < C; ++c) {
+    double tg = 0.0, tgx = 0.0;
+    for (int64_t b = 0; b < blocks; ++b) {
+      tg += part[2 * C * b + c];
+      tgx += part[2 * C * b + C + c];
+    }
+    sum_g[c] = static_cast<float>(tg);
+    sum_gx[c] = static_cast<float>(tgx);
+  }
+}
+
+}  // namespace cpu
+}  // namespace blpa
+
+#endif  // KERAS_BLPA_CC_BLPA_CPU_H_
