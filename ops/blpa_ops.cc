@@ -524,7 +524,7 @@ class CpuIsaOp : public OpKernel {
     Tensor* out = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({}), &out));
     out->scalar<::tensorflow::tstring>()() =
-        blpa::cpu::cpu_level_name(blpa::cpu::cpu_level());
+        blpa::cpu::cpu_level_name(CpuIsa());
   }
 };
 REGISTER_KERNEL_BUILDER(Name("Blpa>CpuIsa").Device(DEVICE_CPU), CpuIsaOp);
