@@ -1,170 +1,104 @@
 """keras_blpa: memory-efficient training with approximate (K-bit) activations.
 
-Besides the Python package, this builds the native op library
-``keras_blpa/_blpa_ops.so`` from the sources listed in ops/bazel/sources.bzl (the
-list Bazel's BUILD uses too), with g++ and TensorFlow's own flags
-(tf.sysconfig), plus nvcc for the CUDA kernels when a CUDA toolkit is on PATH.
-TensorFlow must be importable at build time, so install with
-``pip install --no-build-isolation .`` (or ``-e .``). Without TensorFlow or a
-compiler the package still installs and uses the pure-TF kernels.
+Any route installs working native ops (see keras_blpa/native_build.py):
+
+* ``pip install .`` / ``-e .`` / an sdist / a Git URL (build isolation, no
+  TensorFlow in the build environment): the package ships the C++/CUDA sources,
+  and the op library is compiled at first use for the TensorFlow actually
+  imported, into a per-user cache (once; needs g++).
+* ``pip install --no-build-isolation .`` with TensorFlow installed: the library is
+  compiled now, into the package, and stamped with the TensorFlow it was built for.
+* No compiler: one warning at first use, then the pure-TensorFlow kernels.
 
 Environment:
-    KERAS_BLPA_CUDA=0        build without CUDA even if nvcc is found
-    KERAS_BLPA_CUDA=1        fail if CUDA cannot be built
-    KERAS_BLPA_NATIVE=0      skip the native library entirely
-    KERAS_BLPA_NATIVE=1      fail (instead of warning) if it cannot be built
-    CUDA_HOME / CUDA_PATH    CUDA toolkit root (default: found from nvcc)
-    CXX                      host compiler (default g++)
+    KERAS_BLPA_NATIVE=0      do not compile at install time
+    KERAS_BLPA_NATIVE=1      fail (instead of deferring to first use) if it cannot be built now
+    KERAS_BLPA_CUDA, CUDA_HOME, CUDA_PATH, CXX: see keras_blpa/native_build.py
 """
 
-import ast
-import importlib.metadata
+import importlib.util
 import os
-import platform
-import shlex
 import shutil
 import subprocess
 import sys
 
 import setuptools
-from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-SOURCES_FILE = os.path.join("ops", "bazel", "sources.bzl")
-LIBRARY = "keras_blpa._blpa_ops"
+
+
+def _load_native_build():
+    """keras_blpa/native_build.py, loaded by path (the package imports TensorFlow)."""
+    path = os.path.join(ROOT, "keras_blpa", "native_build.py")
+    spec = importlib.util.spec_from_file_location("_keras_blpa_native_build", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+native_build = _load_native_build()
 
 
 def tensorflow_requirement():
-    """`tensorflow` if the full (GPU) wheel is installed, else `tensorflow-cpu`."""
+    """`tensorflow` if the full (GPU) wheel is in the target environment, else `tensorflow-cpu`.
+
+    Asked of the target interpreter in isolated mode (-I), which ignores the
+    PYTHONPATH that pip's build isolation sets, so it sees the real site-packages.
+    """
+    probe = "import importlib.metadata as m; m.version('tensorflow')"
     try:
-        importlib.metadata.version("tensorflow")
-        return "tensorflow>=2.18"
-    except importlib.metadata.PackageNotFoundError:
-        return "tensorflow-cpu>=2.18"
+        found = subprocess.run([sys.executable, "-I", "-c", probe], capture_output=True).returncode == 0
+    except OSError:
+        found = False
+    return "tensorflow>=2.18" if found else "tensorflow-cpu>=2.18"
 
 
-def native_sources():
-    """The lists of ops/bazel/sources.bzl (shared with Bazel's BUILD)."""
-    with open(os.path.join(ROOT, SOURCES_FILE), encoding="utf-8") as f:
-        tree = ast.parse(f.read(), SOURCES_FILE)
-    lists = {}
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and len(node.targets) == 1:
-            lists[node.targets[0].id] = ast.literal_eval(node.value)
-    return lists
+class BuildPyWithNativeOps(build_py):
+    """Ships the native sources in the package and, where TensorFlow is importable, builds the ops."""
 
+    def run(self):
+        super().run()
+        package_dir = os.path.join(ROOT if self.editable_mode else self.build_lib, "keras_blpa")
+        if not self.editable_mode:  # a checkout finds its sources beside the package
+            self._copy_sources(os.path.join(package_dir, native_build.PACKAGED_SOURCES))
+        self._build_ops(os.path.join(package_dir, native_build.LIBRARY_NAME))
 
-def _env_flag(name):
-    value = os.environ.get(name, "").strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    return None
-
-
-def find_cuda():
-    """(nvcc, lib_dir) of a CUDA toolkit with a static runtime, or None."""
-    nvcc = shutil.which("nvcc")
-    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
-    if nvcc:
-        homes.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
-    homes.append("/usr/local/cuda")
-    for home in filter(None, homes):
-        candidate = nvcc or os.path.join(home, "bin", "nvcc")
-        if not os.path.exists(candidate):
-            candidate = os.path.join(home, "bin", "nvcc")
-        if not os.path.exists(candidate):
-            continue
-        for lib in ("lib64", "lib", os.path.join("targets", "x86_64-linux", "lib")):
-            lib_dir = os.path.join(home, lib)
-            if os.path.exists(os.path.join(lib_dir, "libcudart_static.a")):
-                return candidate, lib_dir
-    return None
-
-
-class BuildNativeOps(build_ext):
-    """Builds keras_blpa/_blpa_ops.so with g++ (+ nvcc) from tf.sysconfig flags."""
-
-    def get_ext_filename(self, fullname):
-        # distutils asks both with the full dotted name and with the last part.
-        if fullname.split(".")[-1] == LIBRARY.split(".")[-1]:
-            return os.path.join(*fullname.split(".")) + ".so"
-        return super().get_ext_filename(fullname)
-
-    def build_extension(self, ext):
-        if ext.name != LIBRARY:
-            return super().build_extension(ext)
-        required = _env_flag("KERAS_BLPA_NATIVE") is True
-        try:
-            self._build_ops(self.get_ext_fullpath(ext.name))
-        except Exception as e:  # noqa: BLE001
-            if required:
-                raise
-            sys.stderr.write(
-                f"WARNING: keras_blpa native ops not built ({e}); the package "
-                "will use the pure-TensorFlow kernels.\n"
-            )
-
-    def _run(self, cmd):
-        print(" ".join(shlex.quote(c) for c in cmd), flush=True)
-        subprocess.check_call(cmd, cwd=ROOT)
+    def _copy_sources(self, target):
+        for rel in native_build.library_files(ROOT):
+            os.makedirs(os.path.dirname(os.path.join(target, rel)), exist_ok=True)
+            shutil.copyfile(os.path.join(ROOT, rel), os.path.join(target, rel))
 
     def _build_ops(self, output):
+        wanted = native_build.env_flag("KERAS_BLPA_NATIVE")
+        if wanted is False:
+            return
         try:
-            import tensorflow as tf
-        except ImportError as e:
-            raise RuntimeError(
-                "TensorFlow is not importable at build time (use "
-                "`pip install --no-build-isolation`)"
-            ) from e
-        src = native_sources()
-        tf_cflags = tf.sysconfig.get_compile_flags()
-        tf_lflags = tf.sysconfig.get_link_flags()
-        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-        tmp = os.path.abspath(self.build_temp)
-        os.makedirs(tmp, exist_ok=True)
-
-        objects, defines, cuda_link = [], [], []
-        want_cuda = _env_flag("KERAS_BLPA_CUDA")
-        cuda = find_cuda() if want_cuda is not False else None
-        if want_cuda is True and cuda is None:
-            raise RuntimeError("KERAS_BLPA_CUDA=1 but no CUDA toolkit (nvcc + libcudart_static.a)")
-        if cuda is not None:
-            nvcc, lib_dir = cuda
-            for source in src["CUDA_SOURCES"]:
-                obj = os.path.join(tmp, os.path.basename(source) + ".o")
-                self._run(
-                    [nvcc, "-c", *src["NVCC_FLAGS"], *src["CUDA_GENCODE"], "-I", ROOT,
-                     source, "-o", obj]
+            import tensorflow  # noqa: F401
+        except ImportError:
+            if wanted:
+                raise RuntimeError(
+                    "KERAS_BLPA_NATIVE=1 but TensorFlow is not importable at build time "
+                    "(use `pip install --no-build-isolation`)"
                 )
-                objects.append(obj)
-            defines = ["-DGOOGLE_CUDA=1"]
-            cuda_link = ["-L" + lib_dir, *src["CUDA_LINKOPTS"]]
-        cxx = shlex.split(os.environ.get("CXX", "g++"))
-        copts = src["HOST_COPTS"]
-        if platform.machine().lower() not in ("x86_64", "amd64", "i686", "i386"):
-            copts = [c for c in copts if not c.startswith("-mavx")]
-        self._run(
-            [*cxx, "-shared", "-fPIC", *copts, "-w", *defines, "-I", ROOT,
-             *tf_cflags, *src["OP_SOURCES"], *objects, "-o", output, *tf_lflags,
-             *cuda_link]
-        )
+            print("keras_blpa: TensorFlow is not in the build environment; the native ops "
+                  "will be compiled at first use for the TensorFlow you import.")
+            return
+        try:
+            stamp = native_build.build(output, ROOT, log=print)
+            print(f"keras_blpa: built {output} for TensorFlow {stamp['tensorflow']}")
+        except native_build.BuildError as e:
+            if wanted:
+                raise
+            print(f"WARNING: keras_blpa native ops not built now ({e}); they will be "
+                  "compiled at first use, or the pure-TensorFlow kernels used.", file=sys.stderr)
 
 
-def native_extensions():
-    if _env_flag("KERAS_BLPA_NATIVE") is False:
-        return []
-    src = native_sources()
-    # Declared so that setuptools runs build_ext (also for editable installs);
-    # BuildNativeOps does the compiling.
-    return [
-        setuptools.Extension(
-            LIBRARY,
-            sources=src["OP_SOURCES"],
-            depends=src["HEADERS"] + src["CUDA_SOURCES"],
-        )
-    ]
+class BinaryDistribution(setuptools.Distribution):
+    """The wheel may hold a compiled library: tag it for this platform."""
+
+    def has_ext_modules(self):
+        return True
 
 
 setuptools.setup(
@@ -174,7 +108,7 @@ setuptools.setup(
         "Backprop with approximate activations (Chakrabarti & Moseley, NeurIPS 2019) "
         "for Keras 3 / TensorFlow"
     ),
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=open(os.path.join(ROOT, "README.md"), encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=setuptools.find_packages(include=["keras_blpa", "keras_blpa.*"]),
     python_requires=">=3.10",
@@ -183,16 +117,17 @@ setuptools.setup(
         "keras>=3.10",
         "numpy",
         "tensorflow-datasets>=4.9",
+        # tensorflow-datasets 4.9 needs it for tfds.load but does not declare it.
         "importlib_resources",
-        "matplotlib",
     ],
     extras_require={
-        "test": ["pytest", "hypothesis"],
+        "benchmark": ["matplotlib"],
+        "test": ["pytest", "hypothesis", "matplotlib"],
     },
     entry_points={
         "console_scripts": ["keras-blpa-benchmark=keras_blpa.benchmark.__main__:main"],
     },
-    ext_modules=native_extensions(),
-    cmdclass={"build_ext": BuildNativeOps},
+    cmdclass={"build_py": BuildPyWithNativeOps},
+    distclass=BinaryDistribution,
     zip_safe=False,
 )

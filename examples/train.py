@@ -26,10 +26,10 @@ import keras
 import tensorflow as tf
 
 try:
-    import keras_blpa  # noqa: F401
+    import keras_blpa
 except ImportError:  # Running from a checkout without `pip install -e .`.
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    import keras_blpa  # noqa: F401
+    import keras_blpa
 from keras_blpa import datasets
 from keras_blpa import models
 from keras_blpa import training
@@ -96,24 +96,6 @@ def build_parser(dataset=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--verbose", type=int, default=1, help="Keras fit verbosity (1: progress bar)")
     return parser
-
-
-def _memory_device():
-    return "GPU:0" if tf.config.list_physical_devices("GPU") else "CPU:0"
-
-
-def _peak_memory_mib(device):
-    try:
-        return tf.config.experimental.get_memory_info(device)["peak"] / 2**20
-    except (ValueError, RuntimeError):
-        return float("nan")
-
-
-def _reset_memory(device):
-    try:
-        tf.config.experimental.reset_memory_stats(device)
-    except (ValueError, RuntimeError):
-        pass
 
 
 class _EpochLog(keras.callbacks.Callback):
@@ -241,19 +223,18 @@ def _train_once(args, dataset, run, bits, checkpoint_dir):
             keras.callbacks.BackupAndRestore(checkpoint_dir, double_checkpoint=True)
         )
     callbacks.append(_EpochLog())
-    device = _memory_device()
-    _reset_memory(device)
-    start = time.perf_counter()
-    history = model.fit(
-        train_ds,
-        epochs=run["epochs"],
-        steps_per_epoch=run["steps_per_epoch"],
-        callbacks=callbacks,
-        verbose=args.verbose,
-        shuffle=False,  # the pipeline shuffles
-    )
-    seconds = time.perf_counter() - start
-    peak = _peak_memory_mib(device)
+    # Fails with the reason (never a silent nan) if the allocator keeps no statistics.
+    with keras_blpa.memory.PeakMemory() as peak:
+        start = time.perf_counter()
+        history = model.fit(
+            train_ds,
+            epochs=run["epochs"],
+            steps_per_epoch=run["steps_per_epoch"],
+            callbacks=callbacks,
+            verbose=args.verbose,
+            shuffle=False,  # the pipeline shuffles
+        )
+        seconds = time.perf_counter() - start
     steps_run = len(history.epoch) * run["steps_per_epoch"]
     if ten_crop:
         accuracy = datasets.ten_crop_accuracy(model, test_ds)
@@ -268,8 +249,8 @@ def _train_once(args, dataset, run, bits, checkpoint_dir):
         time_per_sample_ms=round(
             1000 * seconds / max(1, steps_run * run["batch_size"]), 3
         ),
-        peak_memory_mib=round(peak, 1),
-        memory_device=device,
+        peak_memory_mib=round(peak.peak_mib, 1),
+        memory_device=peak.device,
         optimizer_steps=int(keras.ops.convert_to_numpy(model.optimizer.iterations)),
         replicas=strategy.num_replicas_in_sync,
     )

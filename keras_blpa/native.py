@@ -3,30 +3,35 @@
 `load()` returns an object exposing the fused kernels of `keras_blpa.reference`
 with the same signatures (``bn_relu_encode, decode_relu, bn_grad_reduce,
 bn_grad_input``), backed by the op library, or None when the pure-TF path must
-be used:
+be used. The library is found, in this order:
 
-* ``KERAS_BLPA_PURE_TF=1`` in the environment forces the pure-TF path;
-* a missing library, or one that does not load into the installed TensorFlow
-  (ABI or version mismatch), gives ONE warning per process naming the path and
-  the error, then the pure-TF path.
+1. ``KERAS_BLPA_OPS_LIBRARY=/path/to/lib.so`` (e.g. the Bazel output
+   ``bazel-bin/_blpa_ops.so``), loaded unless its stamp names another TensorFlow;
+2. ``keras_blpa/_blpa_ops.so`` built by setup.py, if its stamp matches the
+   TensorFlow in use and the sources;
+3. the per-user cache (`keras_blpa.native_build`), compiled there at first use
+   if needed (``KERAS_BLPA_NATIVE_BUILD=0`` forbids compiling).
 
-The library is looked up at ``keras_blpa/_blpa_ops.so`` (built by setup.py);
-``KERAS_BLPA_OPS_LIBRARY=/path/to/lib.so`` points at another build (e.g. the
-Bazel output ``bazel-bin/_blpa_ops.so``).
+``KERAS_BLPA_PURE_TF=1`` forces the pure-TF path. Any failure (no compiler, no
+sources, a library that does not load) gives ONE warning per process with the
+reason, then the pure-TF path; `status()` says which path is in use and why.
 """
 
 import os
 import threading
 import warnings
 
-LIBRARY_NAME = "_blpa_ops.so"
+from keras_blpa import native_build
+
 PURE_TF_ENV = "KERAS_BLPA_PURE_TF"
 LIBRARY_ENV = "KERAS_BLPA_OPS_LIBRARY"
+BUILD_ENV = "KERAS_BLPA_NATIVE_BUILD"
 
 _lock = threading.Lock()
 _attempted = False
 _ops = None
 _error = None
+_origin = None
 
 _OP_FUNCTIONS = (
     "blpa_bn_relu_encode",
@@ -36,12 +41,31 @@ _OP_FUNCTIONS = (
 )
 
 
-def library_path():
-    """Path of the op library that `load()` tries."""
+def packaged_library():
+    """Path of the library that setup.py builds into the package."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), native_build.LIBRARY_NAME)
+
+
+def _find_library():
+    """(path, origin) of the library to load, building it into the cache if needed."""
+    tf_info = native_build.tensorflow_info()
     override = os.environ.get(LIBRARY_ENV)
     if override:
-        return override
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), LIBRARY_NAME)
+        stamp = native_build.read_stamp(override)
+        if stamp and stamp.get("tensorflow") != tf_info["version"]:
+            raise RuntimeError(
+                f"{override} was built for TensorFlow {stamp.get('tensorflow')}, "
+                f"not {tf_info['version']}"
+            )
+        return override, f"{LIBRARY_ENV}"
+    packaged = packaged_library()
+    if native_build.matches(packaged, tf_info):
+        return packaged, "built at install time"
+    if native_build.env_flag(BUILD_ENV) is False:
+        raise RuntimeError(
+            f"no library built for TensorFlow {tf_info['version']} and {BUILD_ENV}=0"
+        )
+    return native_build.cached_library(tf_info), "per-user cache"
 
 
 def pure_tf_forced():
@@ -62,6 +86,10 @@ class NativeOps:
 
     def __repr__(self):
         return f"NativeOps({self.path!r})"
+
+    def cpu_isa(self):
+        """The instruction set the CPU kernels run with (avx512, avx2 or baseline)."""
+        return self._module.blpa_cpu_isa().numpy().decode()
 
     def bn_relu_encode(self, x, scale, offset, inv_step, shift, bits):
         import tensorflow as tf
@@ -129,9 +157,7 @@ def _load_library(path):
     import tensorflow as tf
 
     if not os.path.exists(path):
-        raise FileNotFoundError(
-            "file not found (build it with `pip install .` or Bazel, see README)"
-        )
+        raise FileNotFoundError(f"{path}: file not found")
     module = tf.load_op_library(path)
     missing = [name for name in _OP_FUNCTIONS if not hasattr(module, name)]
     if missing:
@@ -141,21 +167,21 @@ def _load_library(path):
 
 def load():
     """The native kernels, or None for the pure-TF path (see module docstring)."""
-    global _attempted, _ops, _error
+    global _attempted, _ops, _error, _origin
     if pure_tf_forced():
         return None
     if _attempted:
         return _ops
     with _lock:
         if not _attempted:
-            path = library_path()
             try:
+                path, _origin = _find_library()
                 _ops = _load_library(path)
             except Exception as e:  # noqa: BLE001 - any failure means fallback
                 _ops = None
                 _error = f"{type(e).__name__}: {e}"
                 warnings.warn(
-                    f"keras_blpa: native op library {path} is unavailable "
+                    "keras_blpa: native ops unavailable "
                     f"({_error}); using the pure-TensorFlow reference kernels "
                     f"(slower, same results). Set {PURE_TF_ENV}=1 to silence this.",
                     RuntimeWarning,
@@ -170,10 +196,28 @@ def load_error():
     return _error
 
 
+def status():
+    """Which kernels are in use and why: a dict for `python -m keras_blpa.info`."""
+    ops = load()
+    if pure_tf_forced():
+        return {"kernels": "pure-TF", "reason": f"{PURE_TF_ENV}=1"}
+    if ops is None:
+        return {"kernels": "pure-TF", "reason": _error}
+    stamp = native_build.read_stamp(ops.path) or {}
+    return {
+        "kernels": "native",
+        "library": ops.path,
+        "origin": _origin,
+        "cpu_isa": ops.cpu_isa(),
+        "cuda": stamp.get("cuda_reason", "unknown (library has no stamp)"),
+    }
+
+
 def _reset_for_tests():
     """Forgets the load attempt, so that the next `load()` tries again."""
-    global _attempted, _ops, _error
+    global _attempted, _ops, _error, _origin
     with _lock:
         _attempted = False
         _ops = None
         _error = None
+        _origin = None

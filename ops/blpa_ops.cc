@@ -21,6 +21,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "tensorflow/core/framework/common_shape_fns.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/shape_inference.h"
@@ -518,5 +519,22 @@ REGISTER_KERNEL_BUILDER(Name("Blpa>BnGradReduce").Device(DEVICE_GPU),
 REGISTER_KERNEL_BUILDER(Name("Blpa>BnGradInput").Device(DEVICE_GPU),
                         BnGradInputOp<GpuTag>);
 #endif  // GOOGLE_CUDA
+
+// The instruction set the CPU kernels run with, for `python -m keras_blpa.info`.
+REGISTER_OP("Blpa>CpuIsa")
+    .Output("isa: string")
+    .SetShapeFn(::tensorflow::shape_inference::ScalarShape);
+
+class CpuIsaOp : public OpKernel {
+ public:
+  explicit CpuIsaOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+  void Compute(OpKernelContext* ctx) override {
+    Tensor* out = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({}), &out));
+    out->scalar<::tensorflow::tstring>()() =
+        blpa::cpu::cpu_level_name(blpa::cpu::cpu_level());
+  }
+};
+REGISTER_KERNEL_BUILDER(Name("Blpa>CpuIsa").Device(DEVICE_CPU), CpuIsaOp);
 
 }  // namespace keras_blpa

@@ -80,12 +80,21 @@ def test_quick_run_schema(quick_run):
 @pytest.mark.slow
 def test_quick_run_4bit_peak_below_exact(quick_run):
     _, results = quick_run
-    peak = {(r["mode"], r["batch"]): r["peak_mib"] for r in results["memory"]}
+    step = {(r["mode"], r["batch"]): r["step_mib"] for r in results["memory"]}
+    # Memory per sample: the slope of the step's peak between the two batches.
+    # It is what the codes save (4-bit: 1/8 of each float activation, plus the
+    # per-sample transients), free of batch-independent workspaces such as the
+    # ~45 MiB that TensorFlow's Eigen convolution backward keeps without oneDNN
+    # (AVX2-only CPUs). Measured 7.4x (oneDNN on) and 7.9x (off); assert 4x.
+    exact = step[("exact", 16)] - step[("exact", 8)]
+    approx = step[("blpa4", 16)] - step[("blpa4", 8)]
+    assert approx > 0 and exact >= 4 * approx, step
     for batch in (8, 16):
-        # Measured about 1/5 of exact at depth 29; assert a conservative 2x.
-        assert peak[("blpa4", batch)] * 2 < peak[("exact", batch)], peak
-        # tf.recompute_grad keeps only the unit inputs (measured about 1/2).
-        assert peak[("recompute", batch)] < peak[("exact", batch)], peak
+        assert step[("blpa4", batch)] < step[("exact", batch)], step
+    # tf.recompute_grad keeps only the unit inputs: a smaller slope than exact
+    # (measured about 0.6x at depth 29).
+    recompute = step[("recompute", 16)] - step[("recompute", 8)]
+    assert 0 < recompute < exact, step
 
 
 def test_search_brackets_the_largest_batch(monkeypatch):

@@ -38,10 +38,9 @@ STEP = textwrap.dedent(
         return loss, tf.add_n([tf.reduce_sum(g) for g in grads])
 
     step(data)
-    tf.config.experimental.reset_memory_stats("CPU:0")
-    step(data)
-    info = tf.config.experimental.get_memory_info("CPU:0")
-    print(json.dumps({"peak": info["peak"], "native": keras_blpa.native_ops_available()}))
+    with keras_blpa.memory.PeakMemory() as peak:
+        step(data)
+    print(json.dumps({"peak": peak.peak_bytes, "native": keras_blpa.native_ops_available()}))
     """
 )
 

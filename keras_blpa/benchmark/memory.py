@@ -1,33 +1,24 @@
 """Peak training-step memory of each mode at fixed batch sizes, in one process.
 
-The peak is the allocator's (``tf.config.experimental.get_memory_info('CPU:0')``
-after ``reset_memory_stats``) over one compiled training step, measured after a
-warm-up step (tracing, optimizer slots). ``resident_mib`` is what was allocated
+The peak is the allocator's (`keras_blpa.memory.PeakMemory`, on every CPU and on a
+GPU) over one compiled training step, measured after a warm-up step (tracing,
+optimizer slots). ``resident_mib`` is what was allocated
 before the step (weights, optimizer state, the batch); ``peak_mib`` includes it.
 """
 
 import time
 
-import tensorflow as tf
-
+from keras_blpa import memory
 from keras_blpa.benchmark import modes as modes_lib
 
-MIB = 1024.0 * 1024.0
-
-
-def memory_info():
-    """(current, peak) bytes of the CPU allocator."""
-    info = tf.config.experimental.get_memory_info("CPU:0")
-    return info["current"], info["peak"]
+MIB = memory.MIB
 
 
 def step_peak(model, x, y):
     """Peak bytes of one training step, and the bytes resident before it."""
-    tf.config.experimental.reset_memory_stats("CPU:0")
-    current, _ = memory_info()
-    modes_lib.train_step(model, x, y)
-    _, peak = memory_info()
-    return current, peak
+    with memory.PeakMemory() as peak:
+        modes_lib.train_step(model, x, y)
+    return peak.resident_bytes, peak.peak_bytes
 
 
 def measure(mode, depth, batches, width=1, input_shape=(32, 32, 3), num_classes=10):

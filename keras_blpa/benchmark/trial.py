@@ -31,7 +31,7 @@ def main(argv=None):
 
     import tensorflow as tf
 
-    from keras_blpa.benchmark import memory
+    from keras_blpa import memory
     from keras_blpa.benchmark import modes as modes_lib
 
     shape = (args.image_size, args.image_size, 3)
@@ -42,16 +42,16 @@ def main(argv=None):
     times = []
     peak = 0
     for _ in range(max(1, args.steps)):
-        tf.config.experimental.reset_memory_stats("CPU:0")
         t0 = time.perf_counter()
         try:
-            modes_lib.train_step(model, x, y)
+            with memory.PeakMemory() as step:
+                modes_lib.train_step(model, x, y)
         except tf.errors.ResourceExhaustedError:
             print(MARKER + json.dumps({"ok": False, "oom": True, "batch": args.batch}),
                   flush=True)
             return
         times.append(time.perf_counter() - t0)
-        peak = max(peak, memory.memory_info()[1])
+        peak = max(peak, step.peak_bytes)
     timed = times[1:] or times
     result = {
         "ok": True,

@@ -1,0 +1,49 @@
+"""``python -m keras_blpa.info``: which kernels are in use, from which library, and why.
+
+Prints one ``name: value`` line each: versions, the kernel path (native or
+pure-TF) with the library, where it came from, the CPU instruction set the
+kernels run with, the CUDA kernels' status, and whether peak memory can be
+measured. Exit status 0; ``--require-native`` exits 1 on the pure-TF path.
+"""
+
+import sys
+
+__all__ = ["collect", "main"]
+
+
+def collect():
+    """The facts printed by `main`, as an ordered dict."""
+    import keras
+    import tensorflow as tf
+
+    import keras_blpa
+    from keras_blpa import memory
+    from keras_blpa import native
+
+    facts = {
+        "keras_blpa": keras_blpa.__version__,
+        "tensorflow": tf.__version__,
+        "keras": f"{keras.__version__} (backend {keras.backend.backend()})",
+    }
+    facts.update(native.status())
+    try:
+        with memory.PeakMemory() as peak:
+            tf.zeros([256, 256]) + 1.0
+        facts["memory_stats"] = f"available on {peak.device}"
+    except memory.MemoryStatsUnavailable as e:
+        facts["memory_stats"] = f"unavailable: {e}"
+    return facts
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    facts = collect()
+    for name, value in facts.items():
+        print(f"{name}: {value}")
+    if "--require-native" in argv and facts["kernels"] != "native":
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
