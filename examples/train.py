@@ -33,6 +33,7 @@ except ImportError:  # Running from a checkout without `pip install -e .`.
 from keras_blpa import datasets
 from keras_blpa import models
 from keras_blpa import training
+from keras_blpa import validation
 
 # Per-dataset defaults. fashion_mnist is the README's short main job (about
 # 80% test accuracy in 200 steps here; pass --steps N for a longer run).
@@ -49,11 +50,11 @@ DEFAULTS = {
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 
 
-def parse_bits(text):
+def _parse_bits(text):
     if text.lower() in ("none", "exact", "32"):
         return None
     try:
-        return keras_blpa.quantization.check_bits(int(text))
+        return validation.check_bits(int(text), allow_none=False)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
 
@@ -63,7 +64,7 @@ def build_parser(dataset=None):
     if dataset is None:
         parser.add_argument("--dataset", required=True, help=f"one of {tuple(datasets.DATASETS)}")
     parser.add_argument("--depth", type=int, help="9n+2 (CIFAR stem) or 152 (ImageNet)")
-    parser.add_argument("--bits", type=parse_bits, default=4, help="2, 4, 8 or none (exact, stock layers)")
+    parser.add_argument("--bits", type=_parse_bits, default=4, help="2, 4, 8 or none (exact, stock layers)")
     parser.add_argument("--width", type=int, default=1, help="channel multiplier")
     parser.add_argument("--quantization", default="blpa", choices=("blpa", "naive"))
     parser.add_argument("--batch_size", type=int, help="global batch size")
@@ -107,14 +108,15 @@ class _EpochLog(keras.callbacks.Callback):
         print(f"EPOCH_DONE {epoch + 1}", flush=True)
 
 
-def resolve(args, dataset):
+def _resolve(args, dataset):
     """Validates the flags before anything is written; returns the run settings."""
     spec = datasets.check_dataset(dataset)
     defaults = DEFAULTS[dataset]
     depth = args.depth or defaults["depth"]
-    batch_size = args.batch_size or defaults["batch_size"]
-    if batch_size < 1:
-        raise ValueError(f"Expected batch_size >= 1. Received: batch_size={batch_size}")
+    batch_size = validation.check_int(
+        args.batch_size if args.batch_size is not None else defaults["batch_size"],
+        "batch_size",
+    )
     strategy = training.make_strategy(args.strategy)
     training.check_batch_size(batch_size, strategy)
     input_shape = spec["input_shape"]
@@ -124,18 +126,16 @@ def resolve(args, dataset):
         input_shape = (args.image_size, args.image_size, 3)
     examples = args.train_take or defaults["train_examples"]
     steps_per_epoch = args.steps_per_epoch or max(1, examples // batch_size)
+    validation.check_int(steps_per_epoch, "steps_per_epoch")
     if args.epochs is not None and args.steps is None:
-        epochs = args.epochs
+        epochs = validation.check_int(args.epochs, "epochs")
     else:
         # Total steps, split into whole epochs of at most one pass each (the
         # total is rounded up to a multiple of the epoch count).
         total = args.steps if args.steps is not None else defaults["steps"]
-        if total < 1:
-            raise ValueError(f"Expected steps >= 1. Received: steps={total}")
+        validation.check_int(total, "steps")
         epochs = max(1, math.ceil(total / steps_per_epoch))
         steps_per_epoch = math.ceil(total / epochs)
-    if epochs < 1 or steps_per_epoch < 1:
-        raise ValueError(f"Expected positive steps/epochs. Received: epochs={epochs}")
     return dict(
         spec=spec,
         depth=depth,
@@ -152,7 +152,7 @@ def resolve(args, dataset):
     )
 
 
-def train_once(args, dataset, run, bits, checkpoint_dir):
+def _train_once(args, dataset, run, bits, checkpoint_dir):
     """Builds, trains and evaluates one model; returns its result dict."""
     keras.utils.set_random_seed(args.seed)
     strategy = run["strategy"]
@@ -264,7 +264,7 @@ def main(argv=None, dataset=None):
     """Parses flags, validates them (before writing anything), trains, prints results."""
     args = build_parser(dataset).parse_args(argv)
     dataset = dataset or args.dataset
-    run = resolve(args, dataset)
+    run = _resolve(args, dataset)
     # Fail early (and write nothing) when no data route exists.
     if dataset == "fashion_mnist":
         datasets.fashion_mnist_source(args.data_dir, args.download)
@@ -285,7 +285,7 @@ def main(argv=None, dataset=None):
             if checkpoint_dir and args.compare:
                 sub = os.path.join(checkpoint_dir, "exact" if bits is None else f"{bits}bit")
             keras.backend.clear_session()
-            result, _ = train_once(args, dataset, run, bits, sub)
+            result, _ = _train_once(args, dataset, run, bits, sub)
             results.append(result)
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)

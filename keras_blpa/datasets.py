@@ -25,6 +25,21 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from keras_blpa import validation
+
+__all__ = [
+    "DATASETS",
+    "TEST_SPLITS",
+    "check_dataset",
+    "cifar_augment",
+    "fashion_mnist_source",
+    "find_idx_dir",
+    "load_fashion_mnist",
+    "make_dataset",
+    "ten_crop_accuracy",
+    "ten_crops",
+]
+
 DATASETS = {
     "cifar10": dict(num_classes=10, input_shape=(32, 32, 3)),
     "cifar100": dict(num_classes=100, input_shape=(32, 32, 3)),
@@ -38,49 +53,45 @@ TEST_SPLITS = {
     "imagenet2012": "validation",
 }
 # Per-channel statistics of the training sets (0-255 scale).
-MEANS = {
+_MEANS = {
     "cifar10": (125.3, 123.0, 113.9),
     "cifar100": (129.3, 124.1, 112.4),
     "fashion_mnist": (72.9,),
     "imagenet2012": (123.7, 116.3, 103.5),
 }
-STDS = {
+_STDS = {
     "cifar10": (63.0, 62.1, 66.7),
     "cifar100": (68.2, 65.4, 70.4),
     "fashion_mnist": (90.0,),
     "imagenet2012": (58.4, 57.1, 57.4),
 }
-IDX_FILES = {
+_IDX_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
-DEFAULT_IDX_DIRS = (
+_DEFAULT_IDX_DIRS = (
     "/usr/share/datasets/fashion-mnist",
     os.path.join(os.path.expanduser("~"), ".keras", "datasets", "fashion-mnist"),
 )
-CIFAR_PAD = 4
-IMAGENET_SCALE = 256
+_CIFAR_PAD = 4
+_IMAGENET_SCALE = 256
 
 
 def check_dataset(name):
     """Raises ValueError naming `name` unless it is a supported dataset."""
-    if name not in DATASETS:
-        raise ValueError(
-            f"Expected dataset in {tuple(DATASETS)}. Received: dataset={name!r}"
-        )
-    return DATASETS[name]
+    return DATASETS[validation.check_choice(name, "dataset", tuple(DATASETS))]
 
 
-def normalize(image, name):
+def _normalize(image, name):
     """uint8 image -> float32, per-channel standardised."""
     image = tf.cast(image, tf.float32)
-    return (image - tf.constant(MEANS[name])) / tf.constant(STDS[name])
+    return (image - tf.constant(_MEANS[name])) / tf.constant(_STDS[name])
 
 
 def cifar_augment(image):
     """Random translation by up to 4 px (zero padding + random crop) and flip."""
     shape = tf.shape(image)
-    padded = tf.pad(image, [[CIFAR_PAD, CIFAR_PAD], [CIFAR_PAD, CIFAR_PAD], [0, 0]])
+    padded = tf.pad(image, [[_CIFAR_PAD, _CIFAR_PAD], [_CIFAR_PAD, _CIFAR_PAD], [0, 0]])
     image = tf.image.random_crop(padded, shape)
     return tf.image.random_flip_left_right(image)
 
@@ -92,9 +103,9 @@ def _resize_shorter(image, scale):
     return tf.image.resize(image, tf.maximum(size, scale))
 
 
-def imagenet_train_transform(image, image_size=224):
+def _imagenet_train_transform(image, image_size=224):
     """Shorter side to 256, random image_size crop, random flip."""
-    image = _resize_shorter(tf.cast(image, tf.float32), IMAGENET_SCALE * image_size // 224)
+    image = _resize_shorter(tf.cast(image, tf.float32), _IMAGENET_SCALE * image_size // 224)
     image = tf.image.random_crop(image, [image_size, image_size, 3])
     return tf.image.random_flip_left_right(image)
 
@@ -104,7 +115,7 @@ def ten_crops(image, image_size=224):
 
     Returns a [10, image_size, image_size, 3] float32 tensor.
     """
-    scale = IMAGENET_SCALE * image_size // 224
+    scale = _IMAGENET_SCALE * image_size // 224
     image = _resize_shorter(tf.cast(image, tf.float32), scale)
     h, w = tf.shape(image)[0], tf.shape(image)[1]
     s = image_size
@@ -144,20 +155,20 @@ def _idx_dirs(data_dir):
     if data_dir:
         dirs += [data_dir, os.path.join(data_dir, "fashion-mnist")]
     env = os.environ.get("KERAS_BLPA_IDX_DIRS")
-    dirs += env.split(os.pathsep) if env is not None else list(DEFAULT_IDX_DIRS)
+    dirs += env.split(os.pathsep) if env is not None else list(_DEFAULT_IDX_DIRS)
     return [d for d in dirs if d]
 
 
 def find_idx_dir(data_dir=None):
     """The first folder holding the four Fashion-MNIST IDX .gz files, or None."""
-    names = IDX_FILES["train"] + IDX_FILES["test"]
+    names = _IDX_FILES["train"] + _IDX_FILES["test"]
     for folder in _idx_dirs(data_dir):
         if all(os.path.isfile(os.path.join(folder, n)) for n in names):
             return folder
     return None
 
 
-def read_idx(path):
+def _read_idx(path):
     """Reads a (gzipped) IDX file into a numpy array."""
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rb") as f:
@@ -173,9 +184,9 @@ def read_idx(path):
 
 
 def _fashion_from_idx(folder, split):
-    images_file, labels_file = IDX_FILES[split]
-    images = read_idx(os.path.join(folder, images_file))[..., None]
-    labels = read_idx(os.path.join(folder, labels_file)).astype(np.int64)
+    images_file, labels_file = _IDX_FILES[split]
+    images = _read_idx(os.path.join(folder, images_file))[..., None]
+    labels = _read_idx(os.path.join(folder, labels_file)).astype(np.int64)
     return images, labels
 
 
@@ -259,10 +270,7 @@ def load_fashion_mnist(data_dir=None, download=False, as_numpy=True):
 def _raw_dataset(name, split, data_dir, manual_dir, download, shuffle_files):
     """Unbatched (image, label) dataset of one split."""
     if name == "fashion_mnist":
-        if split not in ("train", "test"):
-            raise ValueError(
-                f"Expected split in ('train', 'test'). Received: split={split!r}"
-            )
+        validation.check_choice(split, "split", ("train", "test"))
         route, folder = fashion_mnist_source(data_dir, download)
         if route == "idx":
             return tf.data.Dataset.from_tensor_slices(_fashion_from_idx(folder, split))
@@ -328,18 +336,18 @@ def make_dataset(
     def transform(image, label):
         if name == "imagenet2012":
             if training:
-                image = imagenet_train_transform(image, image_size)
+                image = _imagenet_train_transform(image, image_size)
             elif ten_crop:
                 image = ten_crops(image, image_size)
             else:
                 image = tf.image.resize_with_crop_or_pad(
-                    _resize_shorter(tf.cast(image, tf.float32), IMAGENET_SCALE * image_size // 224),
+                    _resize_shorter(tf.cast(image, tf.float32), _IMAGENET_SCALE * image_size // 224),
                     image_size,
                     image_size,
                 )
         elif training and name in ("cifar10", "cifar100"):
             image = cifar_augment(image)
-        return normalize(image, name), tf.cast(label, tf.int32)
+        return _normalize(image, name), tf.cast(label, tf.int32)
 
     ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(batch_size, drop_remainder=training)

@@ -7,9 +7,15 @@ from stock Keras layers only (BatchNormalization, ReLU, Conv2D, Add,
 AveragePooling2D, Reshape + ZeroPadding3D for the zero channel padding): the
 exact baseline every benchmark compares against, with the same parameter count.
 
-Layer names are stable: ``stem_conv``, ``stage{s}_unit{u}_conv{k}`` (and, for the
-stock model, ``..._conv{k}_bn``, ``..._conv{k}_relu``), ``stage{s}_unit{u}_add``,
-``final_bn``, ``final_relu``, ``avg_pool``, ``predictions``.
+The network is a stage plan (`stage_plan`: units, filters and strides per stage,
+keras-hub's ``stackwise_num_blocks / _filters / _strides``) put together by three
+block functions: `apply_stem`, `apply_stack` (one stage of `apply_bottleneck_unit`)
+and `apply_head`. `PRESETS` names the paper's networks (`from_preset`).
+
+Layer names are stable: ``stem_conv`` (``stem_pool``), ``stage{s}_unit{u}_conv{k}``
+(and, for the stock model, ``..._conv{k}_bn``, ``..._conv{k}_relu``),
+``stage{s}_unit{u}_add``, ``final_bn``, ``final_relu``, ``avg_pool``,
+``predictions``.
 
 Building blocks for benchmarks:
     * `apply_conv_unit` / `apply_bottleneck_unit`: the block functions the factory
@@ -26,21 +32,40 @@ import keras
 import tensorflow as tf
 
 from keras_blpa import layers as blpa_layers
-from keras_blpa import quantization as quant
+from keras_blpa import validation
+
+__all__ = [
+    "PRESETS",
+    "STEMS",
+    "RecomputeGrad",
+    "apply_bottleneck_unit",
+    "apply_conv_unit",
+    "apply_head",
+    "apply_shortcut_merge",
+    "apply_stack",
+    "apply_stem",
+    "copy_weights",
+    "from_preset",
+    "resnet",
+    "stage_plan",
+]
 
 STEMS = ("cifar", "imagenet")
-QUANTIZATION_MODES = blpa_layers.QUANTIZATION_MODES
 
-# Presets: plain dicts (keras-hub style).
-CIFAR_WIDTHS = (16, 32, 64)
-IMAGENET_STAGES = {
+# Stage plans: filters and strides per stage; units per stage from the depth.
+_CIFAR_FILTERS = (16, 32, 64)
+_CIFAR_STRIDES = (1, 2, 2)
+_IMAGENET_BLOCKS = {
     26: (2, 2, 2, 2),
     50: (3, 4, 6, 3),
     101: (3, 4, 23, 3),
     152: (3, 8, 36, 3),
 }
-IMAGENET_WIDTHS = (64, 128, 256, 512)
-BOTTLENECK_EXPANSION = 4
+_IMAGENET_FILTERS = (64, 128, 256, 512)
+_IMAGENET_STRIDES = (1, 2, 2, 2)
+_BOTTLENECK_EXPANSION = 4
+
+# The paper's networks, as plain dicts of `resnet` arguments (keras-hub style).
 PRESETS = {
     "resnet164_cifar10": dict(depth=164, num_classes=10, input_shape=(32, 32, 3)),
     "resnet164_cifar100": dict(depth=164, num_classes=100, input_shape=(32, 32, 3)),
@@ -50,18 +75,18 @@ PRESETS = {
     ),
 }
 # BatchNormalization settings shared by both builds (ApproxConvBlock defaults).
-BN_MOMENTUM = 0.99
-BN_EPSILON = 1e-3
+_BN_MOMENTUM = 0.99
+_BN_EPSILON = 1e-3
 
 
-def valid_cifar_depths(near, count=3):
+def _nearby_cifar_depths(near, count=3):
     """Valid CIFAR depths (9n + 2, n >= 1) around `near`."""
     n = max(1, round((near - 2) / 9))
     lo = max(1, n - count // 2)
     return [9 * k + 2 for k in range(lo, lo + count)]
 
 
-def cifar_units_per_stage(depth):
+def _cifar_units(depth):
     """Bottleneck units per stage of the CIFAR ResNet (depth = 9n + 2)."""
     if (
         isinstance(depth, bool)
@@ -69,23 +94,45 @@ def cifar_units_per_stage(depth):
         or depth < 11
         or (depth - 2) % 9
     ):
+        near = depth if isinstance(depth, (int, float)) else 164
         raise ValueError(
             "Expected depth = 9n + 2 (n >= 1) for stem='cifar', e.g. "
-            f"{valid_cifar_depths(depth if isinstance(depth, (int, float)) else 164)}"
-            f" (164 and 1001 are the paper's). Received: depth={depth!r}"
+            f"{_nearby_cifar_depths(near)} (164 and 1001 are the paper's). "
+            f"Received: depth={depth!r}"
         )
     return (depth - 2) // 9
 
 
+def stage_plan(depth, stem="cifar"):
+    """Units, filters and strides of each stage of the ResNet of `depth`.
+
+    Args:
+        depth: 9n + 2 for "cifar" (n units per stage); 26, 50, 101 or 152 for
+            "imagenet".
+        stem: "cifar" or "imagenet".
+
+    Returns:
+        ``(blocks, filters, strides)``: three tuples with one entry per stage
+        (filters before the 4x bottleneck expansion and the width multiplier),
+        e.g. ``((18, 18, 18), (16, 32, 64), (1, 2, 2))`` for depth 164.
+
+    Raises:
+        ValueError: for an unknown stem or a depth the stem does not have (the
+            message lists nearby valid CIFAR depths).
+    """
+    validation.check_choice(stem, "stem", STEMS)
+    if stem == "cifar":
+        return (_cifar_units(depth),) * 3, _CIFAR_FILTERS, _CIFAR_STRIDES
+    validation.check_choice(depth, "depth", tuple(_IMAGENET_BLOCKS))
+    return _IMAGENET_BLOCKS[depth], _IMAGENET_FILTERS, _IMAGENET_STRIDES
+
+
 def _regularizer(weight_decay):
     """L2 penalty whose gradient is weight_decay * w (SGD-style weight decay)."""
-    if weight_decay is None or weight_decay == 0:
+    if weight_decay is None:
         return None
-    if weight_decay < 0:
-        raise ValueError(
-            f"Expected weight_decay >= 0. Received: weight_decay={weight_decay!r}"
-        )
-    return keras.regularizers.L2(weight_decay / 2.0)
+    weight_decay = validation.check_number(weight_decay, "weight_decay", low=0)
+    return keras.regularizers.L2(weight_decay / 2.0) if weight_decay else None
 
 
 def apply_conv_unit(
@@ -98,7 +145,7 @@ def apply_conv_unit(
     synchronized=False,
     kernel_regularizer=None,
     return_activation=False,
-    bn_momentum=BN_MOMENTUM,
+    bn_momentum=_BN_MOMENTUM,
     name=None,
 ):
     """BN -> ReLU -> Conv2D on `x`, compressed (bits set) or stock (bits=None).
@@ -127,7 +174,7 @@ def apply_conv_unit(
             strides=strides,
             bits=bits,
             momentum=bn_momentum,
-            epsilon=BN_EPSILON,
+            epsilon=_BN_EPSILON,
             kernel_regularizer=kernel_regularizer,
             quantization=quantization,
             synchronized=synchronized,
@@ -137,7 +184,7 @@ def apply_conv_unit(
         return tuple(out) if return_activation else out
     a = keras.layers.BatchNormalization(
         momentum=bn_momentum,
-        epsilon=BN_EPSILON,
+        epsilon=_BN_EPSILON,
         synchronized=synchronized,
         name=f"{name}_bn",
     )(x)
@@ -192,7 +239,7 @@ def apply_bottleneck_unit(
     quantization="blpa",
     synchronized=False,
     kernel_regularizer=None,
-    bn_momentum=BN_MOMENTUM,
+    bn_momentum=_BN_MOMENTUM,
     name="unit",
 ):
     """Pre-activation bottleneck unit: 3 x (BN-ReLU-Conv) 1x1 / 3x3 / 1x1 + shortcut.
@@ -220,9 +267,28 @@ def apply_bottleneck_unit(
         y = apply_conv_unit(x, filters, 1, name=f"{name}_conv1", **common)
     y = apply_conv_unit(y, filters, 3, strides=strides, name=f"{name}_conv2", **common)
     y = apply_conv_unit(
-        y, BOTTLENECK_EXPANSION * filters, 1, name=f"{name}_conv3", **common
+        y, _BOTTLENECK_EXPANSION * filters, 1, name=f"{name}_conv3", **common
     )
     return apply_shortcut_merge(y, shortcut, bits=bits, name=f"{name}_add")
+
+
+def apply_stem(x, filters, stem="cifar", kernel_regularizer=None):
+    """The stem: ``stem_conv``, a 3x3 conv ("cifar") or a 7x7 stride-2 conv and
+    a 3x3 stride-2 max pool ``stem_pool`` ("imagenet"); stock layers in every build."""
+    imagenet = stem == "imagenet"
+    x = keras.layers.Conv2D(
+        filters,
+        7 if imagenet else 3,
+        strides=2 if imagenet else 1,
+        padding="same",
+        use_bias=False,
+        kernel_initializer="he_normal",
+        kernel_regularizer=kernel_regularizer,
+        name="stem_conv",
+    )(x)
+    if imagenet:
+        x = keras.layers.MaxPooling2D(3, 2, padding="same", name="stem_pool")(x)
+    return x
 
 
 def _wrapped_unit(x, unit_wrapper, name, **unit_args):
@@ -231,6 +297,65 @@ def _wrapped_unit(x, unit_wrapper, name, **unit_args):
     outputs = apply_bottleneck_unit(inputs, name=name, **unit_args)
     unit = keras.Model(inputs, outputs, name=name)
     return unit_wrapper(unit)(x)
+
+
+def apply_stack(x, blocks, filters, strides, stage, unit_wrapper=None, **unit_args):
+    """One stage: `blocks` bottleneck units ``stage{stage}_unit{u}``.
+
+    The first unit has the stage's `strides` and takes its shortcut after its
+    first BN+ReLU; the others have stride 1 and take the unit input.
+
+    Args:
+        x: 4D tensor.
+        blocks: number of units.
+        filters: bottleneck width (the output has ``4 * filters`` channels).
+        strides: stride of the first unit.
+        stage: stage number (1-based), part of the layer names.
+        unit_wrapper: optional callable applied to each unit built as a small
+            keras.Model (see `resnet`).
+        **unit_args: bits, quantization, synchronized, kernel_regularizer and
+            bn_momentum for `apply_bottleneck_unit`.
+    """
+    for u in range(1, blocks + 1):
+        args = dict(
+            filters=filters,
+            strides=strides if u == 1 else 1,
+            shortcut_from_activation=u == 1,
+            **unit_args,
+        )
+        name = f"stage{stage}_unit{u}"
+        if unit_wrapper is None:
+            x = apply_bottleneck_unit(x, name=name, **args)
+        else:
+            x = _wrapped_unit(x, unit_wrapper, name, **args)
+    return x
+
+
+def apply_head(
+    x,
+    num_classes,
+    classifier_activation="softmax",
+    kernel_regularizer=None,
+    synchronized=False,
+    bn_momentum=_BN_MOMENTUM,
+):
+    """The head: ``final_bn``, ``final_relu``, global average pooling ``avg_pool``
+    and the float32 dense classifier ``predictions``; stock layers in every build."""
+    x = keras.layers.BatchNormalization(
+        momentum=bn_momentum,
+        epsilon=_BN_EPSILON,
+        synchronized=synchronized,
+        name="final_bn",
+    )(x)
+    x = keras.layers.ReLU(name="final_relu")(x)
+    x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    return keras.layers.Dense(
+        num_classes,
+        activation=classifier_activation,
+        kernel_regularizer=kernel_regularizer,
+        dtype="float32",
+        name="predictions",
+    )(x)
 
 
 @keras.saving.register_keras_serializable(package="keras_blpa")
@@ -291,12 +416,13 @@ def resnet(
     synchronized=False,
     classifier_activation="softmax",
     unit_wrapper=None,
-    bn_momentum=BN_MOMENTUM,
+    bn_momentum=_BN_MOMENTUM,
     name=None,
 ):
     """Pre-activation bottleneck ResNet built from keras_blpa (or stock) layers.
 
-    ``stem="cifar"``: the paper's ResNet for 32x32 inputs (any size >= 4 works,
+    `apply_stem`, then one `apply_stack` per stage of `stage_plan`, then
+    `apply_head`. ``stem="cifar"``: the paper's ResNet for 32x32 inputs (any size >= 4 works,
     e.g. 28x28x1): a 3x3 conv (16 * width channels), three stages of
     n = (depth - 2) / 9 bottleneck units with widths 16/32/64 (times `width`,
     outputs x4) and strides 1/2/2, final BN-ReLU, global average pooling and a
@@ -337,52 +463,20 @@ def resnet(
 
     Raises:
         ValueError: for an invalid depth (the message lists nearby valid
-            depths), stem, width, bits or num_classes.
+            depths), stem, quantization, width, bits, num_classes,
+            input_shape or weight_decay.
 
     Example:
     >>> model = resnet(164, 10, (32, 32, 3), bits=4)
     >>> baseline = resnet(164, 10, (32, 32, 3), bits=None)
     """
     blpa_layers.check_backend()
-    bits = quant.check_bits(bits, allow_none=True)
-    if stem not in STEMS:
-        raise ValueError(f"Expected stem in {STEMS}. Received: stem={stem!r}")
-    if quantization not in QUANTIZATION_MODES:
-        raise ValueError(
-            f"Expected quantization in {QUANTIZATION_MODES}. "
-            f"Received: quantization={quantization!r}"
-        )
-    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-        raise ValueError(f"Expected width to be an int >= 1. Received: width={width!r}")
-    if (
-        isinstance(num_classes, bool)
-        or not isinstance(num_classes, int)
-        or num_classes < 1
-    ):
-        raise ValueError(
-            "Expected num_classes to be a positive int. "
-            f"Received: num_classes={num_classes!r}"
-        )
-    input_shape = tuple(input_shape)
-    if len(input_shape) != 3:
-        raise ValueError(
-            "Expected input_shape = (height, width, channels). "
-            f"Received: input_shape={input_shape!r}"
-        )
-    if stem == "cifar":
-        units = (cifar_units_per_stage(depth),) * 3
-        widths = CIFAR_WIDTHS
-        strides = (1, 2, 2)
-    else:
-        if depth not in IMAGENET_STAGES:
-            raise ValueError(
-                f"Expected depth in {tuple(IMAGENET_STAGES)} for stem='imagenet' "
-                "(152 is the paper's; or stem='cifar' with depth 9n + 2). "
-                f"Received: depth={depth!r}"
-            )
-        units = IMAGENET_STAGES[depth]
-        widths = IMAGENET_WIDTHS
-        strides = (1, 2, 2, 2)
+    bits = validation.check_bits(bits, allow_none=True)
+    blocks, filters, strides = stage_plan(depth, stem)
+    validation.check_choice(quantization, "quantization", blpa_layers.QUANTIZATION_MODES)
+    validation.check_int(width, "width")
+    validation.check_int(num_classes, "num_classes")
+    input_shape = validation.check_shape(input_shape, "input_shape", 3)
     regularizer = _regularizer(weight_decay)
     unit_args = dict(
         bits=bits,
@@ -393,61 +487,32 @@ def resnet(
     )
 
     inputs = keras.Input(shape=input_shape, name="image")
-    if stem == "cifar":
-        x = keras.layers.Conv2D(
-            widths[0] * width,
-            3,
-            padding="same",
-            use_bias=False,
-            kernel_initializer="he_normal",
-            kernel_regularizer=regularizer,
-            name="stem_conv",
-        )(inputs)
-    else:
-        x = keras.layers.Conv2D(
-            widths[0] * width,
-            7,
-            strides=2,
-            padding="same",
-            use_bias=False,
-            kernel_initializer="he_normal",
-            kernel_regularizer=regularizer,
-            name="stem_conv",
-        )(inputs)
-        x = keras.layers.MaxPooling2D(3, 2, padding="same", name="stem_pool")(x)
-
-    for s, (count, filters, stride) in enumerate(zip(units, widths, strides), 1):
-        for u in range(1, count + 1):
-            args = dict(
-                filters=filters * width,
-                strides=stride if u == 1 else 1,
-                shortcut_from_activation=u == 1,
-                **unit_args,
-            )
-            unit_name = f"stage{s}_unit{u}"
-            if unit_wrapper is None:
-                x = apply_bottleneck_unit(x, name=unit_name, **args)
-            else:
-                x = _wrapped_unit(x, unit_wrapper, unit_name, **args)
-
-    x = keras.layers.BatchNormalization(
-        momentum=bn_momentum,
-        epsilon=BN_EPSILON,
-        synchronized=synchronized,
-        name="final_bn",
-    )(x)
-    x = keras.layers.ReLU(name="final_relu")(x)
-    x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
-    outputs = keras.layers.Dense(
-        num_classes,
-        activation=classifier_activation,
-        kernel_regularizer=regularizer,
-        dtype="float32",
-        name="predictions",
-    )(x)
+    x = apply_stem(inputs, filters[0] * width, stem, regularizer)
+    for stage, (count, base, stride) in enumerate(zip(blocks, filters, strides), 1):
+        x = apply_stack(x, count, base * width, stride, stage, unit_wrapper, **unit_args)
+    outputs = apply_head(
+        x, num_classes, classifier_activation, regularizer, synchronized, bn_momentum
+    )
     if name is None:
         name = f"resnet{depth}_" + ("exact" if bits is None else f"{bits}bit")
     return keras.Model(inputs, outputs, name=name)
+
+
+def from_preset(preset, /, **overrides):
+    """`resnet` with the arguments of one of `PRESETS`, updated by `overrides`.
+
+    Args:
+        preset: a key of `PRESETS`, e.g. "resnet164_cifar10".
+        **overrides: any `resnet` argument, e.g. ``bits=None`` or ``width=4``.
+
+    Raises:
+        ValueError: for an unknown preset name.
+
+    Example:
+    >>> model = from_preset("resnet1001_cifar10", bits=4, width=4)
+    """
+    validation.check_choice(preset, "preset", tuple(PRESETS))
+    return resnet(**{**PRESETS[preset], **overrides})
 
 
 def _all_layers(model):

@@ -15,6 +15,16 @@ import os
 import keras
 import tensorflow as tf
 
+from keras_blpa import validation
+
+__all__ = [
+    "STRATEGIES",
+    "PaperSchedule",
+    "check_batch_size",
+    "make_optimizer",
+    "make_strategy",
+]
+
 STRATEGIES = ("none", "mirrored", "multiworker")
 
 
@@ -44,18 +54,11 @@ class PaperSchedule(keras.optimizers.schedules.LearningRateSchedule):
         boundaries=(0.5, 0.75),
         name="paper_schedule",
     ):
-        if not learning_rate > 0:
-            raise ValueError(
-                f"Expected learning_rate > 0. Received: learning_rate={learning_rate!r}"
-            )
-        if isinstance(total_steps, bool) or not int(total_steps) == total_steps or total_steps < 1:
-            raise ValueError(
-                f"Expected total_steps to be a positive int. Received: total_steps={total_steps!r}"
-            )
-        if warmup_steps < 0:
-            raise ValueError(
-                f"Expected warmup_steps >= 0. Received: warmup_steps={warmup_steps!r}"
-            )
+        learning_rate = validation.check_number(
+            learning_rate, "learning_rate", low=0, low_open=True
+        )
+        validation.check_int(total_steps, "total_steps")
+        validation.check_int(warmup_steps, "warmup_steps", minimum=0)
         boundaries = tuple(float(b) for b in boundaries)
         if list(boundaries) != sorted(boundaries) or not all(0 < b < 1 for b in boundaries):
             raise ValueError(
@@ -106,15 +109,7 @@ def make_optimizer(
     Returns:
         A keras.optimizers.SGD.
     """
-    if (
-        isinstance(accumulation_steps, bool)
-        or not isinstance(accumulation_steps, int)
-        or accumulation_steps < 1
-    ):
-        raise ValueError(
-            "Expected accumulation_steps to be an int >= 1. "
-            f"Received: accumulation_steps={accumulation_steps!r}"
-        )
+    validation.check_int(accumulation_steps, "accumulation_steps")
     # Keras evaluates the schedule at the micro-batch count.
     schedule = PaperSchedule(
         learning_rate,
@@ -140,8 +135,7 @@ def make_strategy(name):
     Raises:
         ValueError: for an unknown name, or "multiworker" without a valid TF_CONFIG.
     """
-    if name not in STRATEGIES:
-        raise ValueError(f"Expected strategy in {STRATEGIES}. Received: strategy={name!r}")
+    validation.check_choice(name, "strategy", STRATEGIES)
     if name == "none":
         return tf.distribute.get_strategy()
     if name == "mirrored":
@@ -164,12 +158,12 @@ def make_strategy(name):
 def check_batch_size(batch_size, strategy):
     """Returns the per-replica batch; raises ValueError unless it divides evenly."""
     replicas = strategy.num_replicas_in_sync
-    if (
-        isinstance(batch_size, bool)
-        or not isinstance(batch_size, int)
-        or batch_size < 1
-        or batch_size % replicas
-    ):
+    try:
+        validation.check_int(batch_size, "batch_size")
+        divisible = batch_size % replicas == 0
+    except ValueError:
+        divisible = False
+    if not divisible:
         raise ValueError(
             f"Expected a global batch size divisible by the {replicas} replicas "
             f"of the strategy. Received: batch_size={batch_size!r}"

@@ -13,6 +13,7 @@ __all__ = [
     "check_int_pair",
     "check_number",
     "check_rank4",
+    "check_shape",
 ]
 
 VALID_BITS = (2, 4, 8)
@@ -91,3 +92,26 @@ def check_rank4(shape, owner):
             f"{owner} expects a 4D input (batch, height, width, channels). "
             f"Received: input_shape={None if shape is None else tuple(shape)}"
         )
+
+
+def _dimension(d):
+    """A positive int (from an int or a numpy int) or None; raises TypeError otherwise."""
+    if d is None:
+        return None
+    if isinstance(d, bool) or not hasattr(d, "__index__") or d.__index__() < 1:
+        raise TypeError
+    return d.__index__()
+
+
+def check_shape(value, name, rank):
+    """`value` as a tuple of `rank` dimensions, each a positive int or None."""
+    try:
+        shape = tuple(_dimension(d) for d in value)
+    except TypeError:
+        shape = ()
+    if len(shape) != rank:
+        raise ValueError(
+            f"Expected {name} to have {rank} dimensions (positive ints or None). "
+            f"Received: {name}={value!r}"
+        )
+    return shape

@@ -63,7 +63,8 @@ def test_example_runs_on_mock_data(script, extra, tmp_path, capsys):
     # 2 batches; with 2-step gradient accumulation, 1 optimizer update.
     assert result["optimizer_steps"] == (1 if "--accumulation_steps" in extra else 2)
     assert keras.mixed_precision.global_policy().name == "float32"  # restored
-    assert 0.0 <= result["test_accuracy"] <= 1.0
+    # Evaluated on exactly the --eval_take 8 test examples: a multiple of 1/8.
+    assert result["test_accuracy"] * 8 == pytest.approx(round(result["test_accuracy"] * 8))
     assert result["time_per_sample_ms"] > 0
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("RESULT ")
 
@@ -121,6 +122,13 @@ def test_fashion_mnist_example_on_real_files(tmp_path):
 def test_unknown_dataset():
     with pytest.raises(ValueError, match="'mnist'"):
         train.main(QUICK + ["--dataset", "mnist"])
+
+
+@pytest.mark.parametrize("flag,value", [("--batch_size", "0"), ("--steps", "0"),
+                                        ("--epochs", "-1")])
+def test_bad_counts_name_the_value(flag, value):
+    with pytest.raises(ValueError, match=f"{flag[2:]}={value}"):
+        train.main(["--dataset", "fashion_mnist", flag, value])
 
 
 def test_missing_fashion_mnist_names_both_routes(tmp_path, monkeypatch):

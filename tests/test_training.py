@@ -28,11 +28,18 @@ def test_paper_schedule_serialises():
 
 
 @pytest.mark.parametrize(
-    "kwargs",
-    [dict(learning_rate=0), dict(total_steps=0), dict(warmup_steps=-1), dict(boundaries=(0.8, 0.5))],
+    "kwargs,message",
+    [
+        (dict(learning_rate=0), "learning_rate=0"),
+        (dict(total_steps=0), "total_steps=0"),
+        (dict(total_steps=2.5), "total_steps=2.5"),
+        (dict(warmup_steps=-1), "warmup_steps=-1"),
+        (dict(boundaries=(0.8, 0.5)), r"boundaries=\(0.8, 0.5\)"),
+        (dict(boundaries=(0.5, 1.0)), r"boundaries=\(0.5, 1.0\)"),
+    ],
 )
-def test_paper_schedule_rejects_bad_arguments(kwargs):
-    with pytest.raises(ValueError):
+def test_paper_schedule_rejects_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
         training.PaperSchedule(**kwargs)
 
 
@@ -44,7 +51,7 @@ def test_make_optimizer_schedule_counts_updates():
     assert float(schedule(39)) == pytest.approx(0.01)
     assert float(schedule(40)) == pytest.approx(0.1)
     assert float(schedule(200)) == pytest.approx(0.01)
-    with pytest.raises(ValueError, match="accumulation_steps"):
+    with pytest.raises(ValueError, match="accumulation_steps=0"):
         training.make_optimizer(accumulation_steps=0)
 
 

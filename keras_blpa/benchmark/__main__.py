@@ -22,7 +22,11 @@ import shlex
 import sys
 import time
 
-FULL = dict(
+from keras_blpa import validation
+
+__all__ = ["PARTS", "build_parser", "main", "parse_depths", "resolve"]
+
+_FULL = dict(
     depths="164,254,488,1001,1001x4",
     modes="exact,remat,recompute,blpa8,blpa4,naive8,naive4",
     max_batch_modes="exact,blpa4",
@@ -41,7 +45,7 @@ FULL = dict(
     acc_train_samples=0,
     parts="memory,timing,max_batch,accuracy",
 )
-QUICK = dict(
+_QUICK = dict(
     depths="11,29",
     modes="exact,remat,recompute,blpa8,blpa4,naive8,naive4",
     max_batch_modes="exact,blpa4",
@@ -79,11 +83,13 @@ def parse_depths(text):
     return out
 
 
-def ints(text):
+def _ints(text):
+    """"8,16" -> [8, 16]."""
     return [int(v) for v in text.split(",") if v.strip()]
 
 
-def names(text):
+def _names(text):
+    """"exact, blpa4" -> ["exact", "blpa4"]."""
     return [v.strip() for v in text.split(",") if v.strip()]
 
 
@@ -96,7 +102,7 @@ def build_parser():
     p.add_argument("--quick", action="store_true",
                    help="small depths, small budget, few steps (CI)")
     p.add_argument("--out", default="benchmark_results", help="output folder")
-    p.add_argument("--parts", help=f"comma list of parts (default all: {FULL['parts']})")
+    p.add_argument("--parts", help=f"comma list of parts (default all: {_FULL['parts']})")
     p.add_argument("--depths", help="comma list, e.g. 164,1001x4 (depth x width)")
     p.add_argument("--modes", help="modes for memory and timing")
     p.add_argument("--max-batch-modes", help="modes for the largest-batch search")
@@ -125,43 +131,53 @@ def build_parser():
 
 
 def resolve(args):
-    """Fills unset flags from the quick or full defaults and validates them."""
-    from keras_blpa.benchmark import modes as modes_lib
-    from keras_blpa.benchmark import report
+    """Fills unset flags from the quick or full defaults and validates them.
 
-    defaults = QUICK if args.quick else FULL
+    Returns:
+        The run's settings as a dict (also written to results.json).
+
+    Raises:
+        ValueError: naming the first bad value (mode, part, depth, count).
+    """
+    from keras_blpa.benchmark import modes as modes_lib
+
+    defaults = _QUICK if args.quick else _FULL
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    for key in ("batch", "budget_mib", "timing_steps", "image_size", "acc_depth",
+                "acc_epochs", "acc_batch"):
+        validation.check_int(getattr(args, key), key)
+    validation.check_int(args.warmup, "warmup", minimum=0)
+    validation.check_int(args.acc_train_samples, "acc_train_samples", minimum=0)
+    validation.check_number(args.max_batch_tol, "max_batch_tol", low=0, low_open=True)
     cfg = dict(
         quick=args.quick,
-        parts=names(args.parts),
+        parts=[validation.check_choice(p, "part", tuple(PARTS)) for p in _names(args.parts)],
         depths=parse_depths(args.depths),
-        modes=modes_lib.check_modes(names(args.modes)),
-        max_batch_modes=modes_lib.check_modes(names(args.max_batch_modes)),
+        modes=modes_lib.check_modes(_names(args.modes)),
+        max_batch_modes=modes_lib.check_modes(_names(args.max_batch_modes)),
         max_batch_depths=parse_depths(args.max_batch_depths or args.depths),
         batch=args.batch,
-        memory_batches=sorted(set(ints(args.memory_batches)) | {args.batch}),
+        memory_batches=sorted(set(_ints(args.memory_batches)) | {args.batch}),
         budget_mib=args.budget_mib,
         max_batch_tol=args.max_batch_tol,
         timing_steps=args.timing_steps,
         warmup=args.warmup,
         image_size=args.image_size,
         acc_depth=args.acc_depth,
-        acc_modes=modes_lib.check_modes(names(args.acc_modes)),
-        acc_seeds=ints(args.acc_seeds),
+        acc_modes=modes_lib.check_modes(_names(args.acc_modes)),
+        acc_seeds=_ints(args.acc_seeds),
         acc_epochs=args.acc_epochs,
         acc_batch=args.acc_batch,
         acc_train_samples=args.acc_train_samples or None,
+        data_dir=args.data_dir,
     )
-    for part in cfg["parts"]:
-        if part not in report.PARTS:
-            raise ValueError(f"Expected parts from {report.PARTS}. Received: part={part!r}")
     return cfg
 
 
-def machine():
-    cores = os.cpu_count()
+def _machine():
+    """CPU model and core count, for the results' metadata."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -171,126 +187,175 @@ def machine():
                     break
     except OSError:
         pass
-    return f"{cpu}, {cores} CPU cores, {platform.system()} (CPU only)"
+    return f"{cpu}, {os.cpu_count()} CPU cores, {platform.system()} (CPU only)"
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from keras_blpa.benchmark import report
+class _Session:
+    """The results of one run, written to ``out`` after every measurement."""
 
-    out = args.out
-    os.makedirs(out, exist_ok=True)
-    if args.report_only:
-        results = report.load_json(out)
-        for path in report.write(results, out):
-            print(path)
-        return 0
-    cfg = resolve(args)
+    def __init__(self, out, results):
+        self.out = out
+        self.results = results
 
+    def have(self, part, **key):
+        """Whether `part` already holds a row matching every item of `key`."""
+        return any(
+            all(r.get(k) == v for k, v in key.items()) for r in self.results[part]
+        )
+
+    def add(self, part, rows):
+        self.results[part].extend(rows)
+        self.save()
+
+    def save(self):
+        from keras_blpa.benchmark import report
+
+        self.results["meta"]["finished"] = _now()
+        report.write(self.results, self.out)
+
+    @staticmethod
+    def log(message):
+        print(time.strftime("%H:%M:%S ") + message, flush=True)
+
+
+def _now():
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+
+
+def _start(args, argv, cfg):
+    """The session: earlier results (with --resume) and this run's metadata."""
     import keras
     import tensorflow as tf
 
     from keras_blpa import quantization
-
-    def log(message):
-        print(time.strftime("%H:%M:%S ") + message, flush=True)
+    from keras_blpa.benchmark import report
 
     results = {}
-    if args.resume and os.path.exists(os.path.join(out, "results.json")):
-        results = report.load_json(out)
-    results["schema_version"] = report.SCHEMA_VERSION
+    if args.resume and os.path.exists(os.path.join(args.out, "results.json")):
+        results = report.load_json(args.out)
+    meta = results.get("meta", {})
     command = "python -m keras_blpa.benchmark " + shlex.join(argv)
-    commands = results.get("meta", {}).get("commands", [])
+    results["schema_version"] = report.SCHEMA_VERSION
     results["meta"] = dict(
-        machine=machine(),
+        machine=_machine(),
         tensorflow=tf.__version__,
         keras=keras.__version__,
         python=platform.python_version(),
         native_ops=quantization.native_ops_available(),
         command=command,
-        commands=commands + [command],  # every run that wrote into this folder
-        started=results.get("meta", {}).get("started") or time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        # Every run that wrote into this folder.
+        commands=meta.get("commands", []) + [command],
+        started=meta.get("started") or _now(),
     )
-    results["config"] = {k: v for k, v in cfg.items()}
+    # The data folder is this machine's business, not a result.
+    results["config"] = {k: v for k, v in cfg.items() if k != "data_dir"}
     for part in report.PARTS:
         results.setdefault(part, [])
-    report.save_json(results, out)
-    shape = (cfg["image_size"], cfg["image_size"], 3)
+    report.save_json(results, args.out)
+    return _Session(args.out, results)
 
-    def have(part, **key):
-        return any(all(r.get(k) == v for k, v in key.items()) for r in results[part])
 
-    def save():
-        results["meta"]["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-        report.write(results, out)
+def _shape(cfg):
+    return (cfg["image_size"], cfg["image_size"], 3)
 
-    if "memory" in cfg["parts"]:
-        from keras_blpa.benchmark import memory
 
-        for depth, width in cfg["depths"]:
-            for mode in cfg["modes"]:
-                todo = [b for b in cfg["memory_batches"]
-                        if not have("memory", mode=mode, depth=depth, width=width, batch=b)]
-                if not todo:
-                    continue
-                rows = memory.measure(mode, depth, todo, width, shape)
-                for r in rows:
-                    log(f"memory {mode} depth={depth} width={width} batch={r['batch']}: "
-                        f"peak {r['peak_mib']} MiB (step {r['step_mib']} MiB)")
-                results["memory"].extend(rows)
-                save()
+def _run_memory(session, cfg):
+    from keras_blpa.benchmark import memory
 
-    if "timing" in cfg["parts"]:
-        from keras_blpa.benchmark import timing
-
-        for depth, width in cfg["depths"]:
-            todo = [m for m in cfg["modes"] if not have(
-                "timing", mode=m, depth=depth, width=width, batch=cfg["batch"])]
+    for depth, width in cfg["depths"]:
+        for mode in cfg["modes"]:
+            todo = [
+                b for b in cfg["memory_batches"]
+                if not session.have("memory", mode=mode, depth=depth, width=width, batch=b)
+            ]
             if not todo:
                 continue
-            rows = timing.measure(todo, depth, cfg["batch"], cfg["timing_steps"],
-                                  cfg["warmup"], width, shape, log=log)
+            rows = memory.measure(mode, depth, todo, width, _shape(cfg))
             for r in rows:
-                log(f"timing {r['mode']} depth={depth} width={width} batch={r['batch']}: "
-                    f"{r['ms_per_sample']} ms/sample")
-            results["timing"].extend(rows)
-            save()
+                session.log(f"memory {mode} depth={depth} width={width} batch={r['batch']}: "
+                            f"peak {r['peak_mib']} MiB (step {r['step_mib']} MiB)")
+            session.add("memory", rows)
 
-    if "max_batch" in cfg["parts"]:
-        from keras_blpa.benchmark import max_batch
 
-        for depth, width in cfg["max_batch_depths"]:
-            for mode in cfg["max_batch_modes"]:
-                if have("max_batch", mode=mode, depth=depth, width=width,
-                        budget_mib=cfg["budget_mib"]):
-                    continue
-                points = [(r["batch"], r["peak_mib"]) for r in results["memory"]
-                          if r["mode"] == mode and r["depth"] == depth
-                          and r["width"] == width]
-                row = max_batch.search(mode, depth, cfg["budget_mib"], points, width,
-                                       steps=2, image_size=cfg["image_size"],
-                                       rel_tol=cfg["max_batch_tol"], log=log)
-                log(f"max_batch {mode} depth={depth} width={width}: {row['max_batch']} "
-                    f"under {cfg['budget_mib']} MiB ({len(row['trials'])} trials)")
-                results["max_batch"].append(row)
-                save()
+def _run_timing(session, cfg):
+    from keras_blpa.benchmark import timing
 
-    if "accuracy" in cfg["parts"]:
-        from keras_blpa.benchmark import accuracy
+    for depth, width in cfg["depths"]:
+        todo = [m for m in cfg["modes"] if not session.have(
+            "timing", mode=m, depth=depth, width=width, batch=cfg["batch"])]
+        if not todo:
+            continue
+        rows = timing.measure(todo, depth, cfg["batch"], cfg["timing_steps"],
+                              cfg["warmup"], width, _shape(cfg), log=session.log)
+        for r in rows:
+            session.log(f"timing {r['mode']} depth={depth} width={width} "
+                        f"batch={r['batch']}: {r['ms_per_sample']} ms/sample")
+        session.add("timing", rows)
 
-        todo = [m for m in cfg["acc_modes"] if not have(
-            "accuracy", mode=m, depth=cfg["acc_depth"], epochs=cfg["acc_epochs"])]
-        if todo:
-            rows = accuracy.study(todo, cfg["acc_depth"], cfg["acc_seeds"],
-                                  cfg["acc_epochs"], cfg["acc_batch"],
-                                  cfg["acc_train_samples"], data_dir=args.data_dir, log=log)
-            results["accuracy"].extend(rows)
-            save()
 
-    save()
-    log(f"results in {out}/results.json, {out}/results.md")
+def _run_max_batch(session, cfg):
+    from keras_blpa.benchmark import max_batch
+
+    budget = cfg["budget_mib"]
+    for depth, width in cfg["max_batch_depths"]:
+        for mode in cfg["max_batch_modes"]:
+            if session.have("max_batch", mode=mode, depth=depth, width=width,
+                            budget_mib=budget):
+                continue
+            # The memory part's peaks start the search's affine estimate.
+            points = [(r["batch"], r["peak_mib"]) for r in session.results["memory"]
+                      if (r["mode"], r["depth"], r["width"]) == (mode, depth, width)]
+            row = max_batch.search(mode, depth, budget, points, width, steps=2,
+                                   image_size=cfg["image_size"],
+                                   rel_tol=cfg["max_batch_tol"], log=session.log)
+            session.log(f"max_batch {mode} depth={depth} width={width}: "
+                        f"{row['max_batch']} under {budget} MiB "
+                        f"({len(row['trials'])} trials)")
+            session.add("max_batch", [row])
+
+
+def _run_accuracy(session, cfg):
+    from keras_blpa.benchmark import accuracy
+
+    todo = [m for m in cfg["acc_modes"] if not session.have(
+        "accuracy", mode=m, depth=cfg["acc_depth"], epochs=cfg["acc_epochs"])]
+    if todo:
+        session.add("accuracy", accuracy.study(
+            todo, cfg["acc_depth"], cfg["acc_seeds"], cfg["acc_epochs"],
+            cfg["acc_batch"], cfg["acc_train_samples"], data_dir=cfg["data_dir"],
+            log=session.log,
+        ))
+
+
+# Part name -> function(session, cfg), in the order they run (max_batch starts
+# from the memory part's peaks).
+PARTS = {
+    "memory": _run_memory,
+    "timing": _run_timing,
+    "max_batch": _run_max_batch,
+    "accuracy": _run_accuracy,
+}
+
+
+def main(argv=None):
+    """Runs the parts the flags ask for; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from keras_blpa.benchmark import report
+
+    os.makedirs(args.out, exist_ok=True)
+    if args.report_only:
+        for path in report.write(report.load_json(args.out), args.out):
+            print(path)
+        return 0
+    cfg = resolve(args)
+    session = _start(args, argv, cfg)
+    for part, run in PARTS.items():
+        if part in cfg["parts"]:
+            run(session, cfg)
+    session.save()
+    session.log(f"results in {args.out}/results.json, {args.out}/results.md")
     return 0
 
 

@@ -17,6 +17,8 @@ import tensorflow as tf
 
 from keras_blpa.benchmark import modes as modes_lib
 
+__all__ = ["load_data", "recalibrate_batch_norm", "study", "train_one"]
+
 
 def load_data(train_samples=None, test_samples=None, data_dir=None):
     """Standardised float32 Fashion-MNIST arrays (optionally the first N of each split)."""

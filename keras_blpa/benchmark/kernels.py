@@ -15,7 +15,13 @@ BatchNormalization -> ReLU -> Conv2D stack with the same shapes, batch 64, on
 the native and the reference path. Modes are interleaved step by step so that
 load from other processes hits them alike; medians are reported.
 
+Each kernel row also records ``max_error_steps``: the largest distance, in bins,
+between the timed decode(encode(x)) and the exact ReLU(BN(x)) over the elements
+the code does not clip (at most 0.5 for a correct code), so that a figure never
+comes from a kernel that computes the wrong thing.
+
 Prints a table and writes JSON (default benchmark_results/kernels.json).
+The whole-model step time of every mode is the main CLI's ``timing`` part.
 """
 
 import argparse
@@ -28,6 +34,10 @@ import time
 
 import numpy as np
 import tensorflow as tf
+
+from keras_blpa import validation
+
+__all__ = ["bench_block", "bench_kernels", "main"]
 
 
 def _median_times(fns, reps):
@@ -44,6 +54,7 @@ def _median_times(fns, reps):
 
 
 def _kernel_fns(kernels, x, scale, offset, params, bits):
+    """(encode fn, decode fn, packed bytes, decoded ReLU output) of one path."""
     shape = tf.shape(x)
 
     @tf.function
@@ -58,16 +69,37 @@ def _kernel_fns(kernels, x, scale, offset, params, bits):
     def decode(packed):
         return kernels.decode_relu(packed, shape, params["step"], params["shift"], bits)
 
-    return (lambda: encode(x)), (lambda: decode(packed)), int(packed.shape[0])
+    return (lambda: encode(x)), (lambda: decode(packed)), int(packed.shape[0]), decode(packed)
+
+
+def _max_error_steps(decoded, x, gamma, beta, params, bits):
+    """Largest |decoded - relu(gamma x + beta)| in bins over the elements below
+    the top code's upper edge ``(2^K - shift) * step`` (above it the code clips)."""
+    step, shift = params["step"].numpy(), params["shift"].numpy()
+    y = gamma * x + beta
+    error = np.abs(np.asarray(decoded) - np.maximum(y, 0.0)) / step
+    return float(error[y < (2**bits - shift) * step].max())
 
 
 def bench_kernels(shape, bits_list, reps):
+    """Encode/decode timings of each kernel path next to a copy of the same bytes.
+
+    Args:
+        shape: NHWC shape of the float32 activation.
+        bits_list: code widths to time.
+        reps: timed rounds (interleaved; medians reported).
+
+    Returns:
+        A list of dicts, one per (path, bits): times in ms, GB/s, the fraction
+        of the copy's GB/s, ``packed_bytes`` and ``max_error_steps``.
+    """
     from keras_blpa import native
     from keras_blpa import reference
 
     rng = np.random.default_rng(0)
     channels = shape[-1]
-    x = tf.constant(rng.normal(size=shape).astype(np.float32))
+    x_np = rng.normal(size=shape).astype(np.float32)
+    x = tf.constant(x_np)
     gamma = rng.uniform(0.5, 2.0, channels).astype(np.float32)
     beta = rng.normal(size=channels).astype(np.float32)
     scale = tf.constant(gamma)
@@ -82,13 +114,15 @@ def bench_kernels(shape, bits_list, reps):
     for bits in bits_list:
         params = reference.channel_params(gamma, beta, bits)
         fns = {"copy": lambda: copy(x)}
-        nbytes = 0
+        nbytes, errors = 0, {}
         for name, kernels in paths.items():
-            enc, dec, nbytes = _kernel_fns(kernels, x, scale, offset, params, bits)
+            enc, dec, nbytes, decoded = _kernel_fns(kernels, x, scale, offset, params, bits)
             fns[f"{name}/encode"] = enc
             fns[f"{name}/decode"] = dec
+            errors[name] = _max_error_steps(decoded, x_np, gamma, beta, params, bits)
         t = _median_times(fns, reps)
         copy_gbs = 2 * 4 * n / t["copy"] / 1e9
+        # encode reads 4n, writes 4n + codes; decode reads codes, writes 4n.
         traffic = (4 * n + 4 * n + nbytes) + (nbytes + 4 * n)
         for name in paths:
             total = t[f"{name}/encode"] + t[f"{name}/decode"]
@@ -98,6 +132,8 @@ def bench_kernels(shape, bits_list, reps):
                     "path": name,
                     "bits": bits,
                     "elements": n,
+                    "packed_bytes": nbytes,
+                    "max_error_steps": errors[name],
                     "encode_ms": 1e3 * t[f"{name}/encode"],
                     "decode_ms": 1e3 * t[f"{name}/decode"],
                     "copy_ms": 1e3 * t["copy"],
@@ -148,11 +184,10 @@ def _step_fn(model, x):
 
 
 def bench_block(shape, blocks, reps):
-    try:
-        import keras_blpa  # noqa: F401
-        from keras_blpa import native
-    except ImportError as e:  # layers not there yet
-        return {"skipped": f"keras_blpa.ApproxConvBlock unavailable: {e}"}
+    """Training-step ms of a stack of `blocks` ApproxConvBlock(bits=4) (native
+    and pure-TF paths) against the stock BN -> ReLU -> Conv2D stack."""
+    from keras_blpa import native
+
     x = tf.constant(np.random.default_rng(1).normal(size=shape).astype(np.float32))
     fns = {"stock": _step_fn(_model("stock", blocks, shape), x)}
     real_load = native.load
@@ -177,18 +212,29 @@ def bench_block(shape, blocks, reps):
     return result
 
 
+def _shape(text):
+    shape = tuple(int(v) for v in text.split(","))
+    return validation.check_shape(shape, "shape", 4)
+
+
 def main(argv=None):
+    """Runs both parts; prints a table, writes the JSON and returns it."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
     parser.add_argument("--output", default=os.path.join("benchmark_results", "kernels.json"))
+    parser.add_argument("--shape", type=_shape, default=(64, 32, 32, 64),
+                        help="NHWC activation shape (default 64,32,32,64)")
     parser.add_argument("--reps", type=int, default=None, help="timed rounds (kernels)")
     parser.add_argument("--block-reps", type=int, default=None, help="timed steps (block)")
     parser.add_argument("--blocks", type=int, default=4, help="blocks in the timed stack")
     parser.add_argument("--no-block", action="store_true", help="skip the block timing")
     args = parser.parse_args(argv)
-    reps = args.reps or (10 if args.quick else 40)
-    block_reps = args.block_reps or (3 if args.quick else 10)
-    shape = (64, 32, 32, 64)
+    reps = validation.check_int(args.reps or (10 if args.quick else 40), "reps")
+    block_reps = validation.check_int(
+        args.block_reps or (3 if args.quick else 10), "block_reps"
+    )
+    validation.check_int(args.blocks, "blocks")
+    shape = args.shape
 
     from keras_blpa import native
 
@@ -213,15 +259,12 @@ def main(argv=None):
     block = None
     if not args.no_block:
         block = bench_block(shape, args.blocks, block_reps)
-        if "skipped" in block:
-            print(block["skipped"])
-        else:
-            print(f"\nTraining step, {args.blocks} blocks, batch {shape} "
-                  f"(median of {block_reps}, interleaved):")
-            for k, v in block["step_ms"].items():
-                ratio = block.get(f"ratio_{k}_vs_stock")
-                extra = f"  {ratio:.2f}x stock" if ratio else ""
-                print(f"  {k:<16} {v:9.1f} ms{extra}")
+        print(f"\nTraining step, {args.blocks} blocks, batch {shape} "
+              f"(median of {block_reps}, interleaved):")
+        for k, v in block["step_ms"].items():
+            ratio = block.get(f"ratio_{k}_vs_stock")
+            extra = f"  {ratio:.2f}x stock" if ratio else ""
+            print(f"  {k:<16} {v:9.1f} ms{extra}")
     result = {"info": info, "kernels": rows, "block_step": block}
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w", encoding="utf-8") as f:

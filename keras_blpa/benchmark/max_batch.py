@@ -18,7 +18,9 @@ import time
 
 from keras_blpa.benchmark import trial as trial_lib
 
-OOM_MARKERS = ("RESOURCE_EXHAUSTED", "ResourceExhaustedError", "OOM when allocating",
+__all__ = ["affine_fit", "run_trial", "search"]
+
+_OOM_MARKERS = ("RESOURCE_EXHAUSTED", "ResourceExhaustedError", "OOM when allocating",
                "Out of memory", "bad_alloc", "MemoryError")
 
 
@@ -52,7 +54,7 @@ def run_trial(mode, depth, batch, budget_mib, width=1, steps=2, image_size=32,
     # Far past the budget a trial can also die by a signal (SIGSEGV seen here,
     # from an allocation failure outside TF's error path): counted as not
     # fitting, with the signal recorded.
-    oom = any(m in out for m in OOM_MARKERS) or returncode in (-6, -9, -11, 134, 137, 139)
+    oom = any(m in out for m in _OOM_MARKERS) or returncode in (-6, -9, -11, 134, 137, 139)
     result = {"ok": False, "batch": batch, "oom": oom, "wall_s": elapsed,
               "returncode": returncode}
     if not oom:

@@ -16,6 +16,19 @@ import gc
 import keras
 import tensorflow as tf
 
+from keras_blpa import validation
+
+__all__ = [
+    "DESCRIPTIONS",
+    "MODES",
+    "build_model",
+    "check_modes",
+    "compile_model",
+    "random_batch",
+    "release",
+    "train_step",
+]
+
 MODES = ("exact", "remat", "recompute", "blpa8", "blpa4", "naive8", "naive4")
 
 DESCRIPTIONS = {
@@ -41,11 +54,7 @@ _FACTORY_ARGS = {
 
 def check_modes(modes):
     """Returns the list of modes, raising ValueError naming an unknown one."""
-    modes = list(modes)
-    for mode in modes:
-        if mode not in MODES:
-            raise ValueError(f"Expected modes from {MODES}. Received: mode={mode!r}")
-    return modes
+    return [validation.check_choice(mode, "mode", MODES) for mode in modes]
 
 
 def build_model(mode, depth, num_classes=10, input_shape=(32, 32, 3), width=1, seed=None):
@@ -69,7 +78,7 @@ def build_model(mode, depth, num_classes=10, input_shape=(32, 32, 3), width=1, s
     return models.resnet(depth, num_classes, input_shape, **kwargs)
 
 
-def compile_model(model, learning_rate=0.05, weight_decay=None):
+def compile_model(model, learning_rate=0.05):
     """SGD with momentum 0.9 and sparse cross-entropy (the paper's optimiser)."""
     model.compile(
         optimizer=keras.optimizers.SGD(learning_rate=learning_rate, momentum=0.9),

@@ -6,9 +6,11 @@ import os
 from keras_blpa.benchmark.modes import DESCRIPTIONS
 from keras_blpa.benchmark.modes import MODES
 
+__all__ = ["PARTS", "SCHEMA_VERSION", "load_json", "save_json", "write"]
+
 SCHEMA_VERSION = 1
 # Line styles that keep coinciding curves (exact/remat, blpa/naive) visible.
-STYLES = {"exact": "o-", "remat": "s--", "recompute": "^-", "blpa8": "D-",
+_STYLES = {"exact": "o-", "remat": "s--", "recompute": "^-", "blpa8": "D-",
           "blpa4": "o-", "naive8": "v:", "naive4": "P:"}
 PARTS = ("memory", "max_batch", "timing", "accuracy")
 
@@ -18,7 +20,7 @@ def _color(mode):
     return f"C{MODES.index(mode)}"
 
 
-def depth_label(depth, width):
+def _depth_label(depth, width):
     return f"{depth}" if width == 1 else f"{depth} ({width}x)"
 
 
@@ -56,7 +58,7 @@ def _ratio(value, base):
     return f" ({value / base:.2f}x)"
 
 
-def memory_table(rows, batch):
+def _memory_table(rows, batch):
     """Peak MiB per mode (rows) and depth (columns) at the fixed batch."""
     rows = [r for r in rows if r["batch"] == batch]
     if not rows:
@@ -67,7 +69,7 @@ def memory_table(rows, batch):
         f"Peak training-step memory at batch {batch}, MiB (ratio to exact) "
         "[in brackets: the part above what was resident before the step].",
         "",
-        "| mode | " + " | ".join(depth_label(*d) for d in depths) + " |",
+        "| mode | " + " | ".join(_depth_label(*d) for d in depths) + " |",
         "|---|" + "---:|" * len(depths),
     ]
     for mode in _ordered({r["mode"] for r in rows}):
@@ -86,7 +88,7 @@ def memory_table(rows, batch):
     return "\n".join(lines) + "\n"
 
 
-def memory_vs_batch_table(rows):
+def _memory_vs_batch_table(rows):
     lines = []
     for depth, width in _depths(rows):
         sel = [r for r in rows if r["depth"] == depth and r.get("width", 1) == width]
@@ -95,7 +97,7 @@ def memory_vs_batch_table(rows):
             continue
         lookup = {(r["mode"], r["batch"]): r["peak_mib"] for r in sel}
         lines += [
-            f"Peak memory (MiB) vs batch size, depth {depth_label(depth, width)}:",
+            f"Peak memory (MiB) vs batch size, depth {_depth_label(depth, width)}:",
             "",
             "| mode | " + " | ".join(str(b) for b in batches) + " |",
             "|---|" + "---:|" * len(batches),
@@ -107,7 +109,7 @@ def memory_vs_batch_table(rows):
     return "\n".join(lines)
 
 
-def max_batch_table(rows):
+def _max_batch_table(rows):
     if not rows:
         return ""
     depths = _depths(rows)
@@ -117,7 +119,7 @@ def max_batch_table(rows):
         f"Largest batch under a {', '.join(str(b) for b in budgets)} MiB budget "
         "(ratio to exact; time per sample at that batch, ms):",
         "",
-        "| mode | " + " | ".join(depth_label(*d) for d in depths) + " |",
+        "| mode | " + " | ".join(_depth_label(*d) for d in depths) + " |",
         "|---|" + "---:|" * len(depths),
     ]
     for mode in _ordered({r["mode"] for r in rows}):
@@ -137,7 +139,7 @@ def max_batch_table(rows):
     return "\n".join(lines) + "\n"
 
 
-def timing_table(rows):
+def _timing_table(rows):
     if not rows:
         return ""
     depths = _depths(rows)
@@ -147,7 +149,7 @@ def timing_table(rows):
         f"Time per training sample at batch {', '.join(str(b) for b in batches)}, "
         "ms, median over interleaved steps (ratio to exact):",
         "",
-        "| mode | " + " | ".join(depth_label(*d) for d in depths) + " |",
+        "| mode | " + " | ".join(_depth_label(*d) for d in depths) + " |",
         "|---|" + "---:|" * len(depths),
     ]
     for mode in _ordered({r["mode"] for r in rows}):
@@ -163,7 +165,7 @@ def timing_table(rows):
     return "\n".join(lines) + "\n"
 
 
-def accuracy_table(rows):
+def _accuracy_table(rows):
     if not rows:
         return ""
     r0 = rows[0]
@@ -184,7 +186,7 @@ def accuracy_table(rows):
     return "\n".join(lines) + "\n"
 
 
-def markdown(results):
+def _markdown(results):
     meta = results.get("meta", {})
     parts = [
         "# keras_blpa benchmark",
@@ -199,20 +201,20 @@ def markdown(results):
     ]
     cfg = results.get("config", {})
     if results.get("memory"):
-        parts.append(memory_table(results["memory"], cfg.get("batch")))
-        parts.append(memory_vs_batch_table(results["memory"]))
+        parts.append(_memory_table(results["memory"], cfg.get("batch")))
+        parts.append(_memory_vs_batch_table(results["memory"]))
     if results.get("timing"):
-        parts.append(timing_table(results["timing"]))
+        parts.append(_timing_table(results["timing"]))
     if results.get("max_batch"):
-        parts.append(max_batch_table(results["max_batch"]))
+        parts.append(_max_batch_table(results["max_batch"]))
     if results.get("accuracy"):
-        parts.append(accuracy_table(results["accuracy"]))
+        parts.append(_accuracy_table(results["accuracy"]))
     for plot in results.get("plots", []):
         parts.append(f"![{plot}]({plot})\n")
     return "\n".join(parts)
 
 
-def plots(results, out_dir):
+def _plots(results, out_dir):
     """memory_vs_batch.png and max_batch_vs_depth.png; returns the file names."""
     import matplotlib
 
@@ -233,7 +235,7 @@ def plots(results, out_dir):
                       if r["depth"] == depth and r.get("width", 1) == width]
             for mode in _ordered({r["mode"] for r in sel}):
                 pts = sorted((r["batch"], r["peak_mib"]) for r in sel if r["mode"] == mode)
-                line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], STYLES[mode],
+                line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], _STYLES[mode],
                                 label=mode, markerfacecolor="none", color=_color(mode))
                 # The largest-batch trials that fit (BFC allocator, budget-limited).
                 extra = sorted((t["batch"], t["peak_mib"]) for r in trials if r["mode"] == mode
@@ -246,7 +248,7 @@ def plots(results, out_dir):
                            label=f"budget {trials[0]['budget_mib']} MiB")
                 ax.set_xscale("log")
                 ax.set_yscale("log")
-            ax.set_title(f"ResNet-{depth_label(depth, width)}")
+            ax.set_title(f"ResNet-{_depth_label(depth, width)}")
             ax.set_xlabel("batch size")
             ax.set_ylabel("peak training-step memory (MiB)")
             ax.grid(alpha=0.3)
@@ -258,12 +260,12 @@ def plots(results, out_dir):
     max_batch = results.get("max_batch", [])
     if max_batch:
         fig, ax = plt.subplots(figsize=(6, 4))
-        labels = [depth_label(*d) for d in _depths(max_batch)]
+        labels = [_depth_label(*d) for d in _depths(max_batch)]
         for mode in _ordered({r["mode"] for r in max_batch}):
-            pts = {depth_label(r["depth"], r.get("width", 1)): r["max_batch"]
+            pts = {_depth_label(r["depth"], r.get("width", 1)): r["max_batch"]
                    for r in max_batch if r["mode"] == mode}
             xs = [i for i, lab in enumerate(labels) if lab in pts]
-            ax.plot(xs, [pts[labels[i]] for i in xs], STYLES[mode], label=mode,
+            ax.plot(xs, [pts[labels[i]] for i in xs], _STYLES[mode], label=mode,
                     color=_color(mode))
         ax.set_xticks(range(len(labels)), labels)
         ax.set_xlabel("ResNet depth")
@@ -282,9 +284,9 @@ def plots(results, out_dir):
 def write(results, out_dir):
     """Writes results.json, the PNG plots and results.md; returns the paths."""
     os.makedirs(out_dir, exist_ok=True)
-    results["plots"] = plots(results, out_dir)
+    results["plots"] = _plots(results, out_dir)
     paths = [save_json(results, out_dir)]
     md = os.path.join(out_dir, "results.md")
     with open(md, "w") as f:
-        f.write(markdown(results))
+        f.write(_markdown(results))
     return paths + [md] + [os.path.join(out_dir, p) for p in results["plots"]]

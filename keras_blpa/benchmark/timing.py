@@ -11,6 +11,8 @@ import time
 
 from keras_blpa.benchmark import modes as modes_lib
 
+__all__ = ["measure"]
+
 
 def measure(modes, depth, batch, steps=5, warmup=2, width=1, input_shape=(32, 32, 3),
             num_classes=10, log=print):

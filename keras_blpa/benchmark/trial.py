@@ -13,6 +13,8 @@ import json
 import statistics
 import time
 
+__all__ = ["MARKER", "main"]
+
 MARKER = "BLPA_TRIAL "
 
 
