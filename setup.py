@@ -117,7 +117,7 @@ setuptools.setup(
         "keras>=3.10",
         "numpy",
         "tensorflow-datasets>=4.9",
-        # tensorflow-datasets 4.9 needs it for tfds.load but does not declare it.
+        # tensorflow-datasets 4.9 imports it to prepare datasets but does not declare it.
         "importlib_resources",
     ],
     extras_require={

@@ -17,6 +17,7 @@ from keras_blpa import models  # noqa: E402
 from keras_blpa import quantization  # noqa: E402
 from keras_blpa.layers import ApproxConvBlock  # noqa: E402
 from keras_blpa.layers import ResidualBuffer  # noqa: E402
+from keras_blpa.models import from_preset  # noqa: E402
 from keras_blpa.models import resnet  # noqa: E402
 from keras_blpa.quantization import native_ops_available  # noqa: E402
 
@@ -25,6 +26,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ApproxConvBlock",
     "ResidualBuffer",
+    "from_preset",
     "memory",
     "models",
     "native_ops_available",
