@@ -2,8 +2,11 @@
 
 The peak is the allocator's (`keras_blpa.memory.PeakMemory`, on every CPU and on a
 GPU) over one compiled training step, measured after a warm-up step (tracing,
-optimizer slots). ``resident_mib`` is what was allocated
-before the step (weights, optimizer state, the batch); ``peak_mib`` includes it.
+optimizer slots). ``resident_mib`` is what this model had allocated before the
+step (weights, optimizer state, the batch); ``peak_mib`` includes it. Both leave
+out what was still allocated before the model was built: TensorFlow keeps a few
+MiB per model that was built and released earlier in the same process (about
+the size of its variables), which would otherwise count against later modes.
 """
 
 import time
@@ -14,11 +17,17 @@ from keras_blpa.benchmark import modes as modes_lib
 MIB = memory.MIB
 
 
-def step_peak(model, x, y):
-    """Peak bytes of one training step, and the bytes resident before it."""
+def step_peak(model, x, y, baseline=0):
+    """Peak bytes of one training step, and the bytes resident before it, above `baseline`."""
     with memory.PeakMemory() as peak:
         modes_lib.train_step(model, x, y)
-    return peak.resident_bytes, peak.peak_bytes
+    return peak.resident_bytes - baseline, peak.peak_bytes - baseline
+
+
+def _allocated():
+    with memory.PeakMemory() as now:
+        pass
+    return now.resident_bytes
 
 
 def measure(mode, depth, batches, width=1, input_shape=(32, 32, 3), num_classes=10):
@@ -28,6 +37,7 @@ def measure(mode, depth, batches, width=1, input_shape=(32, 32, 3), num_classes=
     resident_mib, step_mib (= peak - resident) and build/trace seconds.
     """
     modes_lib.release()
+    baseline = _allocated()
     start = time.perf_counter()
     model = modes_lib.compile_model(
         modes_lib.build_model(mode, depth, num_classes, input_shape, width)
@@ -40,7 +50,7 @@ def measure(mode, depth, batches, width=1, input_shape=(32, 32, 3), num_classes=
         t0 = time.perf_counter()
         modes_lib.train_step(model, x, y)  # warm-up (and retrace for a new batch)
         warm = time.perf_counter() - t0
-        resident, peak = step_peak(model, x, y)
+        resident, peak = step_peak(model, x, y, baseline)
         rows.append(
             {
                 "mode": mode,
