@@ -1,9 +1,47 @@
-"""ApproxConvBlock (BN -> ReLU -> Conv2D with compressed-activation backprop) and ResidualBuffer."""
+"""ApproxConvBlock (BN -> ReLU -> Conv2D with compressed-activation backprop) and ResidualBuffer.
+
+The compressed backward of ApproxConvBlock runs as named steps: decode the code
+once the incoming gradient exists, the filter gradient from the decoded ReLU
+output (`_conv_backward`), the input gradient through the kernel, then the ReLU
+mask and the BN backward from the code (`_bn_relu_backward`).
+
+Memory ordering. Inside `tf.function`, TensorFlow's executor runs an op as soon
+as its inputs exist; the peak memory, not the stored bytes, is what counts, so
+the block pins the order of a few ops:
+
+(a) Each decode waits for its incoming gradient (`_Code.read_after`). A decode
+    that depends only on the codes would run at the start of backprop for every
+    block at once and re-materialise all float activations (a 20-block stack
+    peaked at 1068 MiB that way, 156 MiB with the ordering; stock Keras 688 MiB).
+    For the same reason each full-size backward temporary waits for the one
+    before it, so that one block's float temporaries exist at a time.
+(b) The forward conv waits for the codes, so that the packing is not deferred
+    while the float pre-activation stays alive.
+(c) The activation is returned only when the caller uses it
+    (``return_activation=True``): for an unused custom-gradient output the tape
+    makes ``zeros_like(activation)`` and keeps the float activation alive until
+    the backward pass.
+"""
 
 import keras
 import tensorflow as tf
 
 from keras_blpa import quantization as quant
+from keras_blpa.validation import check_bits
+from keras_blpa.validation import check_choice
+from keras_blpa.validation import check_int
+from keras_blpa.validation import check_int_pair
+from keras_blpa.validation import check_number
+from keras_blpa.validation import check_rank4
+
+__all__ = [
+    "ApproxConvBlock",
+    "PADDINGS",
+    "QUANTIZATION_MODES",
+    "ResidualBuffer",
+    "check_backend",
+    "shortcut_adapter",
+]
 
 QUANTIZATION_MODES = ("blpa", "naive")
 PADDINGS = ("same", "valid")
@@ -19,28 +57,6 @@ def check_backend():
         )
 
 
-def _pair(value, name):
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = (value, value)
-    value = tuple(value)
-    if len(value) != 2 or not all(
-        isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value
-    ):
-        raise ValueError(
-            f"Expected {name} to be a positive int or a pair of positive ints. "
-            f"Received: {name}={value!r}"
-        )
-    return value
-
-
-def _check_rank4(shape, layer):
-    if len(shape) != 4:
-        raise ValueError(
-            f"{layer} expects a 4D input (batch, height, width, channels). "
-            f"Received: input_shape={tuple(shape)}"
-        )
-
-
 def _after(dependencies, tensor):
     """`tensor`, read only once `dependencies` are computed (orders the executor)."""
     with tf.control_dependencies(dependencies):
@@ -53,6 +69,75 @@ def _cross_replica_sum(values, synchronized):
     if not synchronized or ctx is None or ctx.num_replicas_in_sync == 1:
         return values
     return ctx.all_reduce(tf.distribute.ReduceOp.SUM, values)
+
+
+class _Code:
+    """The packed K-bit code of one block and what decoding it needs."""
+
+    def __init__(self, kernels, packed, shape, params, bits):
+        self.kernels, self.packed, self.shape = kernels, packed, shape
+        self.params, self.bits = params, bits
+
+    def read_after(self, dependencies):
+        """The packed code, read only once `dependencies` exist (ordering (a))."""
+        return _after(dependencies, self.packed)
+
+    def decode_relu(self, dependencies):
+        """The decoded ReLU output (float32), computed after `dependencies`."""
+        p = self.params
+        return self.kernels.decode_relu(
+            self.read_after(dependencies), self.shape, p["step"], p["shift"], self.bits
+        )
+
+
+def _conv_backward(code, kernel, d_out, conv_args):
+    """(d_kernel, d_activation) of ``conv(relu_output, kernel)``.
+
+    The filter gradient reads the decoded ReLU output; the input gradient needs
+    only the kernel and waits for the filter gradient, so that the decoded
+    activation is released before the next full-size temporary is made.
+    """
+    a_dec = code.decode_relu([d_out])
+    d_kernel = tf.raw_ops.Conv2DBackpropFilter(
+        input=tf.cast(a_dec, d_out.dtype),
+        filter_sizes=tf.shape(kernel),
+        out_backprop=d_out,
+        **conv_args,
+    )
+    with tf.control_dependencies([d_kernel]):
+        d_a = tf.raw_ops.Conv2DBackpropInput(
+            input_sizes=code.shape, filter=kernel, out_backprop=d_out, **conv_args
+        )
+    return d_kernel, tf.cast(d_a, tf.float32)
+
+
+def _bn_relu_backward(code, d_a, beta, scale, synchronized):
+    """(d_x, d_gamma, d_beta) from the gradient of the ReLU output.
+
+    The ReLU mask and the normalised input come from the code; the two
+    per-channel sums are all-reduced across replicas when `synchronized`
+    (d_gamma and d_beta stay per-replica: the optimizer sums them).
+    """
+    p, bits, kernels = code.params, code.bits, code.kernels
+    sum_g, sum_gx = kernels.bn_grad_reduce(
+        code.read_after([d_a]), d_a, p["step"], p["shift"], p["gamma"], beta, bits
+    )
+    d_gamma, d_beta = sum_gx, sum_g
+    count = tf.cast(tf.reduce_prod(code.shape[:-1]), tf.float32)
+    sum_g, sum_gx, count = _cross_replica_sum([sum_g, sum_gx, count], synchronized)
+    d_x = kernels.bn_grad_input(
+        code.read_after([sum_g, sum_gx]),
+        d_a,
+        p["step"],
+        p["shift"],
+        p["gamma"],
+        beta,
+        scale,
+        sum_g / count,
+        sum_gx / count,
+        bits,
+    )
+    return d_x, d_gamma, d_beta
 
 
 @keras.saving.register_keras_serializable(package="keras_blpa")
@@ -132,30 +217,18 @@ class ApproxConvBlock(keras.layers.Layer):
     ):
         check_backend()
         super().__init__(**kwargs)
-        if isinstance(filters, bool) or not isinstance(filters, int) or filters <= 0:
-            raise ValueError(
-                f"Expected filters to be a positive int. Received: filters={filters!r}"
-            )
-        if not isinstance(padding, str) or padding.lower() not in PADDINGS:
-            raise ValueError(
-                f"Expected padding in {PADDINGS}. Received: padding={padding!r}"
-            )
-        if quantization not in QUANTIZATION_MODES:
-            raise ValueError(
-                f"Expected quantization in {QUANTIZATION_MODES}. "
-                f"Received: quantization={quantization!r}"
-            )
-        if not 0.0 <= momentum <= 1.0:
-            raise ValueError(
-                f"Expected momentum in [0, 1]. Received: momentum={momentum!r}"
-            )
-        if not epsilon > 0:
-            raise ValueError(f"Expected epsilon > 0. Received: epsilon={epsilon!r}")
-        self.filters = filters
-        self.kernel_size = _pair(kernel_size, "kernel_size")
-        self.strides = _pair(strides, "strides")
-        self.padding = padding.lower()
-        self.bits = quant.check_bits(bits, allow_none=True)
+        self.filters = check_int(filters, "filters")
+        self.kernel_size = check_int_pair(kernel_size, "kernel_size")
+        self.strides = check_int_pair(strides, "strides")
+        self.padding = check_choice(
+            padding.lower() if isinstance(padding, str) else padding, "padding", PADDINGS
+        )
+        self.bits = check_bits(bits, allow_none=True)
+        self.quantization = check_choice(
+            quantization, "quantization", QUANTIZATION_MODES
+        )
+        momentum = check_number(momentum, "momentum", 0.0, 1.0)
+        epsilon = check_number(epsilon, "epsilon", low=0.0, low_open=True)
         self.momentum = float(momentum)
         self.epsilon = float(epsilon)
         self.use_bias = bool(use_bias)
@@ -163,20 +236,20 @@ class ApproxConvBlock(keras.layers.Layer):
         self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
         self.gamma_initializer = keras.initializers.get(gamma_initializer)
         self.beta_initializer = keras.initializers.get(beta_initializer)
-        self.quantization = quantization
         self.synchronized = bool(synchronized)
         self.return_activation = bool(return_activation)
         # Custom ops cannot be compiled by XLA; the reference path can.
         self.supports_jit = self.bits is None or not quant.native_ops_available()
 
     def build(self, input_shape):
-        _check_rank4(input_shape, "ApproxConvBlock")
+        check_rank4(input_shape, "ApproxConvBlock")
         channels = input_shape[-1]
         if channels is None:
             raise ValueError(
                 "ApproxConvBlock needs a known channel count. "
                 f"Received: input_shape={tuple(input_shape)}"
             )
+        self.input_spec = keras.layers.InputSpec(ndim=4, axes={-1: channels})
         vector = dict(shape=(channels,), autocast=False)
         self.gamma = self.add_weight(
             name="gamma", initializer=self.gamma_initializer, **vector
@@ -207,8 +280,6 @@ class ApproxConvBlock(keras.layers.Layer):
         )
 
     def call(self, inputs, training=None):
-        if len(inputs.shape) != 4:
-            _check_rank4(inputs.shape, "ApproxConvBlock")
         x = tf.cast(inputs, tf.float32)
         gamma = tf.convert_to_tensor(self.gamma)
         beta = tf.convert_to_tensor(self.beta)
@@ -247,88 +318,40 @@ class ApproxConvBlock(keras.layers.Layer):
 
     def _compressed(self, x, gamma, beta, kernel, mean, variance):
         """Training forward whose backward reads only the packed codes."""
-        bits, compute_dtype, input_dtype = self.bits, self.compute_dtype, x.dtype
         kernels = quant.kernels()
-        naive = self.quantization == "naive"
-        synchronized = self.synchronized
+        bits, epsilon = self.bits, self.epsilon
+        conv = self._conv
+        conv_args = dict(
+            strides=(1,) + self.strides + (1,), padding=self.padding.upper()
+        )
 
         @tf.custom_gradient
         def block(x, gamma, beta, kernel, mean, variance):
-            inv_std = tf.math.rsqrt(variance + self.epsilon)
-            scale = gamma * inv_std
+            scale = gamma * tf.math.rsqrt(variance + epsilon)
             p = quant.channel_params(gamma, beta, bits)
             x_shape = tf.shape(x)
             activation, packed = kernels.bn_relu_encode(
                 x, scale, beta - mean * scale, p["inv_step"], p["shift"], bits
             )
-            if naive:
+            if self.quantization == "naive":
                 activation = kernels.decode_relu(
                     packed, x_shape, p["step"], p["shift"], bits
                 )
-            activation = tf.cast(activation, compute_dtype)
-            # The forward goes on only once the codes exist; otherwise the
-            # executor may defer the packing and keep every block's float
-            # pre-activation alive.
-            with tf.control_dependencies([packed]):
-                out = self._conv(activation, kernel)
+            activation = tf.cast(activation, self.compute_dtype)
+            with tf.control_dependencies([packed]):  # ordering (b)
+                out = conv(activation, kernel)
+            code = _Code(kernels, packed, x_shape, p, bits)
 
             def grad(d_out, d_activation=None):
-                # Decode only once the incoming gradient exists: otherwise the
-                # executor decodes every block at the start of backprop and the
-                # float activations all come back at once (DESIGN.md trap).
-                codes = _after([d_out], packed)
-                a_dec = kernels.decode_relu(codes, x_shape, p["step"], p["shift"], bits)
-                d_kernel = tf.raw_ops.Conv2DBackpropFilter(
-                    input=tf.cast(a_dec, d_out.dtype),
-                    filter_sizes=tf.shape(kernel),
-                    out_backprop=d_out,
-                    strides=(1,) + self.strides + (1,),
-                    padding=self.padding.upper(),
-                )
-                # One full-size temporary at a time: the input gradient waits
-                # for the filter gradient (and so for a_dec to be released).
-                with tf.control_dependencies([d_kernel]):
-                    d_a = tf.raw_ops.Conv2DBackpropInput(
-                        input_sizes=x_shape,
-                        filter=kernel,
-                        out_backprop=d_out,
-                        strides=(1,) + self.strides + (1,),
-                        padding=self.padding.upper(),
-                    )
-                d_a = tf.cast(d_a, tf.float32)
+                d_kernel, d_a = _conv_backward(code, kernel, d_out, conv_args)
                 if d_activation is not None:
                     d_a += tf.cast(d_activation, tf.float32)
-                # Each decode waits for the result before it, so that at most
-                # one block's float temporaries exist at a time.
-                codes = _after([d_a], packed)
-                sum_g, sum_gx = kernels.bn_grad_reduce(
-                    codes, d_a, p["step"], p["shift"], p["gamma"], beta, bits
+                d_x, d_gamma, d_beta = _bn_relu_backward(
+                    code, d_a, beta, scale, self.synchronized
                 )
-                count = tf.cast(tf.reduce_prod(x_shape[:-1]), tf.float32)
-                # d_gamma / d_beta stay per-replica: the optimizer sums them
-                # across replicas; only the input gradient needs the global sums.
-                d_gamma, d_beta = sum_gx, sum_g
-                sum_g, sum_gx, count = _cross_replica_sum(
-                    [sum_g, sum_gx, count], synchronized
-                )
-                codes = _after([sum_g, sum_gx], packed)
-                d_x = kernels.bn_grad_input(
-                    codes,
-                    d_a,
-                    p["step"],
-                    p["shift"],
-                    p["gamma"],
-                    beta,
-                    scale,
-                    sum_g / count,
-                    sum_gx / count,
-                    bits,
-                )
-                return tf.cast(d_x, input_dtype), d_gamma, d_beta, d_kernel, None, None
+                return tf.cast(d_x, x.dtype), d_gamma, d_beta, d_kernel, None, None
 
-            # Return the activation only when the caller uses it: for an unused
-            # output the tape makes zeros_like(activation), which would keep
-            # the float activation alive until the backward pass.
+            # Ordering (c): return the activation only when the caller uses it.
             if self.return_activation:
                 return (out, activation), grad
             return out, grad
@@ -337,7 +360,7 @@ class ApproxConvBlock(keras.layers.Layer):
         return result if self.return_activation else (result, None)
 
     def compute_output_shape(self, input_shape):
-        _check_rank4(input_shape, "ApproxConvBlock")
+        check_rank4(input_shape, "ApproxConvBlock")
         spatial = []
         for size, k, s in zip(input_shape[1:3], self.kernel_size, self.strides):
             if size is None:
@@ -459,7 +482,10 @@ class ResidualBuffer(keras.layers.Layer):
             if stride > 1:
                 s = tf.nn.avg_pool2d(s, stride, stride, padding)
             if extra:
-                s = tf.pad(s, [[0, 0], [0, 0], [0, 0], [0, extra]])
+                # Not tf.pad: TF 2.21's oneDNN graph rewrite segfaults on a
+                # channel Pad here inside model.fit (AVX-512 machines).
+                zeros = tf.zeros(tf.concat([tf.shape(s)[:-1], [extra]], 0), s.dtype)
+                s = tf.concat([s, zeros], axis=-1)
 
             def grad(d_out):
                 d_s = d_out[..., : d_out.shape[-1] - extra] if extra else d_out
