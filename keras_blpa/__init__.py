@@ -7,6 +7,8 @@ batch-normalised activation.
 
 from keras_blpa import models
 from keras_blpa import quantization
+from keras_blpa.convert import convert
+from keras_blpa.convert import memory_report
 from keras_blpa.layers import ApproxConvBlock
 from keras_blpa.layers import ResidualBuffer
 from keras_blpa.models import resnet
@@ -17,6 +19,8 @@ __version__ = "0.1.0"
 __all__ = [
     "ApproxConvBlock",
     "ResidualBuffer",
+    "convert",
+    "memory_report",
     "models",
     "native_ops_available",
     "quantization",
