@@ -1,5 +1,10 @@
 """keras_blpa.convert / memory_report on keras.applications, Sequential and factory models."""
 
+import json
+import os
+import subprocess
+import sys
+import textwrap
 import warnings
 
 import keras
@@ -328,3 +333,104 @@ def test_subclassed_model_is_rejected_by_name():
     with pytest.raises(ValueError, match="input_shape"):
         inp = keras.Input((None, None, 3))
         keras_blpa.memory_report(keras.Model(inp, keras.layers.Conv2D(2, 3)(inp)), 2)
+
+
+# Subprocess tests: the allocator peak and MirroredStrategy need their own process.
+
+PEAK_STEP = textwrap.dedent(
+    """
+    import json, sys
+    import keras, tensorflow as tf
+    import keras_blpa
+
+    size, batch, bits = map(int, sys.argv[1:])
+    keras.utils.set_random_seed(0)
+    model = keras.applications.ResNet50V2(weights=None, input_shape=(size, size, 3), classes=10)
+    report = keras_blpa.memory_report(model, batch, bits=bits)
+    x = tf.random.normal([batch, size, size, 3])
+    y = tf.one_hot(tf.range(batch) % 10, 10)
+
+    def peak(m):
+        @tf.function
+        def step(x, y):
+            with tf.GradientTape() as tape:
+                out = m(x, training=True)
+                loss = tf.reduce_mean(keras.losses.categorical_crossentropy(y, out))
+            grads = tape.gradient(loss, m.trainable_variables)
+            return tf.add_n([tf.reduce_sum(g) for g in grads])
+
+        step(x, y)
+        tf.config.experimental.reset_memory_stats("CPU:0")
+        step(x, y)
+        return tf.config.experimental.get_memory_info("CPU:0")["peak"]
+
+    stock = peak(model)
+    converted = peak(keras_blpa.convert(model, bits=bits))
+    print(json.dumps(dict(stock=stock, converted=converted, saved=report.saved_bytes,
+                          transient=report.transient_bytes,
+                          native=keras_blpa.native_ops_available())))
+    """
+)
+
+
+def run_python(code, args=(), env=None):
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *map(str, args)],
+        capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **(env or {})),
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_reported_saving_matches_allocator_peak(kernel_path):
+    """ResNet50V2, 64x64, batch 16, 4 bits: the measured peak difference equals
+    report.saved_bytes to within report.transient_bytes (see keras_blpa.report)."""
+    env = {"TF_CPU_ALLOCATOR_USE_BFC": "true", "KERAS_BLPA_PURE_TF": "1" if kernel_path == "reference" else "0"}
+    r = run_python(PEAK_STEP, (64, 16, 4), env)
+    assert r["native"] == (kernel_path == "native")
+    measured = r["stock"] - r["converted"]
+    print(f"{kernel_path}: peak {r['stock'] / 2**20:.0f} -> {r['converted'] / 2**20:.0f} MiB, "
+          f"measured saving {measured / 2**20:.1f} MiB, reported {r['saved'] / 2**20:.1f} MiB "
+          f"(transient {r['transient'] / 2**20:.1f} MiB)")
+    assert abs(measured - r["saved"]) <= r["transient"]
+    assert measured > 0.5 * r["saved"] > 0
+
+
+MIRRORED = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    import tensorflow as tf
+    cpus = tf.config.list_physical_devices("CPU")
+    tf.config.set_logical_device_configuration(cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+    import keras
+    import keras_blpa
+
+    strategy = tf.distribute.MirroredStrategy(["CPU:0", "CPU:1"])
+    with strategy.scope():
+        model = keras.applications.ResNet50V2(weights=None, input_shape=(32, 32, 3), classes=10)
+        converted = keras_blpa.convert(model, bits=4)
+        converted.compile(keras.optimizers.SGD(0.01), "categorical_crossentropy")
+    block = converted.get_layer("conv2_block1_1_conv")
+    mirrored = isinstance(block.kernels[1].value, tf.distribute.DistributedValues)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(16, 32, 32, 3)).astype("float32")
+    y = keras.utils.to_categorical(np.arange(16) % 10, 10)
+    before = block.kernels[1].numpy().copy()
+    history = converted.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    replicas = [v.numpy() for v in block.kernels[1].value.values] if mirrored else []
+    print(json.dumps(dict(
+        replicas=strategy.num_replicas_in_sync, mirrored=mirrored,
+        loss=history.history["loss"][-1],
+        moved=float(np.abs(block.kernels[1].numpy() - before).max()),
+        in_sync=all(np.array_equal(replicas[0], r) for r in replicas))))
+    """
+)
+
+
+def test_mirrored_strategy_convert_in_scope_and_fit():
+    r = run_python(MIRRORED)
+    assert r["replicas"] == 2 and r["mirrored"] and r["in_sync"]
+    assert np.isfinite(r["loss"]) and r["moved"] > 0
