@@ -434,3 +434,12 @@ def test_mirrored_strategy_convert_in_scope_and_fit():
     r = run_python(MIRRORED)
     assert r["replicas"] == 2 and r["mirrored"] and r["in_sync"]
     assert np.isfinite(r["loss"]) and r["moved"] > 0
+
+
+def test_example_script_prints_the_report(capsys):
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+    import convert_applications
+
+    convert_applications.main(["--model", "DenseNet121", "--input_size", "32", "--batch_size", "2", "--rows", "3"])
+    out = capsys.readouterr().out
+    assert "converted: 119 blocks" in out and "conv1_conv" in out
