@@ -366,7 +366,9 @@ def _float_reason(node, graph, reasons):
         source = "the model input" if producer is None else _describe(producer)
         return f"its input comes from {source}, not from a BatchNormalization"
     if isinstance(layer, blpa_layers.ApproxConvBlock):
-        return "exact block (bits=None) keeps float activations" if layer.bits is None else None
+        return "exact block (bits=None) keeps float activations"
+    if isinstance(layer, keras.Model):
+        return f"nested model {layer.name!r}: assumed to keep its inputs (convert it on its own)"
     return f"{name} keeps float activations (not a BN -> ReLU -> Conv2D chain)"
 
 
@@ -436,8 +438,13 @@ def _report(graph, chains, reasons, batch_shapes, bits):
             if key not in claimed_after:
                 claimed_after.add(key)
                 after += nbytes
+        layer = node.operation
+        if isinstance(layer, blpa_layers.ApproxConvBlock) and layer.bits is not None:
+            # Already compressed: it keeps its code.
+            rows.append(LayerMemory(layer.name, type(layer).__name__, before, after, layer.name, None))
+            continue
         reason = _float_reason(node, graph, reasons) if after else None
-        rows.append(LayerMemory(node.operation.name, type(node.operation).__name__, before, after, None, reason))
+        rows.append(LayerMemory(layer.name, type(layer).__name__, before, after, None, reason))
     blocks = {c.name: [n.operation.name for n in c.nodes] for c in chains}
     # Live at once in one block's backward: the incoming gradient, the decoded
     # activation and the result with the fused native kernels; the pure-TF
@@ -613,7 +620,10 @@ def convert(model, bits=4, quantization="blpa", return_report=False, batch_size=
         batch_size: batch size of that report.
 
     Returns:
-        The converted keras.Model, or ``(model, report)`` with return_report.
+        The converted keras.Model, or ``(model, report)`` with return_report
+        (report None when the model's input sizes are unknown: call
+        `memory_report` with ``input_shape`` then). A model with nothing to
+        convert gives an unchanged copy (and its report).
 
     Raises:
         ValueError: for a subclassed model (naming its class), bad bits or

@@ -304,6 +304,20 @@ def test_save_load_fit_and_mixed_precision(tmp_path, kernel_path):
     )
 
 
+def test_report_of_a_converted_model_counts_codes_not_floats():
+    model = vgg()
+    converted = keras_blpa.convert(model, bits=4)
+    before = keras_blpa.memory_report(model, 4, bits=4)
+    again = keras_blpa.memory_report(converted, 4, bits=4)
+    assert not again.blocks and again.saved_bytes == 0
+    assert again.after_bytes == before.after_bytes
+    codes = [r for r in again.layers if r.layer_type == "ApproxConvBlock"]
+    assert len(codes) == 2 and all(r.converted_into == r.name for r in codes)
+    # 4-bit codes of the BN inputs: 4 x 16 x 16 x 8 and 4 x 8 x 8 x 16 values.
+    assert sorted(r.after for r in codes) == sorted([4 * 16 * 16 * 8 // 2, 4 * 8 * 8 * 16 // 2])
+    assert {r.name for r in again.still_float} == {r.name for r in before.still_float}
+
+
 def test_mobilenet_v2_relu6_is_left_unchanged_with_one_warning():
     model = keras.applications.MobileNetV2(weights=None, input_shape=(32, 32, 3), classes=10)
     with warnings.catch_warnings(record=True) as caught:
@@ -328,6 +342,8 @@ def test_subclassed_model_is_rejected_by_name():
 
     with pytest.raises(ValueError, match="MyNet.*functional API"):
         keras_blpa.convert(MyNet())
+    with pytest.raises(ValueError, match="built Sequential"):
+        keras_blpa.convert(keras.Sequential([keras.layers.Conv2D(2, 3)]))
     with pytest.raises(ValueError, match="bits=3"):
         keras_blpa.convert(vgg(), bits=3)
     with pytest.raises(ValueError, match="input_shape"):
