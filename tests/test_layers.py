@@ -565,3 +565,19 @@ def test_approx_conv_block_contract(kernel_path, tmp_path, bits, kwargs):
 )
 def test_residual_buffer_contract(tmp_path, shapes):
     check_layer_contract(lambda **extra: ResidualBuffer(**extra), shapes, tmp_path, [])
+
+
+def test_models_saved_by_version_0_1_still_load():
+    """tests/data/blocks_v0_1.keras was saved by keras_blpa 0.1.0 (single-conv
+    ApproxConvBlock before conv heads, center/scale), with its inference outputs."""
+    import os
+
+    data = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+    saved = np.load(os.path.join(data, "blocks_v0_1.npz"))
+    model = keras.saving.load_model(os.path.join(data, "blocks_v0_1.keras"))
+    out = model(saved["x"], training=False)
+    np.testing.assert_array_equal(out[0], saved["out0"])
+    np.testing.assert_array_equal(out[1], saved["out1"])
+    b2 = model.get_layer("b2")
+    assert (b2.bits, b2.strides, b2.padding, b2.use_bias, len(b2.heads)) == (8, (2, 2), "valid", True, 1)
+    assert model.get_layer("b1").return_activation and model.get_layer("b1").center
