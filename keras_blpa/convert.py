@@ -224,8 +224,12 @@ class _Chain:
         return bool(self.others)
 
 
-def _find_chain(graph, node):
-    """(_Chain, None) for a BN node that starts a block, else (None, reason)."""
+def _find_chain(graph, node, rejected):
+    """(_Chain, None) for a BN node that starts a block, else (None, reason).
+
+    Consumers of the activation that cannot be heads get their reason in
+    `rejected` ({id(node): reason}).
+    """
     problem = _bn_problem(node)
     if problem:
         return None, problem
@@ -251,12 +255,16 @@ def _find_chain(graph, node):
             if convs and id(user.outputs[0]) not in graph.output_ids and not any(problems) and _single_call(layer):
                 heads += [(c, user) for c in convs]
                 continue
-            reasons += [p for p in problems if p]
+            for c, p in zip(convs, problems):
+                if p:
+                    rejected[id(c)] = p
+                    reasons.append(p)
         elif type(layer) is keras.layers.Conv2D:
             problem = _conv_problem(user, activation, bn)
             if problem is None:
                 heads.append((user, None))
                 continue
+            rejected[id(user)] = problem
             reasons.append(problem)
         others.append(user)
     if id(activation) in graph.output_ids:
@@ -275,7 +283,7 @@ def _plan(graph):
     chains, reasons = [], {}
     for node in graph.nodes:
         if isinstance(node.operation, keras.layers.BatchNormalization):
-            chain, reason = _find_chain(graph, node)
+            chain, reason = _find_chain(graph, node, reasons)
             if chain is not None:
                 chains.append(chain)
             else:

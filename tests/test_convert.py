@@ -280,6 +280,22 @@ def test_patterns_model(kernel_path):
     assert "GlobalAveragePooling2D" in {r.name: r.reason for r in report.still_float}["bn3"]
 
 
+def test_unsupported_conv_keeps_the_activation_with_its_reason():
+    """A dilated conv reading the same BN+ReLU stays a Conv2D fed by the block's
+    activation output; the report names the dilation."""
+    inp = keras.Input((8, 8, 3))
+    a = keras.layers.ReLU(name="relu")(keras.layers.BatchNormalization(name="bn")(inp))
+    u = keras.layers.Conv2D(4, 3, padding="same", name="conv")(a)
+    v = keras.layers.Conv2D(4, 3, padding="same", dilation_rate=2, name="dilated")(a)
+    model = keras.Model(inp, keras.layers.GlobalAveragePooling2D()(keras.layers.Add()([u, v])))
+    converted, report = keras_blpa.convert(model, bits=8, return_report=True, batch_size=2)
+    assert converted.get_layer("conv").return_activation
+    assert isinstance(converted.get_layer("dilated"), keras.layers.Conv2D)
+    assert "dilation_rate=(2, 2)" in {r.name: r.reason for r in report.still_float}["dilated"]
+    x = np.random.default_rng(6).normal(size=(2, 8, 8, 3)).astype(np.float32)
+    np.testing.assert_allclose(converted(x, training=True), model(x, training=True), rtol=1e-5, atol=1e-6)
+
+
 def test_save_load_fit_and_mixed_precision(tmp_path, kernel_path):
     converted = keras_blpa.convert(small_patterns_model(), bits=4)
     x = np.random.default_rng(4).normal(size=(8, 9, 9, 4)).astype(np.float32)
