@@ -15,6 +15,8 @@ memory.enable_cpu_statistics()
 
 from keras_blpa import models  # noqa: E402
 from keras_blpa import quantization  # noqa: E402
+from keras_blpa.convert import convert  # noqa: E402
+from keras_blpa.convert import memory_report  # noqa: E402
 from keras_blpa.layers import ApproxConvBlock  # noqa: E402
 from keras_blpa.layers import ResidualBuffer  # noqa: E402
 from keras_blpa.models import from_preset  # noqa: E402
@@ -26,8 +28,10 @@ __version__ = "0.1.0"
 __all__ = [
     "ApproxConvBlock",
     "ResidualBuffer",
+    "convert",
     "from_preset",
     "memory",
+    "memory_report",
     "models",
     "native_ops_available",
     "quantization",

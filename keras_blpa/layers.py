@@ -1,9 +1,47 @@
-"""ApproxConvBlock (BN -> ReLU -> Conv2D with compressed-activation backprop) and ResidualBuffer."""
+"""ApproxConvBlock (BN -> ReLU -> Conv2D with compressed-activation backprop) and ResidualBuffer.
+
+The compressed backward of ApproxConvBlock runs as named steps: decode the code
+once the incoming gradient exists, the filter gradient from the decoded ReLU
+output (`_conv_backward`), the input gradient through the kernel, then the ReLU
+mask and the BN backward from the code (`_bn_relu_backward`).
+
+Memory ordering. Inside `tf.function`, TensorFlow's executor runs an op as soon
+as its inputs exist; the peak memory, not the stored bytes, is what counts, so
+the block pins the order of a few ops:
+
+(a) Each decode waits for its incoming gradient (`_Code.read_after`). A decode
+    that depends only on the codes would run at the start of backprop for every
+    block at once and re-materialise all float activations (a 20-block stack
+    peaked at 1068 MiB that way, 156 MiB with the ordering; stock Keras 688 MiB).
+    For the same reason each full-size backward temporary waits for the one
+    before it, so that one block's float temporaries exist at a time.
+(b) The forward conv waits for the codes, so that the packing is not deferred
+    while the float pre-activation stays alive.
+(c) The activation is returned only when the caller uses it
+    (``return_activation=True``): for an unused custom-gradient output the tape
+    makes ``zeros_like(activation)`` and keeps the float activation alive until
+    the backward pass.
+"""
 
 import keras
 import tensorflow as tf
 
 from keras_blpa import quantization as quant
+from keras_blpa.validation import check_bits
+from keras_blpa.validation import check_choice
+from keras_blpa.validation import check_int
+from keras_blpa.validation import check_int_pair
+from keras_blpa.validation import check_number
+from keras_blpa.validation import check_rank4
+
+__all__ = [
+    "ApproxConvBlock",
+    "PADDINGS",
+    "QUANTIZATION_MODES",
+    "ResidualBuffer",
+    "check_backend",
+    "shortcut_adapter",
+]
 
 QUANTIZATION_MODES = ("blpa", "naive")
 PADDINGS = ("same", "valid")
@@ -16,28 +54,6 @@ def check_backend():
         raise ValueError(
             "keras_blpa needs the TensorFlow backend of Keras. "
             f"Received: KERAS_BACKEND={name!r}"
-        )
-
-
-def _pair(value, name):
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = (value, value)
-    value = tuple(value)
-    if len(value) != 2 or not all(
-        isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value
-    ):
-        raise ValueError(
-            f"Expected {name} to be a positive int or a pair of positive ints. "
-            f"Received: {name}={value!r}"
-        )
-    return value
-
-
-def _check_rank4(shape, layer):
-    if len(shape) != 4:
-        raise ValueError(
-            f"{layer} expects a 4D input (batch, height, width, channels). "
-            f"Received: input_shape={tuple(shape)}"
         )
 
 
@@ -55,40 +71,202 @@ def _cross_replica_sum(values, synchronized):
     return ctx.all_reduce(tf.distribute.ReduceOp.SUM, values)
 
 
+class _Code:
+    """The packed K-bit code of one block and what decoding it needs."""
+
+    def __init__(self, kernels, packed, shape, params, bits):
+        self.kernels, self.packed, self.shape = kernels, packed, shape
+        self.params, self.bits = params, bits
+
+    def read_after(self, dependencies):
+        """The packed code, read only once `dependencies` exist (ordering (a))."""
+        return _after(dependencies, self.packed)
+
+    def decode_relu(self, dependencies):
+        """The decoded ReLU output (float32), computed after `dependencies`."""
+        p = self.params
+        return self.kernels.decode_relu(
+            self.read_after(dependencies), self.shape, p["step"], p["shift"], self.bits
+        )
+
+
+def _conv_backward(code, kernels, d_outs, conv_args):
+    """(d_kernels, d_activation) of the convolutions ``conv_i(relu_output, kernel_i)``.
+
+    The decode waits for the incoming gradients; the filter gradients read the
+    decoded ReLU output, then the input gradients (which need only the kernels)
+    wait for them, so that the decoded activation is released before the next
+    full-size temporaries are made.
+    """
+    a_dec = code.decode_relu(list(d_outs))
+    d_kernels = [
+        tf.raw_ops.Conv2DBackpropFilter(
+            input=tf.cast(a_dec, d_out.dtype),
+            filter_sizes=tf.shape(kernel),
+            out_backprop=d_out,
+            **args,
+        )
+        for kernel, d_out, args in zip(kernels, d_outs, conv_args)
+    ]
+    d_a = None
+    with tf.control_dependencies(d_kernels):
+        for kernel, d_out, args in zip(kernels, d_outs, conv_args):
+            d = tf.cast(
+                tf.raw_ops.Conv2DBackpropInput(
+                    input_sizes=code.shape, filter=kernel, out_backprop=d_out, **args
+                ),
+                tf.float32,
+            )
+            d_a = d if d_a is None else d_a + d
+    return d_kernels, d_a
+
+
+def _bn_relu_backward(code, d_a, beta, scale, synchronized):
+    """(d_x, d_gamma, d_beta) from the gradient of the ReLU output.
+
+    The ReLU mask and the normalised input come from the code; the two
+    per-channel sums are all-reduced across replicas when `synchronized`
+    (d_gamma and d_beta stay per-replica: the optimizer sums them).
+    """
+    p, bits, kernels = code.params, code.bits, code.kernels
+    sum_g, sum_gx = kernels.bn_grad_reduce(
+        code.read_after([d_a]), d_a, p["step"], p["shift"], p["gamma"], beta, bits
+    )
+    d_gamma, d_beta = sum_gx, sum_g
+    count = tf.cast(tf.reduce_prod(code.shape[:-1]), tf.float32)
+    sum_g, sum_gx, count = _cross_replica_sum([sum_g, sum_gx, count], synchronized)
+    d_x = kernels.bn_grad_input(
+        code.read_after([sum_g, sum_gx]),
+        d_a,
+        p["step"],
+        p["shift"],
+        p["gamma"],
+        beta,
+        scale,
+        sum_g / count,
+        sum_gx / count,
+        bits,
+    )
+    return d_x, d_gamma, d_beta
+
+
+def _head_spec(head, kernel_regularizer):
+    """A standardised conv head: filters, kernel_size, strides, padding, use_bias,
+    explicit_padding (((top, bottom), (left, right)) or None), kernel_regularizer."""
+    if not isinstance(head, dict):
+        raise ValueError(f"Expected each head to be a dict. Received: head={head!r}")
+    known = {
+        "filters", "kernel_size", "strides", "padding", "use_bias",
+        "explicit_padding", "kernel_regularizer",
+    }
+    unknown = sorted(set(head) - known)
+    if unknown:
+        raise ValueError(
+            f"Unknown head keys {unknown}; expected some of {sorted(known)}. "
+            f"Received: head={head!r}"
+        )
+    padding = head.get("padding", "same")
+    padding = check_choice(
+        padding.lower() if isinstance(padding, str) else padding, "padding", PADDINGS
+    )
+    explicit = head.get("explicit_padding")
+    if explicit is not None:
+        try:
+            explicit = tuple(tuple(int(v) for v in pair) for pair in explicit)
+            ok = len(explicit) == 2 and all(
+                len(pair) == 2 and min(pair) >= 0 for pair in explicit
+            )
+        except (TypeError, ValueError):
+            ok = False
+        if not ok or padding != "valid":
+            raise ValueError(
+                "Expected explicit_padding ((top, bottom), (left, right)) of ints >= 0 "
+                f"with padding='valid'. Received: explicit_padding={head['explicit_padding']!r}"
+                f", padding={padding!r}"
+            )
+        if not any(any(pair) for pair in explicit):
+            explicit = None
+    regularizer = head.get("kernel_regularizer", kernel_regularizer)
+    return {
+        "filters": check_int(head.get("filters"), "filters"),
+        "kernel_size": check_int_pair(head.get("kernel_size"), "kernel_size"),
+        "strides": check_int_pair(head.get("strides", 1), "strides"),
+        "padding": padding,
+        "use_bias": bool(head.get("use_bias", False)),
+        "explicit_padding": explicit,
+        "kernel_regularizer": keras.regularizers.get(regularizer),
+    }
+
+
+def _conv_args(head):
+    """Keyword arguments of tf.raw_ops.Conv2D / Conv2DBackprop* for a head."""
+    args = {"strides": (1,) + head["strides"] + (1,)}
+    if head["explicit_padding"] is None:
+        args["padding"] = head["padding"].upper()
+    else:
+        (top, bottom), (left, right) = head["explicit_padding"]
+        args["padding"] = "EXPLICIT"
+        args["explicit_paddings"] = [0, 0, top, bottom, left, right, 0, 0]
+    return args
+
+
+def _head_output_size(size, k, s, head, axis):
+    if size is None:
+        return None
+    if head["padding"] == "same":
+        return -(-size // s)
+    if head["explicit_padding"] is not None:
+        size += sum(head["explicit_padding"][axis])
+    return (size - k) // s + 1
+
+
 @keras.saving.register_keras_serializable(package="keras_blpa")
 class ApproxConvBlock(keras.layers.Layer):
     """BatchNormalization -> ReLU -> Conv2D whose backward uses K-bit activations.
 
     The forward pass is exact. In training, the block keeps for the backward pass
     only a packed K-bit code of its batch-normalised pre-activation (1/8 of the
-    float32 bytes at 4 bits), per-channel vectors and the kernel. The backward
+    float32 bytes at 4 bits), per-channel vectors and the kernels. The backward
     pass decodes the codes once the incoming gradient arrives and rebuilds the
     filter gradient (from the decoded ReLU output), the exact ReLU mask and the BN
     gradient (from the decoded normalised value).
+
+    One BN+ReLU may feed several convolutions ("heads", e.g. a ResNetV2
+    pre-activation feeding both the projection shortcut and the first conv):
+    pass ``heads=[dict(filters=..., kernel_size=..., ...), ...]`` instead of
+    `filters` / `kernel_size`; all heads read the same single code.
 
     Negative gamma is supported: the bins are measured in |gamma| and the ReLU
     mask comes from the sign of the BN output itself (no clamp of gamma).
 
     Args:
-        filters: number of output channels (> 0).
-        kernel_size: int or pair of ints.
+        filters: number of output channels (> 0). None when `heads` is given.
+        kernel_size: int or pair of ints. None when `heads` is given.
         strides: int or pair of ints. Defaults to 1.
         padding: "same" or "valid".
         bits: 2, 4 or 8 bits per stored activation, or None for the exact
             (stock) backward. Defaults to 4.
         momentum, epsilon: as in keras.layers.BatchNormalization.
         use_bias: whether the convolution adds a bias. Defaults to False.
-        kernel_initializer, kernel_regularizer: for the convolution kernel.
+        kernel_initializer, kernel_regularizer: for the convolution kernel(s).
         gamma_initializer, beta_initializer: for the BN scale and shift.
         quantization: "blpa" (exact forward, approximate backward) or "naive"
             (the paper's baseline: the quantised activation also feeds the
             forward convolution, so errors compound across layers).
         synchronized: if True, the BN batch statistics and the two per-channel
             sums of its backward pass are all-reduced across replicas.
-        return_activation: if True, the layer returns ``[conv_output,
-            activation]`` where ``activation`` is the BN+ReLU output, so a
-            residual shortcut can be taken after the block's BN+ReLU (the
-            default shortcut is the block input, i.e. before BN+ReLU).
+        return_activation: if True, the BN+ReLU output is returned as well
+            (last), so that it can also feed a residual shortcut or any other
+            layer (the default shortcut is the block input, before BN+ReLU).
+        center, scale: as in keras.layers.BatchNormalization (False: no beta /
+            no gamma weight, the shift is 0 / the scale is 1).
+        heads: optional list of conv heads, dicts with keys ``filters``,
+            ``kernel_size``, ``strides`` (1), ``padding`` ("same"),
+            ``use_bias`` (False), ``explicit_padding`` (None, or
+            ``((top, bottom), (left, right))`` zeros added before a "valid"
+            conv, i.e. a folded ZeroPadding2D) and ``kernel_regularizer``.
+            Weights: ``kernel`` / ``bias`` for the first head, ``kernel_{i}`` /
+            ``bias_{i}`` for head i.
         **kwargs: keras.layers.Layer arguments (name, dtype, ...).
 
     Call arguments:
@@ -96,8 +274,9 @@ class ApproxConvBlock(keras.layers.Layer):
         training: whether to use batch statistics (and store codes).
 
     Returns:
-        The convolution output, or ``[output, activation]`` with
-        ``return_activation=True``.
+        The convolution output; with several heads or
+        ``return_activation=True``, the list of head outputs followed by the
+        activation if returned.
 
     Raises:
         ValueError: for bad arguments, a non-4D input or a non-TensorFlow backend.
@@ -105,6 +284,8 @@ class ApproxConvBlock(keras.layers.Layer):
     Example:
     >>> block = ApproxConvBlock(64, 3, bits=4)
     >>> y = block(tf.random.normal([8, 32, 32, 16]), training=True)
+    >>> two = ApproxConvBlock(heads=[dict(filters=64, kernel_size=1),
+    ...                              dict(filters=16, kernel_size=3)])
 
     Reference:
         Chakrabarti & Moseley, "Backprop with Approximate Activations for
@@ -113,8 +294,8 @@ class ApproxConvBlock(keras.layers.Layer):
 
     def __init__(
         self,
-        filters,
-        kernel_size,
+        filters=None,
+        kernel_size=None,
         strides=1,
         padding="same",
         bits=4,
@@ -128,91 +309,124 @@ class ApproxConvBlock(keras.layers.Layer):
         return_activation=False,
         gamma_initializer="ones",
         beta_initializer="zeros",
+        center=True,
+        scale=True,
+        heads=None,
         **kwargs,
     ):
         check_backend()
         super().__init__(**kwargs)
-        if isinstance(filters, bool) or not isinstance(filters, int) or filters <= 0:
-            raise ValueError(
-                f"Expected filters to be a positive int. Received: filters={filters!r}"
-            )
-        if not isinstance(padding, str) or padding.lower() not in PADDINGS:
-            raise ValueError(
-                f"Expected padding in {PADDINGS}. Received: padding={padding!r}"
-            )
-        if quantization not in QUANTIZATION_MODES:
-            raise ValueError(
-                f"Expected quantization in {QUANTIZATION_MODES}. "
-                f"Received: quantization={quantization!r}"
-            )
-        if not 0.0 <= momentum <= 1.0:
-            raise ValueError(
-                f"Expected momentum in [0, 1]. Received: momentum={momentum!r}"
-            )
-        if not epsilon > 0:
-            raise ValueError(f"Expected epsilon > 0. Received: epsilon={epsilon!r}")
-        self.filters = filters
-        self.kernel_size = _pair(kernel_size, "kernel_size")
-        self.strides = _pair(strides, "strides")
-        self.padding = padding.lower()
-        self.bits = quant.check_bits(bits, allow_none=True)
-        self.momentum = float(momentum)
-        self.epsilon = float(epsilon)
-        self.use_bias = bool(use_bias)
-        self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
+        self._multi = heads is not None
+        if self._multi:
+            if filters is not None or kernel_size is not None:
+                raise ValueError(
+                    "Pass either filters/kernel_size or heads, not both. Received: "
+                    f"filters={filters!r}, kernel_size={kernel_size!r}, heads={heads!r}"
+                )
+            if not isinstance(heads, (list, tuple)) or not heads:
+                raise ValueError(
+                    f"Expected heads to be a non-empty list of dicts. Received: heads={heads!r}"
+                )
+            self.heads = [_head_spec(h, kernel_regularizer) for h in heads]
+        else:
+            self.heads = [
+                _head_spec(
+                    dict(
+                        filters=filters,
+                        kernel_size=kernel_size,
+                        strides=strides,
+                        padding=padding,
+                        use_bias=use_bias,
+                    ),
+                    kernel_regularizer,
+                )
+            ]
+        first = self.heads[0]
+        self.filters, self.kernel_size = first["filters"], first["kernel_size"]
+        self.strides, self.padding = first["strides"], first["padding"]
+        self.use_bias = first["use_bias"]
+        self.bits = check_bits(bits, allow_none=True)
+        self.quantization = check_choice(
+            quantization, "quantization", QUANTIZATION_MODES
+        )
+        self.momentum = check_number(momentum, "momentum", 0.0, 1.0)
+        self.epsilon = check_number(epsilon, "epsilon", low=0.0, low_open=True)
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.gamma_initializer = keras.initializers.get(gamma_initializer)
         self.beta_initializer = keras.initializers.get(beta_initializer)
-        self.quantization = quantization
         self.synchronized = bool(synchronized)
         self.return_activation = bool(return_activation)
+        self.center, self.scale = bool(center), bool(scale)
         # Custom ops cannot be compiled by XLA; the reference path can.
         self.supports_jit = self.bits is None or not quant.native_ops_available()
 
+    @property
+    def _single_output(self):
+        return len(self.heads) == 1 and not self.return_activation
+
     def build(self, input_shape):
-        _check_rank4(input_shape, "ApproxConvBlock")
+        check_rank4(input_shape, "ApproxConvBlock")
         channels = input_shape[-1]
         if channels is None:
             raise ValueError(
                 "ApproxConvBlock needs a known channel count. "
                 f"Received: input_shape={tuple(input_shape)}"
             )
+        self.input_spec = keras.layers.InputSpec(ndim=4, axes={-1: channels})
         vector = dict(shape=(channels,), autocast=False)
-        self.gamma = self.add_weight(
-            name="gamma", initializer=self.gamma_initializer, **vector
-        )
-        self.beta = self.add_weight(
-            name="beta", initializer=self.beta_initializer, **vector
-        )
+        self.gamma = self.beta = None
+        if self.scale:
+            self.gamma = self.add_weight(
+                name="gamma", initializer=self.gamma_initializer, **vector
+            )
+        if self.center:
+            self.beta = self.add_weight(
+                name="beta", initializer=self.beta_initializer, **vector
+            )
         self.moving_mean = self.add_weight(
             name="moving_mean", initializer="zeros", trainable=False, **vector
         )
         self.moving_variance = self.add_weight(
             name="moving_variance", initializer="ones", trainable=False, **vector
         )
-        self.kernel = self.add_weight(
-            name="kernel",
-            shape=self.kernel_size + (channels, self.filters),
-            initializer=self.kernel_initializer,
-            regularizer=self.kernel_regularizer,
-        )
-        if self.use_bias:
-            self.bias = self.add_weight(
-                name="bias", shape=(self.filters,), initializer="zeros"
+        self.kernels, self.biases = [], []
+        for i, head in enumerate(self.heads):
+            suffix = f"_{i}" if i else ""
+            self.kernels.append(
+                self.add_weight(
+                    name=f"kernel{suffix}",
+                    shape=head["kernel_size"] + (channels, head["filters"]),
+                    initializer=self.kernel_initializer,
+                    regularizer=head["kernel_regularizer"],
+                )
             )
+            self.biases.append(
+                self.add_weight(
+                    name=f"bias{suffix}", shape=(head["filters"],), initializer="zeros"
+                )
+                if head["use_bias"]
+                else None
+            )
+        self.kernel, self.bias = self.kernels[0], self.biases[0]
 
-    def _conv(self, a, kernel):
-        return tf.nn.conv2d(
-            a, kernel, strides=(1,) + self.strides + (1,), padding=self.padding.upper()
+    def _conv(self, a, kernel, head=0):
+        return tf.raw_ops.Conv2D(
+            input=a, filter=kernel, **_conv_args(self.heads[head])
         )
+
+    def _bn_vectors(self, channels):
+        """gamma and beta as float32 tensors (ones / zeros without scale / center)."""
+        gamma = (
+            tf.convert_to_tensor(self.gamma) if self.scale else tf.ones([channels])
+        )
+        beta = tf.convert_to_tensor(self.beta) if self.center else tf.zeros([channels])
+        return gamma, beta
 
     def call(self, inputs, training=None):
-        if len(inputs.shape) != 4:
-            _check_rank4(inputs.shape, "ApproxConvBlock")
         x = tf.cast(inputs, tf.float32)
-        gamma = tf.convert_to_tensor(self.gamma)
-        beta = tf.convert_to_tensor(self.beta)
-        kernel = tf.cast(tf.convert_to_tensor(self.kernel), self.compute_dtype)
+        gamma, beta = self._bn_vectors(self.moving_mean.shape[0])
+        kernels = [tf.cast(tf.convert_to_tensor(k), self.compute_dtype) for k in self.kernels]
         use_batch_stats = bool(training) and self.trainable
         if use_batch_stats:
             # Exact mode differentiates through the statistics like stock Keras;
@@ -233,136 +447,85 @@ class ApproxConvBlock(keras.layers.Layer):
             variance = tf.convert_to_tensor(self.moving_variance)
 
         if use_batch_stats and self.bits is not None:
-            out, activation = self._compressed(x, gamma, beta, kernel, mean, variance)
+            outs, activation = self._compressed(x, gamma, beta, mean, variance, kernels)
         else:
             scale = gamma * tf.math.rsqrt(variance + self.epsilon)
             activation = tf.nn.relu(x * scale + (beta - mean * scale))
             activation = tf.cast(activation, self.compute_dtype)
-            out = self._conv(activation, kernel)
-        if self.use_bias:
-            out = tf.nn.bias_add(out, tf.cast(self.bias, out.dtype))
-        if self.return_activation:
-            return [out, activation]
-        return out
+            outs = [self._conv(activation, k, i) for i, k in enumerate(kernels)]
+        outs = [
+            o if b is None else tf.nn.bias_add(o, tf.cast(b, o.dtype))
+            for o, b in zip(outs, self.biases)
+        ]
+        if self._single_output:
+            return outs[0]
+        return outs + ([activation] if self.return_activation else [])
 
-    def _compressed(self, x, gamma, beta, kernel, mean, variance):
+    def _compressed(self, x, gamma, beta, mean, variance, kernels):
         """Training forward whose backward reads only the packed codes."""
-        bits, compute_dtype, input_dtype = self.bits, self.compute_dtype, x.dtype
-        kernels = quant.kernels()
-        naive = self.quantization == "naive"
-        synchronized = self.synchronized
+        ops = quant.kernels()
+        bits, epsilon = self.bits, self.epsilon
+        conv_args = [_conv_args(h) for h in self.heads]
+        n = len(kernels)
 
         @tf.custom_gradient
-        def block(x, gamma, beta, kernel, mean, variance):
-            inv_std = tf.math.rsqrt(variance + self.epsilon)
-            scale = gamma * inv_std
+        def block(x, gamma, beta, mean, variance, *kernels):
+            scale = gamma * tf.math.rsqrt(variance + epsilon)
             p = quant.channel_params(gamma, beta, bits)
             x_shape = tf.shape(x)
-            activation, packed = kernels.bn_relu_encode(
+            activation, packed = ops.bn_relu_encode(
                 x, scale, beta - mean * scale, p["inv_step"], p["shift"], bits
             )
-            if naive:
-                activation = kernels.decode_relu(
-                    packed, x_shape, p["step"], p["shift"], bits
-                )
-            activation = tf.cast(activation, compute_dtype)
-            # The forward goes on only once the codes exist; otherwise the
-            # executor may defer the packing and keep every block's float
-            # pre-activation alive.
-            with tf.control_dependencies([packed]):
-                out = self._conv(activation, kernel)
+            if self.quantization == "naive":
+                activation = ops.decode_relu(packed, x_shape, p["step"], p["shift"], bits)
+            activation = tf.cast(activation, self.compute_dtype)
+            with tf.control_dependencies([packed]):  # ordering (b)
+                outs = [
+                    tf.raw_ops.Conv2D(input=activation, filter=k, **args)
+                    for k, args in zip(kernels, conv_args)
+                ]
+            code = _Code(ops, packed, x_shape, p, bits)
 
-            def grad(d_out, d_activation=None):
-                # Decode only once the incoming gradient exists: otherwise the
-                # executor decodes every block at the start of backprop and the
-                # float activations all come back at once (DESIGN.md trap).
-                codes = _after([d_out], packed)
-                a_dec = kernels.decode_relu(codes, x_shape, p["step"], p["shift"], bits)
-                d_kernel = tf.raw_ops.Conv2DBackpropFilter(
-                    input=tf.cast(a_dec, d_out.dtype),
-                    filter_sizes=tf.shape(kernel),
-                    out_backprop=d_out,
-                    strides=(1,) + self.strides + (1,),
-                    padding=self.padding.upper(),
+            def grad(*d_results):
+                d_outs = d_results[:n]
+                d_kernels, d_a = _conv_backward(code, kernels, d_outs, conv_args)
+                if self.return_activation:
+                    d_a += tf.cast(d_results[n], tf.float32)
+                d_x, d_gamma, d_beta = _bn_relu_backward(
+                    code, d_a, beta, scale, self.synchronized
                 )
-                # One full-size temporary at a time: the input gradient waits
-                # for the filter gradient (and so for a_dec to be released).
-                with tf.control_dependencies([d_kernel]):
-                    d_a = tf.raw_ops.Conv2DBackpropInput(
-                        input_sizes=x_shape,
-                        filter=kernel,
-                        out_backprop=d_out,
-                        strides=(1,) + self.strides + (1,),
-                        padding=self.padding.upper(),
-                    )
-                d_a = tf.cast(d_a, tf.float32)
-                if d_activation is not None:
-                    d_a += tf.cast(d_activation, tf.float32)
-                # Each decode waits for the result before it, so that at most
-                # one block's float temporaries exist at a time.
-                codes = _after([d_a], packed)
-                sum_g, sum_gx = kernels.bn_grad_reduce(
-                    codes, d_a, p["step"], p["shift"], p["gamma"], beta, bits
-                )
-                count = tf.cast(tf.reduce_prod(x_shape[:-1]), tf.float32)
-                # d_gamma / d_beta stay per-replica: the optimizer sums them
-                # across replicas; only the input gradient needs the global sums.
-                d_gamma, d_beta = sum_gx, sum_g
-                sum_g, sum_gx, count = _cross_replica_sum(
-                    [sum_g, sum_gx, count], synchronized
-                )
-                codes = _after([sum_g, sum_gx], packed)
-                d_x = kernels.bn_grad_input(
-                    codes,
-                    d_a,
-                    p["step"],
-                    p["shift"],
-                    p["gamma"],
-                    beta,
-                    scale,
-                    sum_g / count,
-                    sum_gx / count,
-                    bits,
-                )
-                return tf.cast(d_x, input_dtype), d_gamma, d_beta, d_kernel, None, None
+                return (tf.cast(d_x, x.dtype), d_gamma, d_beta, None, None, *d_kernels)
 
-            # Return the activation only when the caller uses it: for an unused
-            # output the tape makes zeros_like(activation), which would keep
-            # the float activation alive until the backward pass.
+            # Ordering (c): return the activation only when the caller uses it.
             if self.return_activation:
-                return (out, activation), grad
-            return out, grad
+                return (*outs, activation), grad
+            return tuple(outs), grad
 
-        result = block(x, gamma, beta, kernel, mean, variance)
-        return result if self.return_activation else (result, None)
+        result = list(block(x, gamma, beta, mean, variance, *kernels))
+        return result[:n], (result[n] if self.return_activation else None)
 
     def compute_output_shape(self, input_shape):
-        _check_rank4(input_shape, "ApproxConvBlock")
-        spatial = []
-        for size, k, s in zip(input_shape[1:3], self.kernel_size, self.strides):
-            if size is None:
-                spatial.append(None)
-            elif self.padding == "same":
-                spatial.append(-(-size // s))
-            else:
-                spatial.append(-(-(size - k + 1) // s))
-        out = (input_shape[0], *spatial, self.filters)
-        if self.return_activation:
-            return [out, tuple(input_shape)]
-        return out
+        check_rank4(input_shape, "ApproxConvBlock")
+        outs = []
+        for head in self.heads:
+            spatial = [
+                _head_output_size(size, k, s, head, axis)
+                for axis, (size, k, s) in enumerate(
+                    zip(input_shape[1:3], head["kernel_size"], head["strides"])
+                )
+            ]
+            outs.append((input_shape[0], *spatial, head["filters"]))
+        if self._single_output:
+            return outs[0]
+        return outs + ([tuple(input_shape)] if self.return_activation else [])
 
     def get_config(self):
         config = super().get_config()
         config.update(
             {
-                "filters": self.filters,
-                "kernel_size": self.kernel_size,
-                "strides": self.strides,
-                "padding": self.padding,
                 "bits": self.bits,
                 "momentum": self.momentum,
                 "epsilon": self.epsilon,
-                "use_bias": self.use_bias,
                 "kernel_initializer": keras.initializers.serialize(
                     self.kernel_initializer
                 ),
@@ -378,8 +541,30 @@ class ApproxConvBlock(keras.layers.Layer):
                 "quantization": self.quantization,
                 "synchronized": self.synchronized,
                 "return_activation": self.return_activation,
+                "center": self.center,
+                "scale": self.scale,
             }
         )
+        if self._multi:
+            config["heads"] = [
+                dict(
+                    head,
+                    kernel_regularizer=keras.regularizers.serialize(
+                        head["kernel_regularizer"]
+                    ),
+                )
+                for head in self.heads
+            ]
+        else:
+            config.update(
+                {
+                    "filters": self.filters,
+                    "kernel_size": self.kernel_size,
+                    "strides": self.strides,
+                    "padding": self.padding,
+                    "use_bias": self.use_bias,
+                }
+            )
         return config
 
 
@@ -459,7 +644,10 @@ class ResidualBuffer(keras.layers.Layer):
             if stride > 1:
                 s = tf.nn.avg_pool2d(s, stride, stride, padding)
             if extra:
-                s = tf.pad(s, [[0, 0], [0, 0], [0, 0], [0, extra]])
+                # Not tf.pad: TF 2.21's oneDNN graph rewrite segfaults on a
+                # channel Pad here inside model.fit (AVX-512 machines).
+                zeros = tf.zeros(tf.concat([tf.shape(s)[:-1], [extra]], 0), s.dtype)
+                s = tf.concat([s, zeros], axis=-1)
 
             def grad(d_out):
                 d_s = d_out[..., : d_out.shape[-1] - extra] if extra else d_out

@@ -20,11 +20,18 @@ def stock_block(filters, kernel_size, strides=1, padding="same", epsilon=1e-3, u
 
 
 def random_weights(block, rng):
-    """Random gamma (both signs), beta, statistics and kernel, set on the block."""
+    """Random gamma (both signs, |gamma| in [0.3, 1.5]), beta, statistics and kernel.
+
+    The first weight of a block is gamma; every other 1-D weight (beta, moving
+    mean and variance, bias) is positive in [0.3, 1.5].
+    """
     weights = []
-    for w in block.get_weights():
+    for i, w in enumerate(block.get_weights()):
         if w.ndim == 1:
-            weights.append(rng.uniform(0.3, 1.5, w.shape).astype(np.float32))
+            v = rng.uniform(0.3, 1.5, w.shape)
+            if i == 0:
+                v *= np.where(np.arange(w.size) % 2 == 0, 1.0, -1.0)
+            weights.append(v.astype(np.float32))
         else:
             weights.append(rng.normal(0, 0.2, w.shape).astype(np.float32))
     block.set_weights(weights)
@@ -121,6 +128,58 @@ def test_single_block_kernel_gradient_within_bin_bound(kernel_path, bits):
     bound = half_bin[None, None, :, None] * np.abs(dy).sum(axis=(0, 1, 2))[None, None, None, :]
     err = np.abs(kernel_grad(block) - kernel_grad(exact))
     assert np.all(err <= bound * 1.001 + 1e-5)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_relu_mask_exact_for_negative_and_near_zero_gamma(kernel_path, bits):
+    """The mask comes from the code, exactly: d_beta = sum(dA * mask) then equals
+    stock Keras' at any bit width (dA = conv input gradient, exact since the forward
+    is). Channels: gamma of both signs, tiny, and zero; beta positive, negative, zero."""
+    rng = np.random.default_rng(12)
+    gamma = np.array([1.2, -0.7, 1e-4, -1e-4, 0.0, -1.3, 0.5, -2e-6], np.float32)
+    beta = np.array([0.0, 0.3, -0.2, 1e-5, 0.4, -0.5, 0.0, 0.0], np.float32)
+    x = rng.normal(size=(3, 6, 6, 8)).astype(np.float32)
+    block = ApproxConvBlock(5, 3, bits=bits)
+    block.build(x.shape)
+    random_weights(block, rng)
+    block.gamma.assign(gamma)
+    block.beta.assign(beta)
+    stock = stock_block(5, 3)
+    stock.build(x.shape)
+    copy_to_stock(block, stock)
+    y, g = grads(block, x)
+    y_ref, g_ref = grads(stock, x)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(g[2], g_ref[2], rtol=1e-5, atol=1e-5)  # d_beta
+    # Where the stock ReLU is inactive everywhere in a channel, no gradient may
+    # leak through the approximate backward either.
+    a_ref = keras.layers.ReLU()(stock.layers[0](x, training=True)).numpy()
+    dead = np.all(a_ref == 0, axis=(0, 1, 2))
+    assert dead.any() and not dead.all()
+    np.testing.assert_array_equal(g[1][dead], 0.0)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_compressed_gradients_close_to_stock_with_mixed_sign_gamma(kernel_path, bits):
+    """All gradients against stock BN+ReLU+Conv2D with gamma of both signs.
+
+    The decoded activation is within half a bin (3|gamma| / 2^K, i.e. 3 / 2^K
+    standard units) of the exact one, so the relative error of each gradient is
+    of the order of the bin half-width over the activation scale (~1): 1 - cos <=
+    (3 / 2^K)^2 with margin.
+    """
+    rng = np.random.default_rng(13)
+    x = rng.normal(0.5, 1.5, size=(8, 8, 8, 6)).astype(np.float32)
+    block = ApproxConvBlock(7, 3, strides=2, bits=bits, use_bias=True)
+    block.build(x.shape)
+    random_weights(block, rng)
+    stock = stock_block(7, 3, 2, use_bias=True)
+    stock.build(x.shape)
+    copy_to_stock(block, stock)
+    _, g = grads(block, x)
+    _, g_ref = grads(stock, x)
+    for a, b in zip(g, g_ref):
+        assert 1 - cosine(a, b) <= (3 / 2**bits) ** 2
 
 
 def deep_stack(bits, depth=20, channels=8, quantization="blpa", stock=False, seed=3):
@@ -246,6 +305,29 @@ def test_residual_buffer_matches_numpy_and_stores_nothing():
         ResidualBuffer()([tf.zeros([1, 4, 4, 2]), tf.zeros([1, 4, 4, 3])])
 
 
+@pytest.mark.parametrize(
+    "x_hw, s_hw",
+    [((4, 4), (8, 8)), ((4, 3), (7, 5)), ((2, 2), (5, 5)), ((3, 3), (9, 8)), ((2, 3), (5, 9))],
+)
+def test_residual_buffer_gradient_matches_avg_pool_autodiff(x_hw, s_hw):
+    """Odd sizes too (SAME padding, partial windows; VALID dropping a tail)."""
+    rng = np.random.default_rng(11)
+    x = tf.constant(rng.normal(size=(2, *x_hw, 5)).astype(np.float32))
+    s = tf.constant(rng.normal(size=(2, *s_hw, 3)).astype(np.float32))
+    stride, padding, extra = keras_blpa.layers.shortcut_adapter(x.shape, s.shape)
+    weights = tf.constant(rng.normal(size=(2, *x_hw, 5)).astype(np.float32))
+    with tf.GradientTape() as tape:
+        tape.watch(s)
+        loss = tf.reduce_sum(ResidualBuffer()([x, s]) * weights)
+    with tf.GradientTape() as ref_tape:
+        ref_tape.watch(s)
+        pooled = tf.nn.avg_pool2d(s, stride, stride, padding)
+        ref = x + tf.pad(pooled, [[0, 0], [0, 0], [0, 0], [0, extra]])
+        ref_loss = tf.reduce_sum(ref * weights)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+    np.testing.assert_allclose(tape.gradient(loss, s), ref_tape.gradient(ref_loss, s), rtol=1e-6, atol=1e-7)
+
+
 def test_save_load_round_trip(tmp_path, kernel_path):
     keras.utils.set_random_seed(1)
     inp = keras.Input((8, 8, 3))
@@ -268,25 +350,31 @@ def test_save_load_round_trip(tmp_path, kernel_path):
 
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
 def test_mixed_precision(kernel_path, policy):
+    """Every gradient (input, gamma, beta, kernel) matches the float32 layer's.
+
+    Both layers decode the same float32 codes; the mixed one rounds the
+    activation, kernel and incoming gradient to the compute dtype (relative
+    error eps / 2 each), so products and sums differ by about eps relative.
+    """
     rng = np.random.default_rng(8)
     x = rng.normal(size=(4, 8, 8, 4)).astype(np.float16).astype(np.float32)
     ref = ApproxConvBlock(4, 3, bits=4)
     ref.build(x.shape)
     random_weights(ref, rng)
-    _, g_ref = grads(ref, x)
-    keras.config.set_dtype_policy(policy)
-    try:
-        block = ApproxConvBlock(4, 3, bits=4)
-        block.build(x.shape)
-        block.set_weights(ref.get_weights())
-        y, g = grads(block, x)
-    finally:
-        keras.config.set_dtype_policy("float32")
-    assert y.dtype == policy.split("_")[1]
-    assert block.moving_mean.dtype == "float32" and block.gamma.dtype == "float32"
-    # gamma and beta gradients come from the same float32 statistics and codes.
-    for a, b in zip(g[1:3], g_ref[1:3]):
-        assert cosine(a, b) > 0.99
+    y_ref, g_ref = grads(ref, x)
+    block = ApproxConvBlock(4, 3, bits=4, dtype=policy)
+    block.build(x.shape)
+    block.set_weights(ref.get_weights())
+    y, g = grads(block, x)
+    compute = policy.split("_")[1]
+    assert y.dtype == compute
+    assert all(v.dtype == "float32" for v in block.weights)
+    eps = float(np.finfo(np.float16).eps) if compute == "float16" else 2.0**-7
+    np.testing.assert_allclose(y, y_ref, rtol=2 * eps, atol=2 * eps * np.abs(y_ref).max())
+    assert len(g) == len(g_ref) == 4  # input, gamma, beta, kernel
+    for a, b in zip(g, g_ref):
+        a, b = np.asarray(a, np.float32), np.asarray(b)
+        assert np.linalg.norm(a - b) <= 4 * eps * np.linalg.norm(b)
 
 
 def test_xla_compiled_training_step():
@@ -353,5 +441,143 @@ def test_non_tensorflow_backend(monkeypatch):
         ResidualBuffer()
 
 
-def test_public_api():
-    assert isinstance(keras_blpa.native_ops_available(), bool)
+def test_native_ops_available_reflects_the_kernels_in_use(kernel_path, monkeypatch):
+    from keras_blpa import native, quantization, reference
+
+    expected = kernel_path == "native"
+    assert keras_blpa.native_ops_available() is expected
+    assert (quantization.kernels() is reference) is not expected
+    monkeypatch.setenv(native.PURE_TF_ENV, "1")
+    assert keras_blpa.native_ops_available() is False
+    assert quantization.kernels() is reference
+
+
+# Layer contract, in the spirit of Keras' own `run_layer_test`.
+
+
+def _as_list(x):
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def _assert_same_outputs(a, b):
+    a, b = _as_list(a), _as_list(b)
+    assert len(a) == len(b)
+    for u, v in zip(a, b):
+        np.testing.assert_array_equal(u, v)
+
+
+def check_layer_contract(make_layer, input_shapes, tmp_path, expect_weights):
+    """Build, shapes, config round trip, .keras save/load, one fit step, mixed precision.
+
+    Args:
+        make_layer: ``make_layer(**extra)`` returns a fresh layer.
+        input_shapes: list of full input shapes (batch included); one input if a
+            single shape, else the layer is called on the list.
+        expect_weights: names the layer must create.
+    """
+    rng = np.random.default_rng(20)
+    single = len(input_shapes) == 1
+    data = [rng.normal(0.3, 1.0, s).astype(np.float32) for s in input_shapes]
+    args = data[0] if single else data
+
+    # Build and eager outputs.
+    layer = make_layer()
+    eager = _as_list(layer(args, training=True))
+    assert sorted(w.path.split("/")[-1] for w in layer.weights) == sorted(expect_weights)
+    # Symbolic outputs and compute_output_shape agree with the eager ones.
+    inputs = [keras.Input(batch_shape=(None,) + tuple(s[1:])) for s in input_shapes]
+    sym_layer = make_layer()
+    symbolic = _as_list(sym_layer(inputs[0] if single else inputs))
+    assert len(symbolic) == len(eager)
+    for s, e in zip(symbolic, eager):
+        assert tuple(s.shape[1:]) == tuple(e.shape[1:])
+    declared = sym_layer.compute_output_shape(
+        input_shapes[0] if single else input_shapes
+    )
+    declared = declared if isinstance(declared, list) else [declared]
+    assert [tuple(d) for d in declared] == [tuple(e.shape) for e in eager]
+
+    # Config round trip: same config, same outputs with the same weights.
+    clone = type(layer).from_config(layer.get_config())
+    assert clone.get_config() == layer.get_config()
+    clone(args)
+    clone.set_weights(layer.get_weights())
+    _assert_same_outputs(clone(args, training=False), layer(args, training=False))
+
+    # .keras save and load of a model around the layer: same outputs.
+    model_inputs = inputs[0] if single else inputs
+    model = keras.Model(model_inputs, sym_layer(model_inputs))
+    model(args, training=True)  # moves any statistics
+    path = tmp_path / "contract.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    for training in (False, True):
+        _assert_same_outputs(loaded(args, training=training), model(args, training=training))
+
+    # One fit step trains every trainable variable (and the layer's input).
+    keras.utils.set_random_seed(0)
+    fit_inputs = [keras.Input(tuple(s[1:])) for s in input_shapes]
+    stem = [keras.layers.Conv2D(s[-1], 1, name=f"stem{i}")(t) for i, (s, t) in enumerate(zip(input_shapes, fit_inputs))]
+    fit_layer = make_layer()
+    outs = _as_list(fit_layer(stem[0] if single else stem))
+    pooled = [keras.layers.GlobalAveragePooling2D()(o) for o in outs]
+    head = keras.layers.Dense(1)(pooled[0] if len(pooled) == 1 else keras.layers.Concatenate()(pooled))
+    fit_model = keras.Model(fit_inputs[0] if single else fit_inputs, head)
+    fit_model.compile(keras.optimizers.SGD(0.1), "mse")
+    before = [v.numpy().copy() for v in fit_model.trainable_variables]
+    history = fit_model.fit(data if not single else data[0], rng.normal(size=(input_shapes[0][0], 1)), batch_size=input_shapes[0][0], epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+    for v, b in zip(fit_model.trainable_variables, before):
+        assert not np.array_equal(v.numpy(), b), v.path
+
+    # Mixed precision: compute in float16, variables in float32.
+    mixed = make_layer(dtype="mixed_float16")
+    for out in _as_list(mixed(args, training=True)):
+        assert out.dtype == "float16"
+    assert all(v.dtype == "float32" for v in mixed.weights)
+    sym_mixed = _as_list(make_layer(dtype="mixed_float16")(inputs[0] if single else inputs))
+    assert all(t.dtype == "float16" for t in sym_mixed)
+
+
+@pytest.mark.parametrize(
+    "bits, kwargs",
+    [
+        (None, dict(return_activation=True)),
+        (2, dict(strides=2, padding="valid", use_bias=True)),
+        (4, dict(return_activation=True, strides=2)),
+        (8, dict(kernel_size=1, use_bias=True)),
+    ],
+)
+def test_approx_conv_block_contract(kernel_path, tmp_path, bits, kwargs):
+    kwargs = dict(dict(filters=5, kernel_size=3), **kwargs)
+    names = ["gamma", "beta", "moving_mean", "moving_variance", "kernel"]
+    names += ["bias"] if kwargs.get("use_bias") else []
+    check_layer_contract(
+        lambda **extra: ApproxConvBlock(bits=bits, **kwargs, **extra),
+        [(4, 9, 9, 3)],
+        tmp_path,
+        names,
+    )
+
+
+@pytest.mark.parametrize(
+    "shapes", [[(2, 6, 6, 4), (2, 6, 6, 4)], [(2, 3, 3, 6), (2, 6, 6, 4)]]
+)
+def test_residual_buffer_contract(tmp_path, shapes):
+    check_layer_contract(lambda **extra: ResidualBuffer(**extra), shapes, tmp_path, [])
+
+
+def test_models_saved_by_version_0_1_still_load():
+    """tests/data/blocks_v0_1.keras was saved by keras_blpa 0.1.0 (single-conv
+    ApproxConvBlock before conv heads, center/scale), with its inference outputs."""
+    import os
+
+    data = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+    saved = np.load(os.path.join(data, "blocks_v0_1.npz"))
+    model = keras.saving.load_model(os.path.join(data, "blocks_v0_1.keras"))
+    out = model(saved["x"], training=False)
+    np.testing.assert_array_equal(out[0], saved["out0"])
+    np.testing.assert_array_equal(out[1], saved["out1"])
+    b2 = model.get_layer("b2")
+    assert (b2.bits, b2.strides, b2.padding, b2.use_bias, len(b2.heads)) == (8, (2, 2), "valid", True, 1)
+    assert model.get_layer("b1").return_activation and model.get_layer("b1").center

@@ -1,0 +1,665 @@
+"""`convert(model)`: compressed backprop for an existing functional or Sequential CNN.
+
+Every chain BatchNormalization -> ReLU -> [ZeroPadding2D] -> Conv2D of the model
+becomes one `ApproxConvBlock`, which keeps only the K-bit code of the BN output
+for the backward pass. One BN+ReLU feeding several convs (ResNetV2's
+pre-activation feeds the projection shortcut and the first conv) becomes one
+block with several conv heads reading the same code; a ZeroPadding2D between
+the ReLU and a "valid" conv is folded into the conv as explicit padding; if the
+BN+ReLU output also feeds other layers (a residual add, a pooling), the block
+returns it as well. Everything else is copied unchanged, so the forward pass is
+exactly the original's.
+
+`memory_report(model, ...)` tells, per layer, which activation bytes the
+backward pass keeps before and after conversion, and why what stays float
+stays float (see keras_blpa.report for how these figures relate to the
+allocator's peak).
+
+The graph walk reads the functional model's nodes (``_nodes_by_depth``,
+``node.arguments``), as Keras' own `clone_model` does.
+"""
+
+import math
+import warnings
+
+import keras
+import numpy as np
+
+from keras_blpa import layers as blpa_layers
+from keras_blpa import quantization as quant
+from keras_blpa.report import LayerMemory
+from keras_blpa.report import MemoryReport
+from keras_blpa.validation import check_bits
+from keras_blpa.validation import check_choice
+from keras_blpa.validation import check_int
+
+__all__ = ["convert", "memory_report"]
+
+# Layers whose backward keeps nothing but shapes.
+_STATELESS = (
+    keras.layers.InputLayer,
+    keras.layers.Add,
+    keras.layers.Subtract,
+    keras.layers.Average,
+    keras.layers.Concatenate,
+    keras.layers.ZeroPadding1D,
+    keras.layers.ZeroPadding2D,
+    keras.layers.ZeroPadding3D,
+    keras.layers.Cropping2D,
+    keras.layers.Reshape,
+    keras.layers.Flatten,
+    keras.layers.Permute,
+    keras.layers.AveragePooling2D,
+    keras.layers.GlobalAveragePooling2D,
+    keras.layers.GlobalAveragePooling1D,
+    keras.layers.Rescaling,
+    keras.layers.Identity,
+    blpa_layers.ResidualBuffer,
+)
+_KEEPS_INPUT = (
+    keras.layers.Conv1D,
+    keras.layers.Conv2D,
+    keras.layers.Conv3D,
+    keras.layers.DepthwiseConv2D,
+    keras.layers.SeparableConv2D,
+    keras.layers.Conv2DTranspose,
+    keras.layers.Dense,
+    keras.layers.EinsumDense,
+    keras.layers.LeakyReLU,
+    keras.layers.PReLU,
+    keras.layers.ELU,
+)
+_KEEPS_INPUT_AND_OUTPUT = (
+    keras.layers.MaxPooling1D,
+    keras.layers.MaxPooling2D,
+    keras.layers.MaxPooling3D,
+    keras.layers.GlobalMaxPooling1D,
+    keras.layers.GlobalMaxPooling2D,
+)
+# Activations whose gradient reads their output (TensorFlow's registered grads).
+_OUTPUT_GRAD_ACTIVATIONS = ("relu", "sigmoid", "tanh", "softmax", "exponential")
+
+
+# ---------------------------------------------------------------- the graph
+
+
+def _functional(model):
+    """The functional graph behind `model`, or a ValueError saying what to do."""
+    if isinstance(model, keras.Sequential):
+        graph = getattr(model, "_functional", None)
+        if graph is None:
+            raise ValueError(
+                "convert() needs a built Sequential model: start it with "
+                "keras.Input(shape) or call model.build(input_shape) first. "
+                f"Received: Sequential model {model.name!r} without an input shape"
+            )
+        return graph
+    if isinstance(model, keras.Model) and hasattr(model, "_nodes_by_depth"):
+        return model
+    what = type(model).__name__
+    raise ValueError(
+        "convert() needs a functional or Sequential keras.Model (it rewrites the "
+        f"layer graph). Received: a model of class {what}"
+        + (" (subclassed: its graph is in Python code). " if isinstance(model, keras.Model) else ". ")
+        + "Rebuild it with the functional API (keras.Model(inputs, outputs)), or "
+        "use keras_blpa.ApproxConvBlock in place of BatchNormalization -> ReLU -> "
+        "Conv2D inside its call()."
+    )
+
+
+class _Graph:
+    """Nodes of a functional model in topological order, with their consumers."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.nodes = []
+        for depth in sorted(fn._nodes_by_depth, reverse=True):
+            for node in fn._nodes_by_depth[depth]:
+                if node.operation is not None and not node.is_input:
+                    self.nodes.append(node)
+        self.consumers = {}
+        self.producer = {}
+        for node in self.nodes:
+            for t in node.input_tensors:
+                self.consumers.setdefault(id(t), []).append(node)
+            for t in node.outputs:
+                self.producer[id(t)] = node
+        self.output_ids = {id(t) for t in fn.outputs}
+
+    def users(self, tensor):
+        return self.consumers.get(id(tensor), [])
+
+    def only_user(self, tensor):
+        """The single node reading `tensor`, or None (several, none, or a model output)."""
+        users = self.users(tensor)
+        if len(users) == 1 and id(tensor) not in self.output_ids:
+            return users[0]
+        return None
+
+
+def _describe(node):
+    return f"{type(node.operation).__name__} {node.operation.name!r}"
+
+
+def _single_call(layer):
+    return len(getattr(layer, "_inbound_nodes", [])) == 1
+
+
+# --------------------------------------------------------- the pattern rules
+
+
+def _is_relu(layer):
+    if type(layer) is keras.layers.ReLU:
+        return (
+            layer.max_value is None
+            and not layer.negative_slope
+            and not layer.threshold
+        )
+    return type(layer) is keras.layers.Activation and (
+        layer.activation is keras.activations.relu
+    )
+
+
+def _bn_problem(node):
+    """Why this BatchNormalization cannot start a block (None if it can)."""
+    bn = node.operation
+    rank = len(node.input_tensors[0].shape)
+    if rank != 4:
+        return f"BatchNormalization on a rank-{rank} input (needs 4D)"
+    if bn.axis not in (-1, 3):
+        return f"BatchNormalization axis={bn.axis} (needs channels last)"
+    if getattr(bn, "renorm", False):
+        return "BatchNormalization with renorm"
+    for attr in ("gamma_regularizer", "beta_regularizer", "gamma_constraint", "beta_constraint"):
+        if getattr(bn, attr, None) is not None:
+            return f"BatchNormalization with {attr}"
+    if not _single_call(bn):
+        return "BatchNormalization layer shared by several calls"
+    return None
+
+
+def _conv_problem(node, relu_out, bn, after_pad=False):
+    """Why this Conv2D cannot be a head of the block (None if it can)."""
+    conv = node.operation
+    if type(conv) is not keras.layers.Conv2D:
+        return f"{_describe(node)} is not a Conv2D"
+    if len(node.input_tensors) != 1 or node.input_tensors[0] is not relu_out:
+        return f"{_describe(node)} has other inputs"
+    checks = [
+        (conv.data_format != "channels_last", "data_format channels_first"),
+        (tuple(conv.dilation_rate) != (1, 1), f"dilation_rate={conv.dilation_rate}"),
+        (conv.groups != 1, f"groups={conv.groups}"),
+        (conv.activation is not keras.activations.linear, "an activation"),
+        (conv.bias_regularizer is not None, "a bias_regularizer"),
+        (conv.activity_regularizer is not None, "an activity_regularizer"),
+        (conv.kernel_constraint is not None or conv.bias_constraint is not None, "a constraint"),
+        (getattr(conv, "lora_enabled", False), "LoRA enabled"),
+        (not _single_call(conv), "several calls (shared layer)"),
+        (after_pad and conv.padding != "valid", "padding='same' after a ZeroPadding2D"),
+        (conv.dtype_policy.name != bn.dtype_policy.name, "a dtype policy other than the BatchNormalization's"),
+        (conv.trainable != bn.trainable, "a trainable flag other than the BatchNormalization's"),
+    ]
+    for failed, what in checks:
+        if failed:
+            return f"{_describe(node)} has {what}"
+    return None
+
+
+class _Chain:
+    """A convertible BN -> ReLU -> conv heads group, and the block it becomes."""
+
+    def __init__(self, bn, relu, heads, others):
+        self.bn, self.relu = bn, relu
+        self.heads = heads  # [(conv node, ZeroPadding2D node or None)]
+        self.others = others  # nodes (or model outputs) reading the activation
+        self.name = heads[0][0].operation.name
+
+    @property
+    def nodes(self):
+        pads = [pad for _, pad in self.heads if pad is not None]
+        return [self.bn, self.relu] + pads + [conv for conv, _ in self.heads]
+
+    @property
+    def return_activation(self):
+        return bool(self.others)
+
+
+def _find_chain(graph, node, rejected):
+    """(_Chain, None) for a BN node that starts a block, else (None, reason).
+
+    Consumers of the activation that cannot be heads get their reason in
+    `rejected` ({id(node): reason}).
+    """
+    problem = _bn_problem(node)
+    if problem:
+        return None, problem
+    bn = node.operation
+    relu = graph.only_user(node.outputs[0])
+    if relu is None or not _is_relu(relu.operation):
+        users = graph.users(node.outputs[0])
+        what = ", ".join(_describe(u) for u in users) or "a model output"
+        return None, f"its output feeds {what}, not a single ReLU"
+    if not _single_call(relu.operation):
+        return None, "its ReLU layer is shared by several calls"
+    if relu.operation.dtype_policy.name != bn.dtype_policy.name:
+        return None, "its ReLU has another dtype policy"
+    activation = relu.outputs[0]
+    heads, others, reasons = [], [], []
+    for user in graph.users(activation):
+        layer = user.operation
+        if type(layer) is keras.layers.ZeroPadding2D and layer.data_format == "channels_last":
+            convs = graph.users(user.outputs[0])
+            problems = [
+                _conv_problem(c, user.outputs[0], bn, after_pad=True) for c in convs
+            ]
+            if convs and id(user.outputs[0]) not in graph.output_ids and not any(problems) and _single_call(layer):
+                heads += [(c, user) for c in convs]
+                continue
+            for c, p in zip(convs, problems):
+                if p:
+                    rejected[id(c)] = p
+                    reasons.append(p)
+        elif type(layer) is keras.layers.Conv2D:
+            problem = _conv_problem(user, activation, bn)
+            if problem is None:
+                heads.append((user, None))
+                continue
+            rejected[id(user)] = problem
+            reasons.append(problem)
+        others.append(user)
+    if id(activation) in graph.output_ids:
+        others.append(None)
+    if not heads:
+        what = ", ".join(
+            _describe(u) if u is not None else "a model output" for u in others
+        )
+        why = f" ({'; '.join(reasons)})" if reasons else ""
+        return None, f"BN -> ReLU output feeds no convertible Conv2D: {what}{why}"
+    return _Chain(node, relu, heads, others), None
+
+
+def _plan(graph):
+    """(chains, {id(node): reason}) of the whole graph."""
+    chains, reasons = [], {}
+    for node in graph.nodes:
+        if isinstance(node.operation, keras.layers.BatchNormalization):
+            chain, reason = _find_chain(graph, node, reasons)
+            if chain is not None:
+                chains.append(chain)
+            else:
+                reasons[id(node)] = reason
+                relu = graph.only_user(node.outputs[0])
+                if relu is not None and _is_relu(relu.operation):
+                    reasons[id(relu)] = reason
+    return chains, reasons
+
+
+# ------------------------------------------------------------ memory model
+
+
+def _dtype_size(dtype):
+    return np.dtype(keras.backend.standardize_dtype(dtype)).itemsize
+
+
+def _nbytes(spec, dtype=None):
+    return int(np.prod(spec.shape, dtype=np.int64)) * _dtype_size(dtype or spec.dtype)
+
+
+def _keeps(node, spec):
+    """[(key, bytes)] the backward of `node` keeps (key: shared tensors once)."""
+    layer = node.operation
+    ins = [spec[id(t)] for t in node.input_tensors]
+    outs = [spec[id(t)] for t in node.outputs]
+    tin = [("t", id(t)) for t in node.input_tensors]
+    tout = [("t", id(t)) for t in node.outputs]
+    new = ("new", id(node))
+    if isinstance(layer, blpa_layers.ApproxConvBlock):
+        if layer.bits is None:
+            return [((new, 0), _nbytes(ins[0], "float32")), ((new, 1), _nbytes(ins[0], layer.compute_dtype))]
+        n = int(np.prod(ins[0].shape, dtype=np.int64))
+        return [((new, 0), math.ceil(n * layer.bits / 8))]
+    if isinstance(layer, _STATELESS) or not ins:
+        return []
+    if isinstance(layer, keras.layers.BatchNormalization):
+        # The float32 copy of the input (the input itself when float32).
+        if keras.backend.standardize_dtype(ins[0].dtype) == "float32":
+            return [(tin[0], _nbytes(ins[0]))]
+        return [((new, 0), _nbytes(ins[0], "float32"))]
+    if isinstance(layer, keras.layers.ReLU):
+        if _is_relu(layer):
+            return [(tout[0], _nbytes(outs[0]))]
+        return [(tin[0], _nbytes(ins[0]))]
+    if isinstance(layer, keras.layers.Activation):
+        name = getattr(layer.activation, "__name__", "")
+        if name == "linear":
+            return []
+        if name in _OUTPUT_GRAD_ACTIVATIONS:
+            return [(tout[0], _nbytes(outs[0]))]
+        return [(tin[0], _nbytes(ins[0]))]
+    if isinstance(layer, keras.layers.Dropout):
+        return [((new, 0), _nbytes(ins[0]))] if layer.rate > 0 else []
+    if isinstance(layer, _KEEPS_INPUT_AND_OUTPUT):
+        return [(tin[0], _nbytes(ins[0])), (tout[0], _nbytes(outs[0]))]
+    if isinstance(layer, _KEEPS_INPUT):
+        kept = [(tin[0], _nbytes(ins[0]))]
+        activation = getattr(layer, "activation", None)
+        name = getattr(activation, "__name__", "linear")
+        if name in _OUTPUT_GRAD_ACTIVATIONS:
+            kept.append((tout[0], _nbytes(outs[0])))
+        elif name != "linear":
+            kept.append(((new, 0), _nbytes(outs[0])))
+        return kept
+    # Multiply and unknown layers (sub-models included): assume the inputs.
+    return [(k, _nbytes(s)) for k, s in zip(tin, ins)]
+
+
+def _float_reason(node, graph, reasons):
+    """Why an unconverted node keeps float activations."""
+    if id(node) in reasons:
+        return reasons[id(node)]
+    layer = node.operation
+    name = type(layer).__name__
+    if isinstance(layer, _KEEPS_INPUT_AND_OUTPUT):
+        return f"{name} keeps its input and output (max pooling is not compressed)"
+    if isinstance(layer, keras.layers.Conv2D):
+        producer = graph.producer.get(id(node.input_tensors[0]))
+        source = "the model input" if producer is None else _describe(producer)
+        if producer is not None and _is_relu(producer.operation):
+            before = graph.producer.get(id(producer.input_tensors[0]))
+            if before is not None:
+                source += f" after {_describe(before)}"
+        return f"its input comes from {source}, not from BN -> ReLU"
+    if isinstance(layer, (keras.layers.ReLU, keras.layers.Activation)):
+        producer = graph.producer.get(id(node.input_tensors[0]))
+        source = "the model input" if producer is None else _describe(producer)
+        return f"its input comes from {source}, not from a BatchNormalization"
+    if isinstance(layer, blpa_layers.ApproxConvBlock):
+        return "exact block (bits=None) keeps float activations"
+    if isinstance(layer, keras.Model):
+        return f"nested model {layer.name!r}: assumed to keep its inputs (convert it on its own)"
+    return f"{name} keeps float activations (not a BN -> ReLU -> Conv2D chain)"
+
+
+def _specs(fn, batch_shapes):
+    """{id(tensor): KerasTensor with concrete shapes} through the whole graph."""
+    spec = {}
+    for t, shape in zip(fn.inputs, batch_shapes):
+        spec[id(t)] = keras.KerasTensor(shape, dtype=t.dtype)
+    for depth in sorted(fn._nodes_by_depth, reverse=True):
+        for node in fn._nodes_by_depth[depth]:
+            if node.operation is None or node.is_input:
+                continue
+            args, kwargs = node.arguments.fill_in(spec)
+            out = node.operation.compute_output_spec(*args, **kwargs)
+            for t, s in zip(node.outputs, keras.tree.flatten(out)):
+                spec[id(t)] = s
+    return spec
+
+
+def _batch_shapes(fn, batch_size, input_shape):
+    if input_shape is not None:
+        shapes = [tuple(input_shape)] if len(fn.inputs) == 1 else [tuple(s) for s in input_shape]
+    else:
+        shapes = [tuple(t.shape[1:]) for t in fn.inputs]
+    batch = check_int(batch_size, "batch_size")
+    out = [(batch,) + s for s in shapes]
+    for s in out:
+        if any(d is None for d in s):
+            raise ValueError(
+                "memory_report needs concrete input sizes: pass input_shape=(height, "
+                f"width, channels). Received: input shape {s}"
+            )
+    return out
+
+
+def _report(graph, chains, reasons, batch_shapes, bits):
+    spec = _specs(graph.fn, batch_shapes)
+    fused = {}
+    for chain in chains:
+        for node in chain.nodes:
+            fused[id(node)] = chain
+    rows, claimed_before, claimed_after = [], set(), set()
+    largest = 0
+    for node in graph.nodes:
+        for t in node.outputs:
+            largest = max(largest, _nbytes(spec[id(t)]))
+        before = 0
+        for key, nbytes in _keeps(node, spec):
+            if key not in claimed_before:
+                claimed_before.add(key)
+                before += nbytes
+        chain = fused.get(id(node))
+        if chain is not None:
+            after = 0
+            if node is chain.bn:
+                x = spec[id(node.input_tensors[0])]
+                n = int(np.prod(x.shape, dtype=np.int64))
+                after = (
+                    math.ceil(n * bits / 8)
+                    if bits is not None
+                    else _nbytes(x, "float32") + _nbytes(x, node.operation.compute_dtype)
+                )
+            rows.append(LayerMemory(node.operation.name, type(node.operation).__name__, before, after, chain.name, None))
+            continue
+        after = 0
+        for key, nbytes in _keeps(node, spec):
+            if key not in claimed_after:
+                claimed_after.add(key)
+                after += nbytes
+        layer = node.operation
+        if isinstance(layer, blpa_layers.ApproxConvBlock) and layer.bits is not None:
+            # Already compressed: it keeps its code.
+            rows.append(LayerMemory(layer.name, type(layer).__name__, before, after, layer.name, None))
+            continue
+        reason = _float_reason(node, graph, reasons) if after else None
+        rows.append(LayerMemory(layer.name, type(layer).__name__, before, after, None, reason))
+    blocks = {c.name: [n.operation.name for n in c.nodes] for c in chains}
+    # Live at once in one block's backward: the incoming gradient, the decoded
+    # activation and the result with the fused native kernels; the pure-TF
+    # fallback also materialises the decoded value, the masked gradient and
+    # two partial sums.
+    factor = 3 if quant.native_ops_available() else 6
+    return MemoryReport(rows, batch_shapes, bits, factor * largest, blocks)
+
+
+# ------------------------------------------------------------- the rebuild
+
+
+def _clone(layer):
+    if isinstance(layer, keras.layers.Layer):
+        if isinstance(layer, keras.Model):
+            return keras.models.clone_model(layer)
+        return type(layer).from_config(layer.get_config())
+    return layer  # a stateless keras Operation
+
+
+def _make_block(chain, bits, quantization):
+    bn = chain.bn.operation
+    convs = [c.operation for c, _ in chain.heads]
+    heads = [
+        dict(
+            filters=conv.filters,
+            kernel_size=tuple(conv.kernel_size),
+            strides=tuple(conv.strides),
+            padding=conv.padding,
+            use_bias=conv.use_bias,
+            explicit_padding=None if pad is None else pad.operation.padding,
+            kernel_regularizer=conv.kernel_regularizer,
+        )
+        for conv, (_, pad) in zip(convs, chain.heads)
+    ]
+    common = dict(
+        bits=bits,
+        quantization=quantization,
+        momentum=bn.momentum,
+        epsilon=bn.epsilon,
+        center=bn.center,
+        scale=bn.scale,
+        synchronized=bool(getattr(bn, "synchronized", False)),
+        gamma_initializer=bn.gamma_initializer,
+        beta_initializer=bn.beta_initializer,
+        kernel_initializer=convs[0].kernel_initializer,
+        return_activation=chain.return_activation,
+        trainable=bn.trainable,
+        dtype=bn.dtype_policy,
+        name=chain.name,
+    )
+    if len(heads) == 1 and heads[0]["explicit_padding"] is None:
+        head = heads[0]
+        return blpa_layers.ApproxConvBlock(
+            head["filters"],
+            head["kernel_size"],
+            strides=head["strides"],
+            padding=head["padding"],
+            use_bias=head["use_bias"],
+            kernel_regularizer=head["kernel_regularizer"],
+            **common,
+        )
+    return blpa_layers.ApproxConvBlock(heads=heads, **common)
+
+
+def _copy_block_weights(chain, block):
+    bn = chain.bn.operation
+    pairs = [(block.moving_mean, bn.moving_mean), (block.moving_variance, bn.moving_variance)]
+    if bn.scale:
+        pairs.append((block.gamma, bn.gamma))
+    if bn.center:
+        pairs.append((block.beta, bn.beta))
+    for (conv, _), kernel, bias in zip(chain.heads, block.kernels, block.biases):
+        pairs.append((kernel, conv.operation.kernel))
+        if bias is not None:
+            pairs.append((bias, conv.operation.bias))
+    for target, source in pairs:
+        target.assign(source.value)
+
+
+def _rebuild(graph, chains, bits, quantization):
+    fn = graph.fn
+    tensors = {}
+    new_inputs = []
+    for t in fn.inputs:
+        layer = t._keras_history[0]
+        new = keras.Input(batch_shape=t.shape, dtype=t.dtype, name=layer.name)
+        tensors[id(t)] = new
+        new_inputs.append(new)
+    starts = {id(c.bn): c for c in chains}
+    skip = {id(n) for c in chains for n in c.nodes if n is not c.bn}
+    clones = {}
+    for node in graph.nodes:
+        if id(node) in skip:
+            continue
+        chain = starts.get(id(node))
+        if chain is not None:
+            block = _make_block(chain, bits, quantization)
+            outs = keras.tree.flatten(block(tensors[id(node.input_tensors[0])]))
+            for (conv, _), out in zip(chain.heads, outs):
+                tensors[id(conv.outputs[0])] = out
+            if chain.return_activation:
+                tensors[id(chain.relu.outputs[0])] = outs[-1]
+            _copy_block_weights(chain, block)
+            continue
+        op = node.operation
+        first = id(op) not in clones
+        if first:
+            clones[id(op)] = _clone(op)
+        new_op = clones[id(op)]
+        args, kwargs = node.arguments.fill_in(tensors)
+        out = new_op(*args, **kwargs)
+        for t, new in zip(node.outputs, keras.tree.flatten(out)):
+            tensors[id(t)] = new
+        if first and isinstance(op, keras.layers.Layer):
+            new_op.set_weights(op.get_weights())
+    outputs = [tensors[id(t)] for t in fn.outputs]
+    return keras.Model(
+        new_inputs[0] if len(new_inputs) == 1 else new_inputs,
+        outputs[0] if len(outputs) == 1 else outputs,
+        name=fn.name,
+    )
+
+
+# ------------------------------------------------------------------- public
+
+
+def memory_report(model, batch_size=1, input_shape=None, bits=4):
+    """Activation bytes kept for backprop per layer, before and after `convert`.
+
+    Args:
+        model: functional or Sequential keras.Model (original or converted).
+        batch_size: batch size of the analysed training step.
+        input_shape: per-sample input shape (height, width, channels), needed
+            when the model's own input shape has unknown sizes; a list of
+            shapes for several inputs.
+        bits: bits of the code that `convert` would use (None: exact blocks).
+
+    Returns:
+        A `keras_blpa.report.MemoryReport` (``print(report)`` for a table).
+
+    Raises:
+        ValueError: for a subclassed model, bad bits or unknown input sizes.
+
+    Example:
+    >>> report = memory_report(keras.applications.ResNet50V2(weights=None), 32)
+    >>> print(report.summary(max_rows=20))
+    """
+    fn = _functional(model)
+    bits = check_bits(bits, allow_none=True)
+    graph = _Graph(fn)
+    chains, reasons = _plan(graph)
+    return _report(graph, chains, reasons, _batch_shapes(fn, batch_size, input_shape), bits)
+
+
+def convert(model, bits=4, quantization="blpa", return_report=False, batch_size=1):
+    """A copy of `model` whose BN -> ReLU -> Conv2D chains keep K-bit codes.
+
+    Returns a new functional model with the same inputs, outputs, layer names
+    (a block is named after its first conv) and weights (copied). Every chain
+    BatchNormalization -> ReLU (``ReLU()`` or ``Activation("relu")``) ->
+    [ZeroPadding2D] -> Conv2D is computed by one `ApproxConvBlock`; several convs
+    reading one BN+ReLU share one block and one code; a BN+ReLU output that
+    also feeds other layers is returned by the block for them. What cannot be
+    converted is copied as it was: the forward pass is exactly the original's.
+    Call it inside ``strategy.scope()`` to get mirrored variables.
+
+    Args:
+        model: functional or Sequential keras.Model (built).
+        bits: 2, 4 or 8; None gives exact blocks (an equivalent model).
+        quantization: "blpa" or "naive" (see ApproxConvBlock).
+        return_report: also return the `memory_report` of the conversion.
+        batch_size: batch size of that report.
+
+    Returns:
+        The converted keras.Model, or ``(model, report)`` with return_report
+        (report None when the model's input sizes are unknown: call
+        `memory_report` with ``input_shape`` then). A model with nothing to
+        convert gives an unchanged copy (and its report).
+
+    Raises:
+        ValueError: for a subclassed model (naming its class), bad bits or
+            quantization.
+
+    Warns:
+        UserWarning, once, when nothing can be converted (with the reasons).
+    """
+    blpa_layers.check_backend()
+    fn = _functional(model)
+    bits = check_bits(bits, allow_none=True)
+    quantization = check_choice(quantization, "quantization", blpa_layers.QUANTIZATION_MODES)
+    graph = _Graph(fn)
+    chains, reasons = _plan(graph)
+    if not chains:
+        why = sorted(set(reasons.values()))[:3]
+        warnings.warn(
+            f"keras_blpa.convert: model {model.name!r} has no BatchNormalization -> "
+            "ReLU -> Conv2D chain to convert; returning an unchanged copy."
+            + (f" Reasons: {'; '.join(why)}" if why else ""),
+            UserWarning,
+            stacklevel=2,
+        )
+    new_model = _rebuild(graph, chains, bits, quantization)
+    if not return_report:
+        return new_model
+    shapes = _batch_shapes(fn, batch_size, None) if all(
+        d is not None for t in fn.inputs for d in t.shape[1:]
+    ) else None
+    report = _report(graph, chains, reasons, shapes, bits) if shapes else None
+    return new_model, report

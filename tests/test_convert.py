@@ -1,0 +1,477 @@
+"""keras_blpa.convert / memory_report on keras.applications, Sequential and factory models."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_blpa
+from keras_blpa import ApproxConvBlock
+
+BATCH = 8
+
+
+def randomize_bn(model, seed=0):
+    """Trained-looking BN parameters (gamma of both signs, beta != 0, moving stats)."""
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            c = layer.moving_mean.shape[0]
+            if layer.scale:
+                sign = np.where(rng.random(c) < 0.2, -1.0, 1.0)
+                layer.gamma.assign(sign * rng.uniform(0.5, 1.5, c))
+            if layer.center:
+                layer.beta.assign(rng.normal(0.0, 0.3, c))
+            layer.moving_mean.assign(rng.normal(0.0, 0.2, c))
+            layer.moving_variance.assign(rng.uniform(0.5, 1.5, c))
+
+
+def variable_map(original, report):
+    """{(layer, variable) in the original: (layer, variable) in the converted model}."""
+    mapping = {}
+    for block, names in report.blocks.items():
+        convs = [n for n in names if isinstance(original.get_layer(n), keras.layers.Conv2D)]
+        for v in original.get_layer(names[0]).trainable_variables:  # the BN
+            mapping[(names[0], v.name)] = (block, v.name)
+        for i, name in enumerate(convs):
+            suffix = f"_{i}" if i else ""
+            for v in original.get_layer(name).trainable_variables:
+                mapping[(name, v.name)] = (block, v.name + suffix)
+    for layer in original.layers:
+        for v in layer.trainable_variables:
+            mapping.setdefault((layer.name, v.name), (layer.name, v.name))
+    return mapping
+
+
+def gradients(model, x, y):
+    """Training-mode output and {(layer name, variable name): gradient}."""
+    keys = [(l.name, v.name) for l in model.layers for v in l.trainable_variables]
+    variables = [v for l in model.layers for v in l.trainable_variables]
+    with tf.GradientTape() as tape:
+        out = model(x, training=True)
+        loss = tf.reduce_mean(keras.losses.categorical_crossentropy(y, out))
+    grads = tape.gradient(loss, variables)
+    return out, {k: g.numpy() for k, g in zip(keys, grads)}
+
+
+def cosine(a, b):
+    a, b = np.ravel(a), np.ravel(b)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def check_conversion(original, bits=8, blocks=None, input_shape=(32, 32, 3), classes=10, cancelling=()):
+    """Converts, then checks exact outputs and per-variable gradient cosines.
+
+    The forward pass is exact, so the outputs equal the original's at inference
+    and in training. Gradients: cosine >= 0.99 per variable at 8 bits, except:
+
+    * exact zeros: a conv bias feeding a training-mode BatchNormalization has a
+      zero gradient (the BN removes any per-channel shift); float round-off
+      leaves < 1e-6 of the largest gradient norm, and the converted gradient
+      must stay within the half bin width 3 / 2^K of it (the code's relative
+      error, not round-off);
+    * `cancelling`: variables named by the caller whose exact gradient is a sum
+      of nearly cancelling terms (a stem whose output reaches the loss only
+      through BatchNormalizations, invariant to its scale and shift except at
+      zero-padded borders). The ~1% error of each 8-bit BN backward does not
+      cancel there: their error must stay within the half bin width 3 / 2^K of
+      the largest gradient norm (cosine printed, not asserted).
+    """
+    randomize_bn(original)
+    report = keras_blpa.memory_report(original, BATCH, bits=bits)
+    converted = keras_blpa.convert(original, bits=bits)
+    if blocks is not None:
+        assert len(report.blocks) == blocks
+    found = [l for l in converted.layers if isinstance(l, ApproxConvBlock)]
+    assert sorted(l.name for l in found) == sorted(report.blocks)
+    assert all(l.bits == bits for l in found)
+    assert [t.shape for t in converted.inputs] == [t.shape for t in original.inputs]
+    assert [t.shape for t in converted.outputs] == [t.shape for t in original.outputs]
+    kept = {l.name for l in original.layers} - {n for names in report.blocks.values() for n in names}
+    assert kept <= {l.name for l in converted.layers}
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(BATCH, *input_shape)).astype(np.float32)
+    y = keras.utils.to_categorical(rng.integers(0, classes, BATCH), classes)
+    np.testing.assert_allclose(converted(x, training=False), original(x, training=False), rtol=1e-5, atol=1e-7)
+    out, g_ref = gradients(original, x, y)
+    out_conv, g_conv = gradients(converted, x, y)
+    np.testing.assert_allclose(out_conv, out, rtol=1e-5, atol=1e-7)
+    # Moving statistics moved identically.
+    for layer in converted.layers:
+        if isinstance(layer, ApproxConvBlock):
+            bn = original.get_layer(report.blocks[layer.name][0])
+            np.testing.assert_allclose(layer.moving_mean, bn.moving_mean, rtol=1e-5, atol=1e-6)
+    mapping = variable_map(original, report)
+    assert sorted(mapping.values()) == sorted(g_conv)
+    largest = max(np.linalg.norm(g) for g in g_ref.values())
+    worst, small = 1.0, {}
+    for path, g in g_ref.items():
+        other = g_conv[mapping[path]]
+        if np.linalg.norm(g) < 1e-6 * largest:
+            assert np.linalg.norm(other) <= 3 / 2**bits * largest, path
+        elif path in cancelling:
+            small[path] = round(cosine(g, other), 3)
+            assert np.linalg.norm(other - g) <= 3 / 2**bits * largest, path
+        else:
+            worst = min(worst, cosine(g, other))
+            assert cosine(g, other) >= 0.99, (path, cosine(g, other))
+    print(f"{original.name}: min cosine {worst:.4f}; cancelling (cosine): {small}")
+    return converted, report, small
+
+
+def test_resnet50v2():
+    model = keras.applications.ResNet50V2(weights=None, input_shape=(32, 32, 3), classes=10)
+    converted, report, _ = check_conversion(model, blocks=16 * 3, cancelling={("conv1_conv", "bias")})
+    # Pre-activation with a projection shortcut: one block, two heads, one code.
+    block = converted.get_layer("conv2_block1_1_conv")
+    assert len(block.heads) == 2 and block.heads[1]["use_bias"]
+    assert report.blocks["conv2_block1_1_conv"] == [
+        "conv2_block1_preact_bn", "conv2_block1_preact_relu", "conv2_block1_1_conv", "conv2_block1_0_conv",
+    ]
+    # The ZeroPadding2D before each 3x3 conv is folded into it.
+    assert converted.get_layer("conv2_block1_2_conv").heads[0]["explicit_padding"] == ((1, 1), (1, 1))
+    assert "conv2_block1_2_pad" not in {l.name for l in converted.layers}
+    still = {row.name: row.reason for row in report.still_float}
+    assert "MaxPooling2D" in still["pool1_pool"]
+    assert "not from BN -> ReLU" in still["conv1_conv"]
+    assert "GlobalAveragePooling2D" in still["post_bn"]
+
+
+@pytest.mark.slow
+def test_resnet101v2():
+    model = keras.applications.ResNet101V2(weights=None, input_shape=(32, 32, 3), classes=10)
+    check_conversion(model, blocks=33 * 3, cancelling={("conv1_conv", "bias")})
+
+
+def test_densenet121():
+    model = keras.applications.DenseNet121(weights=None, input_shape=(32, 32, 3), classes=10)
+    # 58 conv blocks of two BN-ReLU-Conv units, 3 transitions; not the stem
+    # (its ReLU feeds a MaxPooling2D) nor the final BN-ReLU (pooling).
+    _, report, _ = check_conversion(model, blocks=58 * 2 + 3, cancelling={("conv1_bn", "gamma")})
+    assert report.saved_bytes > 0.5 * report.before_bytes
+
+
+def test_resnet50_post_activation():
+    model = keras.applications.ResNet50(weights=None, input_shape=(32, 32, 3), classes=10)
+    # Per bottleneck block: 1_bn->1_relu->2_conv and 2_bn->2_relu->3_conv. The
+    # 3_bn output goes to the Add, and the ReLU after the Add has no BN before it.
+    _, report, _ = check_conversion(model, blocks=16 * 2, cancelling={("conv1_conv", "bias")})
+    still = {row.name: row.reason for row in report.still_float}
+    assert "Add 'conv2_block1_add'" in still["conv2_block1_out"]  # the ReLU kept for conv2_block2_1_conv
+    assert "not a single ReLU" in still["conv2_block1_3_bn"]
+    assert report.after_bytes < report.before_bytes
+
+
+def vgg(input_shape=(16, 16, 3), classes=10):
+    layers = [keras.Input(input_shape)]
+    for filters in (8, 16):
+        for _ in range(2):
+            layers += [
+                keras.layers.Conv2D(filters, 3, padding="same"),
+                keras.layers.BatchNormalization(),
+                keras.layers.ReLU(),
+            ]
+        layers.append(keras.layers.MaxPooling2D())
+    layers += [keras.layers.Flatten(), keras.layers.Dense(classes, activation="softmax")]
+    return keras.Sequential(layers, name="vgg")
+
+
+def test_sequential_vgg(kernel_path):
+    # Conv-BN-ReLU x2, pool, x2, pool: the first ReLU of each stage feeds a conv.
+    converted, report, _ = check_conversion(vgg(), blocks=2, input_shape=(16, 16, 3))
+    still = {row.name: row.reason for row in report.still_float}
+    assert any("MaxPooling2D" in r for r in still.values())
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_factory_resnet_converts_to_the_compressed_factory(bits):
+    """convert(resnet(bits=None)) == resnet(bits=K) in blocks and outputs."""
+    keras.utils.set_random_seed(0)
+    stock = keras_blpa.resnet(11, 10, (16, 16, 3), bits=None)
+    randomize_bn(stock)
+    converted = keras_blpa.convert(stock, bits=bits)
+    reference = keras_blpa.resnet(11, 10, (16, 16, 3), bits=bits)
+    blocks = {l.name: l.get_config() for l in converted.layers if isinstance(l, ApproxConvBlock)}
+    expected = {l.name: l.get_config() for l in reference.layers if isinstance(l, ApproxConvBlock)}
+    assert blocks.keys() == expected.keys() and len(blocks) == 9
+    for name, config in blocks.items():
+        for key in ("filters", "kernel_size", "strides", "padding", "bits", "momentum", "epsilon", "use_bias", "return_activation"):
+            assert config[key] == expected[name][key], (name, key)
+    keras_blpa.models.copy_weights(stock, reference)
+    x = np.random.default_rng(2).normal(size=(4, 16, 16, 3)).astype(np.float32)
+    for training in (False, True):
+        np.testing.assert_allclose(converted(x, training=training), reference(x, training=training), rtol=1e-5, atol=1e-6)
+    y = keras.utils.to_categorical(np.arange(4), 10)
+    _, ga = gradients(converted, x, y)
+    _, gb = gradients(reference, x, y)
+    assert ga.keys() == gb.keys()
+    for key, g in ga.items():
+        np.testing.assert_allclose(g, gb[key], rtol=1e-4, atol=1e-6)
+
+
+def test_bits_none_is_equivalent_and_exact():
+    model = keras.applications.ResNet50V2(weights=None, input_shape=(32, 32, 3), classes=10)
+    randomize_bn(model)
+    converted = keras_blpa.convert(model, bits=None)
+    x = np.random.default_rng(3).normal(size=(4, 32, 32, 3)).astype(np.float32)
+    y = keras.utils.to_categorical(np.arange(4), 10)
+    _, g_ref = gradients(model, x, y)
+    _, g = gradients(converted, x, y)
+    mapping = variable_map(model, keras_blpa.memory_report(model, 4, bits=None))
+    largest = max(np.linalg.norm(v) for v in g_ref.values())
+    for path, v in g_ref.items():
+        np.testing.assert_allclose(g[mapping[path]], v, rtol=1e-3, atol=1e-5 * largest)
+
+
+def small_patterns_model(dtype=None):
+    """Every pattern in one small functional model.
+
+    BN(center=False)+ReLU feeding a 1x1 stride-2 conv with bias, a ZeroPadding2D
+    + 3x3 stride-2 "valid" conv, and a residual Add; BN(scale=False) +
+    Activation("relu") feeding one conv; a BN+ReLU feeding only pooling.
+    The K-bit code covers about +-3 standard deviations: the sums and pools
+    before bn2 give heavier tails than a real network's, and the clipped
+    outliers dominate conv2's kernel-gradient error (seeded, cosine 0.997).
+    """
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((9, 9, 4))
+    h = keras.layers.Conv2D(6, 3, padding="same", dtype=dtype, name="stem")(inp)
+    a = keras.layers.BatchNormalization(center=False, dtype=dtype, name="bn1")(h)
+    a = keras.layers.ReLU(dtype=dtype, name="relu1")(a)
+    s = keras.layers.Conv2D(6, 1, strides=2, use_bias=True, dtype=dtype, name="proj")(a)
+    p = keras.layers.ZeroPadding2D(((1, 1), (0, 2)), dtype=dtype, name="pad")(a)
+    c = keras.layers.Conv2D(6, 3, strides=2, padding="valid", use_bias=False, dtype=dtype, name="conv1")(p)
+    r = keras.layers.Add(dtype=dtype, name="add")([keras.layers.Conv2D(6, 1, dtype=dtype, name="mix")(a), a])
+    r = keras.layers.AveragePooling2D(2, padding="same", dtype=dtype, name="pool")(r)
+    z = keras.layers.Add(dtype=dtype, name="add2")([s, c, r])
+    b = keras.layers.BatchNormalization(scale=False, epsilon=1.001e-5, dtype=dtype, name="bn2")(z)
+    b = keras.layers.Activation("relu", dtype=dtype, name="relu2")(b)
+    b = keras.layers.Conv2D(8, 3, padding="same", dtype=dtype, name="conv2")(b)
+    f = keras.layers.BatchNormalization(dtype=dtype, name="bn3")(b)
+    f = keras.layers.ReLU(dtype=dtype, name="relu3")(f)
+    # The head also reads z directly, so that bn1's gradients do not reach the
+    # loss only through a (scale-invariant) BatchNormalization.
+    pooled = [keras.layers.GlobalAveragePooling2D(dtype=dtype)(t) for t in (f, z)]
+    out = keras.layers.Dense(10, activation="softmax", dtype=dtype, name="head")(keras.layers.Concatenate(dtype=dtype)(pooled))
+    return keras.Model(inp, out, name="patterns")
+
+
+def test_patterns_model(kernel_path):
+    model = small_patterns_model()
+    converted, report, _ = check_conversion(model, blocks=2, input_shape=(9, 9, 4))
+    (name, names), = [(b, n) for b, n in report.blocks.items() if "bn1" in n]
+    block = converted.get_layer(name)
+    convs = [n for n in names if n in ("proj", "conv1", "mix")]
+    assert sorted(convs) == ["conv1", "mix", "proj"] and "pad" in names and name in convs
+    assert [h["explicit_padding"] for h in block.heads] == [
+        ((1, 1), (0, 2)) if conv == "conv1" else None for conv in convs
+    ]
+    assert [h["use_bias"] for h in block.heads] == [conv != "conv1" for conv in convs]
+    assert block.return_activation and not block.center and block.scale
+    assert converted.get_layer("conv2").center and not converted.get_layer("conv2").scale
+    assert "GlobalAveragePooling2D" in {r.name: r.reason for r in report.still_float}["bn3"]
+
+
+def test_unsupported_conv_keeps_the_activation_with_its_reason():
+    """A dilated conv reading the same BN+ReLU stays a Conv2D fed by the block's
+    activation output; the report names the dilation."""
+    inp = keras.Input((8, 8, 3))
+    a = keras.layers.ReLU(name="relu")(keras.layers.BatchNormalization(name="bn")(inp))
+    u = keras.layers.Conv2D(4, 3, padding="same", name="conv")(a)
+    v = keras.layers.Conv2D(4, 3, padding="same", dilation_rate=2, name="dilated")(a)
+    model = keras.Model(inp, keras.layers.GlobalAveragePooling2D()(keras.layers.Add()([u, v])))
+    converted, report = keras_blpa.convert(model, bits=8, return_report=True, batch_size=2)
+    assert converted.get_layer("conv").return_activation
+    assert isinstance(converted.get_layer("dilated"), keras.layers.Conv2D)
+    assert "dilation_rate=(2, 2)" in {r.name: r.reason for r in report.still_float}["dilated"]
+    x = np.random.default_rng(6).normal(size=(2, 8, 8, 3)).astype(np.float32)
+    np.testing.assert_allclose(converted(x, training=True), model(x, training=True), rtol=1e-5, atol=1e-6)
+
+
+def test_save_load_fit_and_mixed_precision(tmp_path, kernel_path):
+    converted = keras_blpa.convert(small_patterns_model(), bits=4)
+    x = np.random.default_rng(4).normal(size=(8, 9, 9, 4)).astype(np.float32)
+    y = keras.utils.to_categorical(np.arange(8) % 10, 10)
+    converted.compile(keras.optimizers.SGD(0.05), "categorical_crossentropy")
+    before = [v.numpy().copy() for v in converted.trainable_variables]
+    history = converted.fit(x, y, batch_size=4, epochs=2, verbose=0)
+    assert np.all(np.isfinite(history.history["loss"]))
+    assert all(not np.array_equal(v.numpy(), b) for v, b in zip(converted.trainable_variables, before))
+    path = tmp_path / "converted.keras"
+    converted.save(path)
+    loaded = keras.saving.load_model(path)
+    for training in (False, True):
+        np.testing.assert_array_equal(loaded(x, training=training), converted(x, training=training))
+
+    mixed = small_patterns_model(dtype="mixed_float16")
+    mixed_converted = keras_blpa.convert(mixed, bits=8)
+    blocks = [l for l in mixed_converted.layers if isinstance(l, ApproxConvBlock)]
+    assert blocks and all(l.compute_dtype == "float16" for l in blocks)
+    np.testing.assert_allclose(
+        mixed_converted(x, training=True), mixed(x, training=True), rtol=1e-3, atol=1e-3
+    )
+
+
+def test_report_of_a_converted_model_counts_codes_not_floats():
+    model = vgg()
+    converted = keras_blpa.convert(model, bits=4)
+    before = keras_blpa.memory_report(model, 4, bits=4)
+    again = keras_blpa.memory_report(converted, 4, bits=4)
+    assert not again.blocks and again.saved_bytes == 0
+    assert again.after_bytes == before.after_bytes
+    codes = [r for r in again.layers if r.layer_type == "ApproxConvBlock"]
+    assert len(codes) == 2 and all(r.converted_into == r.name for r in codes)
+    # 4-bit codes of the BN inputs: 4 x 16 x 16 x 8 and 4 x 8 x 8 x 16 values.
+    assert sorted(r.after for r in codes) == sorted([4 * 16 * 16 * 8 // 2, 4 * 8 * 8 * 16 // 2])
+    assert {r.name for r in again.still_float} == {r.name for r in before.still_float}
+
+
+def test_mobilenet_v2_relu6_is_left_unchanged_with_one_warning():
+    model = keras.applications.MobileNetV2(weights=None, input_shape=(32, 32, 3), classes=10)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        converted, report = keras_blpa.convert(model, bits=4, return_report=True)
+    messages = [str(w.message) for w in caught if "keras_blpa.convert" in str(w.message)]
+    assert len(messages) == 1 and "no BatchNormalization -> ReLU -> Conv2D" in messages[0]
+    assert not report.blocks and report.saved_bytes == 0
+    assert not any(isinstance(l, ApproxConvBlock) for l in converted.layers)
+    x = np.random.default_rng(5).normal(size=(2, 32, 32, 3)).astype(np.float32)
+    np.testing.assert_array_equal(converted(x, training=True), model(x, training=True))
+
+
+def test_subclassed_model_is_rejected_by_name():
+    class MyNet(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.conv = keras.layers.Conv2D(4, 3)
+
+        def call(self, x):
+            return self.conv(x)
+
+    with pytest.raises(ValueError, match="MyNet.*functional API"):
+        keras_blpa.convert(MyNet())
+    with pytest.raises(ValueError, match="built Sequential"):
+        keras_blpa.convert(keras.Sequential([keras.layers.Conv2D(2, 3)]))
+    with pytest.raises(ValueError, match="bits=3"):
+        keras_blpa.convert(vgg(), bits=3)
+    with pytest.raises(ValueError, match="input_shape"):
+        inp = keras.Input((None, None, 3))
+        keras_blpa.memory_report(keras.Model(inp, keras.layers.Conv2D(2, 3)(inp)), 2)
+
+
+# Subprocess tests: the allocator peak and MirroredStrategy need their own process.
+
+PEAK_STEP = textwrap.dedent(
+    """
+    import json, sys
+    import keras, tensorflow as tf
+    import keras_blpa
+
+    size, batch, bits = map(int, sys.argv[1:])
+    keras.utils.set_random_seed(0)
+    model = keras.applications.ResNet50V2(weights=None, input_shape=(size, size, 3), classes=10)
+    report = keras_blpa.memory_report(model, batch, bits=bits)
+    x = tf.random.normal([batch, size, size, 3])
+    y = tf.one_hot(tf.range(batch) % 10, 10)
+
+    def peak(m):
+        @tf.function
+        def step(x, y):
+            with tf.GradientTape() as tape:
+                out = m(x, training=True)
+                loss = tf.reduce_mean(keras.losses.categorical_crossentropy(y, out))
+            grads = tape.gradient(loss, m.trainable_variables)
+            return tf.add_n([tf.reduce_sum(g) for g in grads])
+
+        step(x, y)
+        tf.config.experimental.reset_memory_stats("CPU:0")
+        step(x, y)
+        return tf.config.experimental.get_memory_info("CPU:0")["peak"]
+
+    stock = peak(model)
+    converted = peak(keras_blpa.convert(model, bits=bits))
+    print(json.dumps(dict(stock=stock, converted=converted, saved=report.saved_bytes,
+                          transient=report.transient_bytes,
+                          native=keras_blpa.native_ops_available())))
+    """
+)
+
+
+def run_python(code, args=(), env=None):
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *map(str, args)],
+        capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **(env or {})),
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_reported_saving_matches_allocator_peak(kernel_path):
+    """ResNet50V2, 64x64, batch 16, 4 bits: the measured peak difference equals
+    report.saved_bytes to within report.transient_bytes (see keras_blpa.report)."""
+    env = {"TF_CPU_ALLOCATOR_USE_BFC": "true", "KERAS_BLPA_PURE_TF": "1" if kernel_path == "reference" else "0"}
+    r = run_python(PEAK_STEP, (64, 16, 4), env)
+    assert r["native"] == (kernel_path == "native")
+    measured = r["stock"] - r["converted"]
+    print(f"{kernel_path}: peak {r['stock'] / 2**20:.0f} -> {r['converted'] / 2**20:.0f} MiB, "
+          f"measured saving {measured / 2**20:.1f} MiB, reported {r['saved'] / 2**20:.1f} MiB "
+          f"(transient {r['transient'] / 2**20:.1f} MiB)")
+    assert abs(measured - r["saved"]) <= r["transient"]
+    assert measured > 0.5 * r["saved"] > 0
+
+
+MIRRORED = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    import tensorflow as tf
+    cpus = tf.config.list_physical_devices("CPU")
+    tf.config.set_logical_device_configuration(cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+    import keras
+    import keras_blpa
+
+    strategy = tf.distribute.MirroredStrategy(["CPU:0", "CPU:1"])
+    with strategy.scope():
+        model = keras.applications.ResNet50V2(weights=None, input_shape=(32, 32, 3), classes=10)
+        converted = keras_blpa.convert(model, bits=4)
+        converted.compile(keras.optimizers.SGD(0.01), "categorical_crossentropy")
+    block = converted.get_layer("conv2_block1_1_conv")
+    mirrored = isinstance(block.kernels[1].value, tf.distribute.DistributedValues)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(16, 32, 32, 3)).astype("float32")
+    y = keras.utils.to_categorical(np.arange(16) % 10, 10)
+    before = block.kernels[1].numpy().copy()
+    history = converted.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    replicas = [v.numpy() for v in block.kernels[1].value.values] if mirrored else []
+    print(json.dumps(dict(
+        replicas=strategy.num_replicas_in_sync, mirrored=mirrored,
+        loss=history.history["loss"][-1],
+        moved=float(np.abs(block.kernels[1].numpy() - before).max()),
+        in_sync=all(np.array_equal(replicas[0], r) for r in replicas))))
+    """
+)
+
+
+def test_mirrored_strategy_convert_in_scope_and_fit():
+    r = run_python(MIRRORED)
+    assert r["replicas"] == 2 and r["mirrored"] and r["in_sync"]
+    assert np.isfinite(r["loss"]) and r["moved"] > 0
+
+
+def test_example_script_prints_the_report(capsys):
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+    import convert_applications
+
+    convert_applications.main(["--model", "DenseNet121", "--input_size", "32", "--batch_size", "2", "--rows", "3"])
+    out = capsys.readouterr().out
+    assert "converted: 119 blocks" in out and "conv1_conv" in out
