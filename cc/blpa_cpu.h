@@ -411,6 +411,8 @@ inline void run_level(CpuLevel level, const Args& a, int64_t b0, int64_t b1,
   level = std::min(level, detected_cpu_level());
   if (level == kAvx512) return run_avx512<Kernel, BITS>(a, b0, b1, more...);
   if (level == kAvx2) return run_avx2<Kernel, BITS>(a, b0, b1, more...);
+#else
+  (void)level;  // one level only
 #endif
   run_baseline<Kernel, BITS>(a, b0, b1, more...);
 }
