@@ -20,7 +20,8 @@ cd "$work"  # import the installed package, not the checkout
 start=$(date +%s)
 "$py" -m keras_blpa.info --require-native
 echo "first use (import + compile of the native ops): $(( $(date +%s) - start )) s"
-"$py" "$repo/tests/fresh_install_check.py"
+# As on an AVX2-only CPU: oneDNN off, so memory statistics rely on keras_blpa's import.
+TF_ENABLE_ONEDNN_OPTS=0 KERAS_BLPA_CPU_ISA=avx2 "$py" "$repo/tests/fresh_install_check.py"
 
 echo "== pip install <sdist>"
 "$py" -m pip install -q build

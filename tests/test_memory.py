@@ -65,3 +65,37 @@ def test_four_bit_peak_is_at_least_4x_lower_than_stock(kernel_path):
     ratio = stock / result["peak"]
     print(f"{kernel_path}: stock {stock / 2**20:.0f} MiB, 4-bit {result['peak'] / 2**20:.0f} MiB, ratio {ratio:.2f}x")
     assert ratio >= 4.0
+
+
+MEASURE_AFTER_IMPORT = textwrap.dedent(
+    """
+    import json, sys
+    if sys.argv[1] == "op-first":
+        import tensorflow as tf
+        tf.constant(1.0) + 1.0  # TensorFlow creates its CPU allocator here
+    import keras_blpa
+    import tensorflow as tf
+    try:
+        with keras_blpa.memory.PeakMemory() as peak:
+            x = tf.ones([512, 512]) * 2.0  # 1 MiB
+        print(json.dumps({"peak": peak.peak_bytes - peak.resident_bytes}))
+    except keras_blpa.memory.MemoryStatsUnavailable as e:
+        print(json.dumps({"error": str(e)}))
+    """
+)
+
+
+@pytest.mark.parametrize("order", ["import-first", "op-first"])
+def test_import_enables_statistics_without_onednn(order):
+    """As on an AVX2-only CPU: statistics work if keras_blpa comes before TF's first op,
+    else a clear error says why (never a silent nan)."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPU_ALLOCATOR_USE_BFC"}
+    env.update(TF_ENABLE_ONEDNN_OPTS="0", TF_CPP_MIN_LOG_LEVEL="3")
+    out = subprocess.run([sys.executable, "-c", MEASURE_AFTER_IMPORT, order], env=env,
+                         capture_output=True, text=True, timeout=300, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    if order == "import-first":
+        assert result.get("peak", 0) >= 2**20, result
+    else:
+        assert "TF_CPU_ALLOCATOR_USE_BFC" in result["error"], result
+        assert "before TensorFlow runs its first op" in result["error"], result
