@@ -23,6 +23,18 @@ import warnings
 
 from keras_blpa import native_build
 
+__all__ = [
+    "BUILD_ENV",
+    "LIBRARY_ENV",
+    "NativeOps",
+    "PURE_TF_ENV",
+    "load",
+    "load_error",
+    "packaged_library",
+    "pure_tf_forced",
+    "status",
+]
+
 PURE_TF_ENV = "KERAS_BLPA_PURE_TF"
 LIBRARY_ENV = "KERAS_BLPA_OPS_LIBRARY"
 BUILD_ENV = "KERAS_BLPA_NATIVE_BUILD"

@@ -28,7 +28,25 @@ byte, 4 bits two per byte (element 2i in the low nibble), 2 bits four per byte
 
 import tensorflow as tf
 
-from keras_blpa.validation import VALID_BITS  # noqa: F401 (re-exported)
+from keras_blpa.validation import VALID_BITS
+
+__all__ = [
+    "GAMMA_FLOOR",
+    "VALID_BITS",
+    "bn_grad_input",
+    "bn_grad_reduce",
+    "bn_relu_encode",
+    "channel_params",
+    "codes_per_byte",
+    "decode",
+    "decode_relu",
+    "encode",
+    "encode_codes",
+    "pack",
+    "packed_size",
+    "unpack",
+]
+
 GAMMA_FLOOR = 1e-8
 
 

@@ -14,6 +14,12 @@ import time
 from keras_blpa import memory
 from keras_blpa.benchmark import modes as modes_lib
 
+__all__ = [
+    "MIB",
+    "measure",
+    "step_peak",
+]
+
 MIB = memory.MIB
 
 
