@@ -76,7 +76,12 @@ def pack(codes, bits):
     flat = jnp.ravel(codes).astype(jnp.uint8)
     per = codes_per_byte(bits)
     if per == 1:
-        return flat
+        # Written as a reduction into 16-bit words (two codes, little-endian: the
+        # same bytes), because XLA fuses a plain elementwise encode into its
+        # backward consumers, which then read the float input instead of the codes.
+        pairs = jnp.pad(flat, (0, flat.size % 2)).reshape(-1, 2).astype(jnp.uint16)
+        words = jnp.sum(pairs << jnp.array([0, 8], jnp.uint16), axis=1, dtype=jnp.uint16)
+        return jax.lax.bitcast_convert_type(words, jnp.uint8).reshape(-1)[: flat.size]
     flat = jnp.pad(flat, (0, -flat.size % per)).reshape(-1, per)
     shifts = jnp.arange(per, dtype=jnp.uint8) * jnp.uint8(bits)
     # Fields do not overlap: their sum is their bitwise or.
