@@ -433,3 +433,12 @@ def test_compiled_step_memory_at_least_4x_lower_than_stock():
         blpa = step_temp_bytes(stack(str(bits)), 64)
         print(json.dumps({"bits": bits, "stock_MiB": stock / 2**20, "blpa_MiB": blpa / 2**20}))
         assert stock / blpa >= 4.0
+
+
+@pytest.mark.slow
+def test_resnet164_compiled_step_memory_at_least_4x_lower_than_stock():
+    """The paper's CIFAR ResNet-164, batch 64: 4-bit vs the same network from stock layers."""
+    stock = step_temp_bytes(keras_blpa.resnet(164, 10, (32, 32, 3), bits=None), 64)
+    blpa = step_temp_bytes(keras_blpa.resnet(164, 10, (32, 32, 3), bits=4), 64)
+    print(json.dumps({"resnet164_stock_MiB": stock / 2**20, "resnet164_blpa4_MiB": blpa / 2**20}))
+    assert stock / blpa >= 4.0
