@@ -323,15 +323,38 @@ def test_fit_reduces_loss():
     assert model.evaluate(x, y, verbose=0) < 0.5 * first
 
 
-def test_resnet_fits_on_jax():
-    model = keras_blpa.resnet(depth=11, num_classes=3, input_shape=(16, 16, 3), bits=4)
-    assert any(isinstance(l, ApproxConvBlock) for l in model.layers)
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+def test_resnet_fits_on_jax(policy):
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        model = keras_blpa.resnet(depth=11, num_classes=3, input_shape=(16, 16, 3), bits=4)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    blocks = [l for l in model.layers if isinstance(l, ApproxConvBlock)]
+    assert blocks and all(b.compute_dtype == policy.split("_")[-1] for b in blocks)
     rng = np.random.default_rng(1)
     x = rng.normal(size=(16, 16, 16, 3)).astype(np.float32)
     labels = rng.integers(0, 3, 16)
     model.compile("adam", "sparse_categorical_crossentropy")
     history = model.fit(x, labels, batch_size=8, epochs=2, verbose=0)
     assert np.isfinite(history.history["loss"]).all()
+    assert all(np.isfinite(np.asarray(w)).all() for w in model.weights)
+
+
+def test_convert_on_jax_keeps_the_forward():
+    keras.utils.set_random_seed(0)
+    model = keras.applications.ResNet50V2(weights=None, input_shape=(32, 32, 3), classes=10)
+    converted = keras_blpa.convert(model, bits=4)
+    assert sum(isinstance(l, ApproxConvBlock) for l in converted.layers) > 40
+    x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+    np.testing.assert_allclose(converted(x, training=False), model(x, training=False), rtol=1e-5, atol=1e-6)
+
+
+def test_synchronized_is_refused_on_jax():
+    block = ApproxConvBlock(4, 3, synchronized=True)
+    with pytest.raises(ValueError, match="synchronized=True"):
+        block(np.zeros((2, 4, 4, 3), np.float32), training=True)
 
 
 # ------------------------------------------------------- cross-backend files
