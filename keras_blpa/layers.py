@@ -1,5 +1,10 @@
 """ApproxConvBlock (BN -> ReLU -> Conv2D with compressed-activation backprop) and ResidualBuffer.
 
+Backends: on TensorFlow the compressed training step below is a
+``tf.custom_gradient`` around the native (or pure-TF) kernels; on JAX, `call`
+hands over to `keras_blpa.jax_ops` (a ``jax.custom_vjp`` with jnp kernels that
+produce the same codes). The layers, weights and configs are shared.
+
 The compressed backward of ApproxConvBlock runs as named steps: decode the code
 once the incoming gradient exists, the filter gradient from the decoded ReLU
 output (`_conv_backward`), the input gradient through the kernel, then the ReLU
