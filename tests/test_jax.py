@@ -232,9 +232,9 @@ def layer_grads(layer, x):
     fixed = [v.value for v in layer.non_trainable_variables]
 
     def loss(trainable, x):
-        y, _ = layer.stateless_call(trainable, fixed, x, training=True)
-        y = jnp.asarray(y, jnp.float32)
-        return jnp.sum(jnp.sin(y) * y)
+        ys, _ = layer.stateless_call(trainable, fixed, x, training=True)
+        ys = [jnp.asarray(y, jnp.float32) for y in (ys if isinstance(ys, list) else [ys])]
+        return sum(jnp.sum(jnp.sin(y) * y) for y in ys)
 
     return jax.grad(loss, argnums=(1, 0))(trainable, jnp.asarray(x))
 
@@ -251,6 +251,31 @@ def test_layer_gradients_close_to_stock(bits):
     block, stock = matched_pair(rng, x.shape, 7, 2, bits)
     g, g_ref = flat(layer_grads(block, x)), flat(layer_grads(stock, x))
     assert len(g) == len(g_ref) == 4  # input, gamma, beta, kernel
+    for a, b in zip(g, g_ref):
+        a, b = np.ravel(a), np.ravel(b)
+        assert 1 - a @ b / (np.linalg.norm(a) * np.linalg.norm(b)) <= (3 / 2**bits) ** 2
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_two_heads_and_activation_gradients_close_to_exact(bits):
+    """One code feeding a 1x1 stride-2 head, a 3x3 head with folded padding and the
+    returned activation: gradients against the same block with bits=None (autodiff)."""
+    rng = np.random.default_rng(5)
+    x = rng.normal(0.3, 1.2, size=(4, 8, 8, 6)).astype(np.float32)
+    heads = [
+        dict(filters=5, kernel_size=1, strides=2),
+        dict(filters=4, kernel_size=3, padding="valid", explicit_padding=((1, 1), (1, 1))),
+    ]
+    layers = [ApproxConvBlock(heads=heads, bits=b, return_activation=True) for b in (bits, None)]
+    for layer in layers:
+        layer.build(x.shape)
+    layers[0].set_weights(
+        [rng.uniform(0.5, 1.5, w.shape) if w.ndim == 1 else rng.normal(0, 0.2, w.shape)
+         for w in layers[0].get_weights()]
+    )
+    layers[1].set_weights(layers[0].get_weights())
+    g, g_ref = (flat(layer_grads(layer, x)) for layer in layers)
+    assert len(g) == len(g_ref) == 5  # input, gamma, beta, two kernels
     for a, b in zip(g, g_ref):
         a, b = np.ravel(a), np.ravel(b)
         assert 1 - a @ b / (np.linalg.norm(a) * np.linalg.norm(b)) <= (3 / 2**bits) ** 2
