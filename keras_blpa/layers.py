@@ -1,5 +1,10 @@
 """ApproxConvBlock (BN -> ReLU -> Conv2D with compressed-activation backprop) and ResidualBuffer.
 
+Backends: on TensorFlow the compressed training step below is a
+``tf.custom_gradient`` around the native (or pure-TF) kernels; on JAX, `call`
+hands over to `keras_blpa.jax_ops` (a ``jax.custom_vjp`` with jnp kernels that
+produce the same codes). The layers, weights and configs are shared.
+
 The compressed backward of ApproxConvBlock runs as named steps: decode the code
 once the incoming gradient exists, the filter gradient from the decoded ReLU
 output (`_conv_backward`), the input gradient through the kernel, then the ReLU
@@ -45,16 +50,26 @@ __all__ = [
 
 QUANTIZATION_MODES = ("blpa", "naive")
 PADDINGS = ("same", "valid")
+BACKENDS = ("tensorflow", "jax")
 
 
 def check_backend():
-    """Raises ValueError unless Keras runs on TensorFlow."""
+    """Raises ValueError unless Keras runs on TensorFlow or JAX."""
     name = keras.backend.backend()
-    if name != "tensorflow":
+    if name not in BACKENDS:
         raise ValueError(
-            "keras_blpa needs the TensorFlow backend of Keras. "
+            f"keras_blpa needs one of the Keras backends {BACKENDS}. "
             f"Received: KERAS_BACKEND={name!r}"
         )
+
+
+def _jax_ops():
+    """The JAX backend module, or None on TensorFlow (jax need not be installed)."""
+    if keras.backend.backend() != "jax":
+        return None
+    from keras_blpa import jax_ops
+
+    return jax_ops
 
 
 def _after(dependencies, tensor):
@@ -279,7 +294,8 @@ class ApproxConvBlock(keras.layers.Layer):
         activation if returned.
 
     Raises:
-        ValueError: for bad arguments, a non-4D input or a non-TensorFlow backend.
+        ValueError: for bad arguments, a non-4D input or a backend other than
+            TensorFlow and JAX (whose training step is `keras_blpa.jax_ops`).
 
     Example:
     >>> block = ApproxConvBlock(64, 3, bits=4)
@@ -358,8 +374,10 @@ class ApproxConvBlock(keras.layers.Layer):
         self.synchronized = bool(synchronized)
         self.return_activation = bool(return_activation)
         self.center, self.scale = bool(center), bool(scale)
-        # Custom ops cannot be compiled by XLA; the reference path can.
-        self.supports_jit = self.bits is None or not quant.native_ops_available()
+        # Custom ops cannot be compiled by XLA; the reference and JAX paths can.
+        self.supports_jit = (
+            self.bits is None or _jax_ops() is not None or not quant.native_ops_available()
+        )
 
     @property
     def _single_output(self):
@@ -424,6 +442,8 @@ class ApproxConvBlock(keras.layers.Layer):
         return gamma, beta
 
     def call(self, inputs, training=None):
+        if _jax_ops() is not None:
+            return _jax_ops().block_call(self, inputs, training)
         x = tf.cast(inputs, tf.float32)
         gamma, beta = self._bn_vectors(self.moving_mean.shape[0])
         kernels = [tf.cast(tf.convert_to_tensor(k), self.compute_dtype) for k in self.kernels]
@@ -635,6 +655,8 @@ class ResidualBuffer(keras.layers.Layer):
     def call(self, inputs):
         x, shortcut = inputs
         stride, padding, extra = self._adapter([x.shape, shortcut.shape])
+        if _jax_ops() is not None:
+            return _jax_ops().residual_call(x, shortcut, stride, padding, extra)
         window = (1, stride, stride, 1)
 
         @tf.custom_gradient

@@ -433,11 +433,11 @@ def test_non_4d_input():
         ApproxConvBlock(4, 3)(tf.zeros([2, 8, 3]))
 
 
-def test_non_tensorflow_backend(monkeypatch):
-    monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
-    with pytest.raises(ValueError, match="KERAS_BACKEND='jax'"):
+def test_unsupported_backend(monkeypatch):
+    monkeypatch.setattr(keras.backend, "backend", lambda: "torch")
+    with pytest.raises(ValueError, match="KERAS_BACKEND='torch'"):
         ApproxConvBlock(4, 3)
-    with pytest.raises(ValueError, match="KERAS_BACKEND='jax'"):
+    with pytest.raises(ValueError, match="KERAS_BACKEND='torch'"):
         ResidualBuffer()
 
 

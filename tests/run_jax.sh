@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# JAX-backend tests (tests/test_jax.py) on CPU with jax from PyPI.
+#
+# Creates (or reuses) a virtual environment with jax[cpu], keras and
+# tensorflow-cpu (the cross-backend .keras test saves on one backend and loads on
+# the other), then runs the tests with KERAS_BACKEND=jax.
+#   JAX_VENV   environment path (default: ~/.cache/keras_blpa/venv-jax)
+#   extra arguments go to pytest (e.g. -m "not slow")
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv="${JAX_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/keras_blpa/venv-jax}"
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q "jax[cpu]" keras "tensorflow-cpu>=2.18" numpy pytest
+fi
+"$venv/bin/pip" check
+export KERAS_BACKEND=jax PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TF_CPP_MIN_LOG_LEVEL=2
+exec "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/test_jax.py "$@"

@@ -1,0 +1,492 @@
+"""The JAX backend (keras_blpa.jax_ops) against the TensorFlow reference and stock Keras.
+
+Run with KERAS_BACKEND=jax in an environment with jax, keras and tensorflow
+(tests/run_jax.sh); under any other backend the module is skipped with a reason.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+
+if keras.backend.backend() != "jax":
+    pytest.skip(
+        "JAX backend tests: run tests/run_jax.sh (KERAS_BACKEND=jax)",
+        allow_module_level=True,
+    )
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import keras_blpa  # noqa: E402
+from keras_blpa import ApproxConvBlock, ResidualBuffer  # noqa: E402
+from keras_blpa import jax_ops  # noqa: E402
+from keras_blpa import reference  # noqa: E402
+
+HEAD = (((1, 1), "same", None),)  # one stride-1 "same" conv head
+
+
+def special_values(rng, shape, bits):
+    """Normal values with NaN, +-inf, zeros and exact bin edges mixed in."""
+    y = (rng.normal(size=shape) * 3).astype(np.float32)
+    flat = y.reshape(-1)
+    flat[:6] = [np.nan, np.inf, -np.inf, 0.0, -0.0, 6.0 / 2**bits]
+    return y
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("shape", [(3, 5, 7, 6), (1, 1, 3, 5), (2, 4, 4, 8)])
+def test_packed_bytes_identical_to_tf_reference(bits, shape):
+    """Same bytes, vectors and decoded values as keras_blpa.reference, for gamma of
+    both signs, zero and tiny gamma, and odd element counts (padded last byte)."""
+    rng = np.random.default_rng(bits + len(shape))
+    c = shape[-1]
+    y = special_values(rng, shape, bits)
+    gamma = rng.normal(size=c).astype(np.float32)
+    gamma[0], gamma[-1] = 0.0, -1e-9
+    beta = rng.normal(size=c).astype(np.float32) * 2
+    p_tf = reference.channel_params(gamma, beta, bits)
+    p_jx = jax.jit(jax_ops.channel_params, static_argnums=2)(gamma, beta, bits)
+    for key in p_tf:
+        np.testing.assert_array_equal(p_tf[key].numpy(), np.asarray(p_jx[key]), err_msg=key)
+    packed_tf = reference.encode(y, p_tf["inv_step"], p_tf["shift"], bits).numpy()
+    encode = jax.jit(jax_ops.encode, static_argnums=3)
+    packed_jx = np.asarray(encode(y, p_jx["inv_step"], p_jx["shift"], bits))
+    assert packed_jx.dtype == np.uint8
+    assert packed_jx.shape == (reference.packed_size(y.size, bits),)
+    np.testing.assert_array_equal(packed_jx, packed_tf)
+    # And both agree with a numpy packing of the reference codes.
+    codes = reference.encode_codes(y, p_tf["inv_step"], p_tf["shift"], bits).numpy().ravel()
+    per = 8 // bits
+    padded = np.concatenate([codes, np.zeros(-codes.size % per, np.uint8)]).reshape(-1, per)
+    expected = np.bitwise_or.reduce(padded << (bits * np.arange(per, dtype=np.uint8)), axis=1)
+    np.testing.assert_array_equal(packed_jx, expected)
+    np.testing.assert_array_equal(np.asarray(jax_ops.unpack(packed_jx, y.size, bits)), codes)
+    dec_tf, mask_tf = reference.decode(packed_tf, shape, p_tf["step"], p_tf["shift"], bits)
+    dec_jx, mask_jx = jax_ops.decode(packed_jx, shape, p_jx["step"], p_jx["shift"], bits)
+    np.testing.assert_array_equal(np.asarray(dec_jx), dec_tf.numpy())
+    np.testing.assert_array_equal(np.asarray(mask_jx), mask_tf.numpy())
+    # The mask is exactly y > 0 (NaN inactive), whatever the sign of gamma.
+    np.testing.assert_array_equal(np.asarray(mask_jx), y > 0)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_bn_grad_sums_match_tf_reference(bits):
+    rng = np.random.default_rng(bits)
+    y = rng.normal(size=(4, 6, 6, 5)).astype(np.float32)
+    grad = rng.normal(size=y.shape).astype(np.float32)
+    gamma = np.array([1.2, -0.7, 0.5, -1.5, 0.9], np.float32)
+    beta = np.array([0.3, -0.2, 0.0, 0.4, -0.9], np.float32)
+    p = reference.channel_params(gamma, beta, bits)
+    packed = reference.encode(y, p["inv_step"], p["shift"], bits)
+    expected = reference.bn_grad_reduce(packed, grad, p["step"], p["shift"], p["gamma"], beta, bits)
+    got = jax_ops.bn_grad_sums(
+        jnp.asarray(packed.numpy()), jnp.asarray(grad), p["step"].numpy(),
+        p["shift"].numpy(), p["gamma"].numpy(), beta, bits,
+    )
+    for a, b in zip(got, expected):
+        np.testing.assert_allclose(np.asarray(a), b.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def exact_block(x, gamma, beta, kernel, epsilon=1e-3, strides=(1, 1)):
+    """Independent BN (batch statistics) -> ReLU -> conv, differentiated by jax.grad."""
+    mean = jnp.mean(x, axis=(0, 1, 2))
+    var = jnp.mean(jnp.square(x - mean), axis=(0, 1, 2))
+    y = (x - mean) / jnp.sqrt(var + epsilon) * gamma + beta
+    return jax.lax.conv_general_dilated(
+        jax.nn.relu(y), kernel, strides, "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+
+def compressed(bits, strides=(1, 1)):
+    block = jax_ops.compressed_block(bits, 1e-3, ((strides, "same", None),), "float32")
+
+    def f(x, gamma, beta, kernel):
+        stats = jax.lax.stop_gradient(x)
+        mean, var = jnp.mean(stats, axis=(0, 1, 2)), jnp.var(stats, axis=(0, 1, 2))
+        return block(x.shape, x, gamma, beta, mean, var, kernel)[0]
+
+    return f
+
+
+def block_inputs(rng, shape=(8, 8, 8, 6), filters=7):
+    """Uniform x (|x_hat| <= sqrt(3)), |beta / gamma| <= 1: no code saturates, since
+    the 2^K bins cover x_hat in [-beta/gamma - 3, -beta/gamma + 3] (less one bin)."""
+    c = shape[-1]
+    x = rng.uniform(-1.0, 2.0, size=shape).astype(np.float32)
+    gamma = (rng.uniform(0.3, 1.5, c) * np.where(np.arange(c) % 2, -1, 1)).astype(np.float32)
+    beta = rng.uniform(-0.3, 0.3, c).astype(np.float32)
+    kernel = rng.normal(0, 0.2, (3, 3, c, filters)).astype(np.float32)
+    return x, gamma, beta, kernel
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("strides", [(1, 1), (2, 2)])
+def test_custom_vjp_gradients_against_exact_jax_grad(bits, strides):
+    """Forward exact; d_beta exact (the ReLU mask comes from the code exactly and
+    the incoming dA is exact); the kernel gradient within the half-bin bound
+    (3|gamma|/2^K per input channel times sum|dy| per tap and output channel),
+    d_gamma = sum(g * x_hat) within (3/2^K) * sum|dA| per channel (x_hat decoded
+    within half a bin, 3/2^K); d_x and d_kernel 1 - cos <= (3/2^K)^2."""
+    rng = np.random.default_rng(bits)
+    x, gamma, beta, kernel = block_inputs(rng)
+    exact = lambda *a: exact_block(*a, strides=strides)  # noqa: E731
+    approx = jax.jit(compressed(bits, strides))
+    y_ref = exact(x, gamma, beta, kernel)
+    np.testing.assert_allclose(approx(x, gamma, beta, kernel), y_ref, rtol=1e-5, atol=1e-5)
+    dy = rng.normal(size=y_ref.shape).astype(np.float32)
+    g = jax.grad(lambda *a: jnp.sum(approx(*a) * dy), argnums=(0, 1, 2, 3))(x, gamma, beta, kernel)
+    g_ref = jax.grad(lambda *a: jnp.sum(exact(*a) * dy), argnums=(0, 1, 2, 3))(x, gamma, beta, kernel)
+    np.testing.assert_allclose(g[2], g_ref[2], rtol=1e-4, atol=1e-4)  # d_beta
+    # The decoded ReLU output is within half a bin of the exact one, and dK is linear in it;
+    # 9 taps read distinct input positions, so each tap is bounded separately.
+    half_bin = 3.0 * np.abs(gamma) / 2**bits
+    bound = half_bin[None, None, :, None] * np.abs(dy).sum(axis=(0, 1, 2))[None, None, None, :]
+    assert np.all(np.abs(np.asarray(g[3]) - np.asarray(g_ref[3])) <= bound * 1.001 + 1e-5)
+    d_a = jax.vjp(
+        lambda a: jax.lax.conv_general_dilated(a, kernel, strides, "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")),
+        jnp.zeros_like(x),
+    )[1](dy)[0]
+    gamma_bound = 3.0 / 2**bits * np.abs(np.asarray(d_a)).sum(axis=(0, 1, 2))
+    assert np.all(np.abs(np.asarray(g[1]) - np.asarray(g_ref[1])) <= gamma_bound * 1.001 + 1e-5)
+    for a, b in (g[0], g_ref[0]), (g[3], g_ref[3]):
+        a, b = np.ravel(a), np.ravel(b)
+        cos = a @ b / (np.linalg.norm(a) * np.linalg.norm(b))
+        assert 1 - cos <= (3 / 2**bits) ** 2
+
+
+def test_residuals_are_codes_vectors_and_kernel():
+    """What the backward keeps: the packed 4-bit codes (1/8 of the float32 input),
+    [C] vectors and the kernel; no float array of the activation's size."""
+    rng = np.random.default_rng(0)
+    x, gamma, beta, kernel = block_inputs(rng, shape=(4, 8, 8, 6))
+    block = jax_ops.compressed_block(4, 1e-3, HEAD, "float32")
+    mean, var = x.mean((0, 1, 2)), x.var((0, 1, 2))
+    _, residuals = block.fwd(x.shape, x, gamma, beta, mean, var, kernel)
+    leaves = jax.tree_util.tree_leaves(residuals)
+    codes = [r for r in leaves if r.dtype == jnp.uint8]
+    assert [c.shape for c in codes] == [(x.size // 2,)]
+    others = sorted(r.shape for r in leaves if r.dtype != jnp.uint8)
+    assert others == sorted([(6,)] * 5 + [kernel.shape])
+    # jax.vjp of the block closes over no more than that either.
+    _, vjp = jax.vjp(
+        lambda x, g, b, k: block(x.shape, x, g, b, mean, var, k)[0], x, gamma, beta, kernel
+    )
+    assert max(leaf.size for leaf in jax.tree_util.tree_leaves(vjp) if leaf.dtype != jnp.uint8) < x.size
+
+
+# ------------------------------------------------------------------ layers
+
+
+def stock_block(filters, kernel_size, strides=1):
+    return keras.Sequential(
+        [
+            keras.layers.BatchNormalization(epsilon=1e-3),
+            keras.layers.ReLU(),
+            keras.layers.Conv2D(filters, kernel_size, strides=strides, padding="same", use_bias=False),
+        ]
+    )
+
+
+def matched_pair(rng, shape, filters, strides, bits, **kwargs):
+    block = ApproxConvBlock(filters, 3, strides=strides, bits=bits, **kwargs)
+    block.build(shape)
+    c = shape[-1]
+    gamma = rng.uniform(0.3, 1.5, c) * np.where(np.arange(c) % 2, -1, 1)
+    block.gamma.assign(gamma)
+    block.beta.assign(rng.uniform(-1, 1, c))
+    block.moving_mean.assign(rng.uniform(-0.5, 0.5, c))
+    block.moving_variance.assign(rng.uniform(0.5, 1.5, c))
+    block.kernel.assign(rng.normal(0, 0.2, (3, 3, c, filters)))
+    stock = stock_block(filters, 3, strides)
+    stock.build(shape)
+    stock.layers[0].set_weights(
+        [np.asarray(v) for v in (block.gamma, block.beta, block.moving_mean, block.moving_variance)]
+    )
+    stock.layers[2].set_weights([np.asarray(block.kernel)])
+    return block, stock
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+@pytest.mark.parametrize("training", [False, True])
+def test_layer_forward_equals_stock(bits, training):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(3, 9, 7, 5)).astype(np.float32)
+    block, stock = matched_pair(rng, x.shape, 6, 2, bits)
+    np.testing.assert_allclose(
+        block(x, training=training), stock(x, training=training), rtol=1e-5, atol=1e-5
+    )
+    bn = stock.layers[0]
+    np.testing.assert_allclose(block.moving_mean, bn.moving_mean, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(block.moving_variance, bn.moving_variance, rtol=1e-6, atol=1e-6)
+
+
+def layer_grads(layer, x):
+    trainable = [v.value for v in layer.trainable_variables]
+    fixed = [v.value for v in layer.non_trainable_variables]
+
+    def loss(trainable, x):
+        ys, _ = layer.stateless_call(trainable, fixed, x, training=True)
+        ys = [jnp.asarray(y, jnp.float32) for y in (ys if isinstance(ys, list) else [ys])]
+        return sum(jnp.sum(jnp.sin(y) * y) for y in ys)
+
+    return jax.grad(loss, argnums=(1, 0))(trainable, jnp.asarray(x))
+
+
+def flat(grads):
+    dx, dw = grads
+    return [np.asarray(dx, np.float32)] + [np.asarray(g, np.float32) for g in dw]
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_layer_gradients_close_to_stock(bits):
+    rng = np.random.default_rng(13)
+    x = rng.normal(0.5, 1.5, size=(8, 8, 8, 6)).astype(np.float32)
+    block, stock = matched_pair(rng, x.shape, 7, 2, bits)
+    g, g_ref = flat(layer_grads(block, x)), flat(layer_grads(stock, x))
+    assert len(g) == len(g_ref) == 4  # input, gamma, beta, kernel
+    for a, b in zip(g, g_ref):
+        a, b = np.ravel(a), np.ravel(b)
+        assert 1 - a @ b / (np.linalg.norm(a) * np.linalg.norm(b)) <= (3 / 2**bits) ** 2
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_two_heads_and_activation_gradients_close_to_exact(bits):
+    """One code feeding a 1x1 stride-2 head, a 3x3 head with folded padding and the
+    returned activation: gradients against the same block with bits=None (autodiff)."""
+    rng = np.random.default_rng(5)
+    x = rng.normal(0.3, 1.2, size=(4, 8, 8, 6)).astype(np.float32)
+    heads = [
+        dict(filters=5, kernel_size=1, strides=2),
+        dict(filters=4, kernel_size=3, padding="valid", explicit_padding=((1, 1), (1, 1))),
+    ]
+    layers = [ApproxConvBlock(heads=heads, bits=b, return_activation=True) for b in (bits, None)]
+    for layer in layers:
+        layer.build(x.shape)
+    layers[0].set_weights(
+        [rng.uniform(0.5, 1.5, w.shape) if w.ndim == 1 else rng.normal(0, 0.2, w.shape)
+         for w in layers[0].get_weights()]
+    )
+    layers[1].set_weights(layers[0].get_weights())
+    g, g_ref = (flat(layer_grads(layer, x)) for layer in layers)
+    assert len(g) == len(g_ref) == 5  # input, gamma, beta, two kernels
+    for a, b in zip(g, g_ref):
+        a, b = np.ravel(a), np.ravel(b)
+        assert 1 - a @ b / (np.linalg.norm(a) * np.linalg.norm(b)) <= (3 / 2**bits) ** 2
+
+
+def test_mixed_bfloat16_gradients_match_float32():
+    """Statistics and codes in float32; activation, kernel, dy rounded to bfloat16
+    (relative error eps/2 each): every gradient within 4 eps of the float32 layer's."""
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(4, 8, 8, 4)).astype(np.float32)
+    ref, _ = matched_pair(rng, x.shape, 4, 1, 4)
+    block = ApproxConvBlock(4, 3, bits=4, dtype="mixed_bfloat16")
+    block.build(x.shape)
+    block.set_weights(ref.get_weights())
+    y = block(x, training=True)
+    assert y.dtype == "bfloat16"
+    assert all(v.dtype == "float32" for v in block.weights)
+    eps = 2.0**-7
+    y_ref = ref(x, training=True)
+    np.testing.assert_allclose(np.asarray(y, np.float32), y_ref, rtol=2 * eps, atol=2 * eps * np.abs(y_ref).max())
+    block.set_weights(ref.get_weights())  # undo the statistics update
+    for a, b in zip(flat(layer_grads(block, x)), flat(layer_grads(ref, x))):
+        assert np.linalg.norm(a - b) <= 4 * eps * np.linalg.norm(b)
+
+
+@pytest.mark.parametrize("x_hw, s_hw, c_extra", [(8, 8, 0), (4, 8, 3), (3, 5, 2)])
+def test_residual_buffer_matches_tf(x_hw, s_hw, c_extra):
+    """Forward and shortcut gradient equal the TensorFlow layer's avg_pool / pad maths."""
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(2, x_hw, x_hw, 4 + c_extra)).astype(np.float32)
+    s = rng.normal(size=(2, s_hw, s_hw, 4)).astype(np.float32)
+    layer = ResidualBuffer()
+    stride, padding, extra = keras_blpa.layers.shortcut_adapter(x.shape, s.shape)
+    out = layer([x, s])
+
+    def tf_ref(s):
+        p = tf.nn.avg_pool2d(s, stride, stride, padding) if stride > 1 else s
+        return x + tf.pad(p, [[0, 0], [0, 0], [0, 0], [0, extra]])
+
+    st = tf.constant(s)
+    with tf.GradientTape() as tape:
+        tape.watch(st)
+        ref = tf_ref(st)
+        loss = tf.reduce_sum(tf.sin(ref))
+    np.testing.assert_allclose(out, ref.numpy(), rtol=1e-6, atol=1e-6)
+    ds = jax.grad(lambda s: jnp.sum(jnp.sin(layer([x, s]))))(jnp.asarray(s))
+    np.testing.assert_allclose(ds, tape.gradient(loss, st).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def small_stack(bits=4, depth=4, channels=8):
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((8, 8, channels))
+    x = inp
+    for i in range(depth):
+        strides, filters = (2, 2 * channels) if i == depth // 2 else (1, x.shape[-1])
+        y = ApproxConvBlock(filters, 3, strides=strides, bits=bits)(x)
+        x = ResidualBuffer()([y, x])
+    out = keras.layers.Dense(1)(keras.layers.GlobalAveragePooling2D()(x))
+    return keras.Model(inp, out)
+
+
+def test_fit_reduces_loss():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 8, 8, 8)).astype(np.float32)
+    y = x.mean(axis=(1, 2, 3))[:, None] * 10
+    model = small_stack()
+    model.compile(keras.optimizers.Adam(1e-2), "mse")
+    first = model.evaluate(x, y, verbose=0)
+    model.fit(x, y, batch_size=16, epochs=8, verbose=0)
+    assert model.evaluate(x, y, verbose=0) < 0.5 * first
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+def test_resnet_fits_on_jax(policy):
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        model = keras_blpa.resnet(depth=11, num_classes=3, input_shape=(16, 16, 3), bits=4)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    blocks = [l for l in model.layers if isinstance(l, ApproxConvBlock)]
+    assert blocks and all(b.compute_dtype == policy.split("_")[-1] for b in blocks)
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(16, 16, 16, 3)).astype(np.float32)
+    labels = rng.integers(0, 3, 16)
+    model.compile("adam", "sparse_categorical_crossentropy")
+    history = model.fit(x, labels, batch_size=8, epochs=2, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+    assert all(np.isfinite(np.asarray(w)).all() for w in model.weights)
+
+
+def test_convert_on_jax_keeps_the_forward():
+    keras.utils.set_random_seed(0)
+    model = keras.applications.ResNet50V2(weights=None, input_shape=(32, 32, 3), classes=10)
+    converted = keras_blpa.convert(model, bits=4)
+    assert sum(isinstance(l, ApproxConvBlock) for l in converted.layers) > 40
+    x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+    np.testing.assert_allclose(converted(x, training=False), model(x, training=False), rtol=1e-5, atol=1e-6)
+
+
+def test_synchronized_is_refused_on_jax():
+    block = ApproxConvBlock(4, 3, synchronized=True)
+    with pytest.raises(ValueError, match="synchronized=True"):
+        block(np.zeros((2, 4, 4, 3), np.float32), training=True)
+
+
+# ------------------------------------------------------- cross-backend files
+
+MODEL = textwrap.dedent(
+    """
+    import keras, numpy as np
+    from keras_blpa import ApproxConvBlock, ResidualBuffer
+
+    def build():
+        keras.utils.set_random_seed(1)
+        inp = keras.Input((8, 8, 3))
+        y, act = ApproxConvBlock(5, 3, bits=4, return_activation=True)(inp)
+        z = ApproxConvBlock(5, 3, strides=2, bits=8, kernel_regularizer="l2", use_bias=True)(y)
+        return keras.Model(inp, ResidualBuffer()([z, act]))
+
+    x = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype(np.float32)
+    """
+)
+
+SAVE = MODEL + textwrap.dedent(
+    """
+    import sys
+    model = build()
+    model(x, training=True)  # moves the statistics
+    model.save(sys.argv[1])
+    """
+)
+
+LOAD = MODEL + textwrap.dedent(
+    """
+    import sys
+    model = keras.saving.load_model(sys.argv[1])
+    np.save(sys.argv[2], np.stack([np.asarray(model(x, training=t)) for t in (False, True)]))
+    """
+)
+
+
+def run_on(backend, script, *args):
+    env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+    subprocess.run([sys.executable, "-c", script, *map(str, args)], env=env, check=True, timeout=300)
+
+
+@pytest.mark.parametrize("save_on, load_on", [("tensorflow", "jax"), ("jax", "tensorflow")])
+def test_keras_file_loads_on_the_other_backend(tmp_path, save_on, load_on):
+    """Inference and training-mode outputs agree to float32 conv round-off."""
+    path = tmp_path / "m.keras"
+    run_on(save_on, SAVE, path)
+    outs = {}
+    for backend in (save_on, load_on):
+        run_on(backend, LOAD, path, tmp_path / f"{backend}.npy")
+        outs[backend] = np.load(tmp_path / f"{backend}.npy")
+    assert np.abs(outs[save_on]).max() > 0.1
+    np.testing.assert_allclose(outs[load_on], outs[save_on], rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------- memory
+
+
+def stack(mode, depth=30, channels=64, size=32):
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((size, size, channels))
+    x = inp
+    for _ in range(depth):
+        if mode == "stock":
+            y = keras.layers.BatchNormalization()(x)
+            y = keras.layers.ReLU()(y)
+            y = keras.layers.Conv2D(channels, 3, padding="same", use_bias=False)(y)
+            x = keras.layers.Add()([y, x])
+        else:
+            y = ApproxConvBlock(channels, 3, bits=int(mode))(x)
+            x = ResidualBuffer()([y, x])
+    return keras.Model(inp, x)
+
+
+def step_temp_bytes(model, batch):
+    """temp_size_in_bytes of the compiled training step (loss, gradients, new state)."""
+    trainable = [v.value for v in model.trainable_variables]
+    fixed = [v.value for v in model.non_trainable_variables]
+
+    def loss(trainable, fixed, data):
+        y, fixed = model.stateless_call(trainable, fixed, data, training=True)
+        return jnp.mean(jnp.square(y)), fixed
+
+    def step(trainable, fixed, data):
+        return jax.value_and_grad(loss, has_aux=True)(trainable, fixed, data)
+
+    data = jax.ShapeDtypeStruct((batch,) + model.input_shape[1:], jnp.float32)
+    compiled = jax.jit(step).lower(trainable, fixed, data).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+@pytest.mark.slow
+def test_compiled_step_memory_at_least_4x_lower_than_stock():
+    """30 blocks of 64 channels at 32x32, batch 64 (16 MiB per float32 activation):
+    8-, 4- and 2-bit steps need at least 4x less working memory than stock Keras."""
+    stock = step_temp_bytes(stack("stock"), 64)
+    for bits in (8, 4, 2):
+        blpa = step_temp_bytes(stack(str(bits)), 64)
+        print(json.dumps({"bits": bits, "stock_MiB": stock / 2**20, "blpa_MiB": blpa / 2**20}))
+        assert stock / blpa >= 4.0
+
+
+@pytest.mark.slow
+def test_resnet164_compiled_step_memory_at_least_4x_lower_than_stock():
+    """The paper's CIFAR ResNet-164, batch 64: 4-bit vs the same network from stock layers."""
+    stock = step_temp_bytes(keras_blpa.resnet(164, 10, (32, 32, 3), bits=None), 64)
+    blpa = step_temp_bytes(keras_blpa.resnet(164, 10, (32, 32, 3), bits=4), 64)
+    print(json.dumps({"resnet164_stock_MiB": stock / 2**20, "resnet164_blpa4_MiB": blpa / 2**20}))
+    assert stock / blpa >= 4.0
