@@ -3,7 +3,8 @@
 # (examples/setup.sh, plus Bazel), checks every build route of the native ops,
 # runs the whole suite with the native ops required, runs the tests whose
 # figures depend on the CPU again as on an AVX2-only machine (oneDNN off, kernels
-# capped at AVX2), and proves the newcomer path (fresh venv, plain `pip install .`).
+# capped at AVX2), runs the JAX-backend tests (their own venv, tests/run_jax.sh), and
+# proves the newcomer path (fresh venv, plain `pip install .`).
 # Extra arguments go to the main pytest run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,5 +18,7 @@ python -m pytest -q -p no:cacheprovider tests "$@"
 echo "== as on an AVX2-only CPU: TF_ENABLE_ONEDNN_OPTS=0, KERAS_BLPA_CPU_ISA=avx2"
 TF_ENABLE_ONEDNN_OPTS=0 KERAS_BLPA_CPU_ISA=avx2 python -m pytest -q -p no:cacheprovider \
   tests/test_memory.py tests/test_distributed.py tests/test_benchmark.py tests/test_native.py
+echo "== Keras on JAX (CPU)"
+bash tests/run_jax.sh
 echo "== newcomer path"
 bash tests/fresh_install.sh
