@@ -32,7 +32,7 @@ def parse_args(argv=None):
 
 
 def peak_bytes(model, batch_size, input_size):
-    """Allocator peak of one training step (compiled with tf.function)."""
+    """Allocator peak of one training step (compiled with tf.function), after a warm-up step."""
     x = tf.random.normal([batch_size, input_size, input_size, 3])
     y = tf.one_hot(tf.range(batch_size) % 10, 10)
 
@@ -45,9 +45,9 @@ def peak_bytes(model, batch_size, input_size):
         return tf.add_n([tf.reduce_sum(g) for g in grads])
 
     step(x, y)
-    tf.config.experimental.reset_memory_stats("CPU:0")
-    step(x, y)
-    return tf.config.experimental.get_memory_info("CPU:0")["peak"]
+    with keras_blpa.memory.PeakMemory() as peak:
+        step(x, y)
+    return peak.peak_bytes
 
 
 def main(argv=None):

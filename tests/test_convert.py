@@ -15,6 +15,7 @@ import tensorflow as tf
 import keras_blpa
 from keras_blpa import ApproxConvBlock
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCH = 8
 
 
@@ -371,33 +372,18 @@ def test_subclassed_model_is_rejected_by_name():
 
 PEAK_STEP = textwrap.dedent(
     """
-    import json, sys
-    import keras, tensorflow as tf
+    import json, os, sys
+    import keras
     import keras_blpa
+    sys.path.insert(0, os.path.join(os.getcwd(), "examples"))
+    from convert_applications import peak_bytes  # the example's own measurement
 
     size, batch, bits = map(int, sys.argv[1:])
     keras.utils.set_random_seed(0)
     model = keras.applications.ResNet50V2(weights=None, input_shape=(size, size, 3), classes=10)
     report = keras_blpa.memory_report(model, batch, bits=bits)
-    x = tf.random.normal([batch, size, size, 3])
-    y = tf.one_hot(tf.range(batch) % 10, 10)
-
-    def peak(m):
-        @tf.function
-        def step(x, y):
-            with tf.GradientTape() as tape:
-                out = m(x, training=True)
-                loss = tf.reduce_mean(keras.losses.categorical_crossentropy(y, out))
-            grads = tape.gradient(loss, m.trainable_variables)
-            return tf.add_n([tf.reduce_sum(g) for g in grads])
-
-        step(x, y)
-        tf.config.experimental.reset_memory_stats("CPU:0")
-        step(x, y)
-        return tf.config.experimental.get_memory_info("CPU:0")["peak"]
-
-    stock = peak(model)
-    converted = peak(keras_blpa.convert(model, bits=bits))
+    stock = peak_bytes(model, batch, size)
+    converted = peak_bytes(keras_blpa.convert(model, bits=bits), batch, size)
     print(json.dumps(dict(stock=stock, converted=converted, saved=report.saved_bytes,
                           transient=report.transient_bytes,
                           native=keras_blpa.native_ops_available())))
@@ -407,7 +393,7 @@ PEAK_STEP = textwrap.dedent(
 
 def run_python(code, args=(), env=None):
     proc = subprocess.run(
-        [sys.executable, "-c", code, *map(str, args)],
+        [sys.executable, "-c", code, *map(str, args)], cwd=REPO,
         capture_output=True, text=True, timeout=600,
         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **(env or {})),
     )
@@ -469,7 +455,7 @@ def test_mirrored_strategy_convert_in_scope_and_fit():
 
 
 def test_example_script_prints_the_report(capsys):
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+    sys.path.insert(0, os.path.join(REPO, "examples"))
     import convert_applications
 
     convert_applications.main(["--model", "DenseNet121", "--input_size", "32", "--batch_size", "2", "--rows", "3"])
