@@ -9,8 +9,9 @@ packing order), written with jnp so that XLA fuses it, and the same block:
   filter and input gradients of the convolutions from the decoded ReLU output,
   then runs the BN backward with the ReLU mask and x_hat read from the codes.
 
-`block_call` and `residual_call` are the JAX bodies of ApproxConvBlock.call and
-ResidualBuffer.call; keras.layers.Layer supplies weights, state and dtypes.
+ApproxConvBlock.call is one keras.ops implementation for both backends; on JAX
+it calls `conv` and `compressed_block` from here. `residual_call` is the JAX body
+of ResidualBuffer.call.
 """
 
 import functools
@@ -23,15 +24,16 @@ from keras_blpa.reference import GAMMA_FLOOR
 from keras_blpa.reference import codes_per_byte
 
 __all__ = [
-    "block_call",
     "bn_grad_sums",
     "bn_relu_encode",
     "channel_params",
     "compressed_block",
+    "conv",
     "decode",
     "decode_relu",
     "encode",
     "encode_codes",
+    "freeze",
     "pack",
     "residual_call",
     "unpack",
@@ -133,7 +135,7 @@ def bn_grad_sums(packed, grad_a, step, shift, gamma, beta, bits):
 # --------------------------------------------------------------- the block
 
 
-def _conv(a, kernel, head):
+def conv(a, kernel, head):
     """NHWC x HWIO convolution of one head (a `layers._head_spec` dict)."""
     if head["explicit_padding"] is not None:
         padding = [tuple(p) for p in head["explicit_padding"]]
@@ -158,7 +160,7 @@ def _after(dependencies, packed):
     return packed | functools.reduce(jnp.logical_or, flags).astype(packed.dtype)
 
 
-def _freeze(heads):
+def freeze(heads):
     return tuple(
         (h["strides"], h["padding"], h["explicit_padding"]) for h in heads
     )
@@ -192,7 +194,7 @@ def compressed_block(bits, epsilon, heads, compute_dtype, naive=False, with_acti
         if naive:
             activation = decode_relu(packed, x.shape, p["step"], p["shift"], bits)
         activation = activation.astype(compute_dtype)
-        outs = tuple(_conv(activation, k, h) for k, h in zip(kernels, specs))
+        outs = tuple(conv(activation, k, h) for k, h in zip(kernels, specs))
         if with_activation:
             outs += (activation,)
         vectors = (p["step"], p["shift"], p["gamma"], p["beta"], scale)
@@ -213,7 +215,7 @@ def compressed_block(bits, epsilon, heads, compute_dtype, naive=False, with_acti
         a_dec = decode_relu(_after(d_outs, packed), x_shape, step, shift, bits).astype(compute_dtype)
         d_kernels, d_a = [], jnp.zeros(x_shape, jnp.float32)
         for kernel, head, d_out in zip(kernels, specs, d_outs):
-            _, conv_vjp = jax.vjp(lambda a, k, h=head: _conv(a, k, h), a_dec, kernel)
+            _, conv_vjp = jax.vjp(lambda a, k, h=head: conv(a, k, h), a_dec, kernel)
             d_in, d_kernel = conv_vjp(d_out.astype(compute_dtype))
             d_kernels.append(d_kernel.astype(kernel.dtype))
             d_a = d_a + d_in.astype(jnp.float32)
@@ -231,57 +233,6 @@ def compressed_block(bits, epsilon, heads, compute_dtype, naive=False, with_acti
 
     block.defvjp(fwd, bwd)
     return block
-
-
-def block_call(layer, inputs, training=None):
-    """ApproxConvBlock.call on JAX (same arithmetic as the TensorFlow call)."""
-    if layer.synchronized:
-        raise ValueError(
-            "synchronized=True is not supported on the JAX backend. "
-            f"Received: synchronized={layer.synchronized!r}"
-        )
-    x = jnp.asarray(inputs, jnp.float32)
-    channels = layer.moving_mean.shape[0]
-    gamma = layer.gamma.value if layer.scale else jnp.ones([channels])
-    beta = layer.beta.value if layer.center else jnp.zeros([channels])
-    kernels = [jnp.asarray(k.value, layer.compute_dtype) for k in layer.kernels]
-    use_batch_stats = bool(training) and layer.trainable
-    if use_batch_stats:
-        stats_input = x if layer.bits is None else jax.lax.stop_gradient(x)
-        mean = jnp.mean(stats_input, axis=(0, 1, 2))
-        variance = jnp.var(stats_input, axis=(0, 1, 2))
-        m = layer.momentum
-        layer.moving_mean.assign(layer.moving_mean.value * m + mean * (1.0 - m))
-        layer.moving_variance.assign(
-            layer.moving_variance.value * m + variance * (1.0 - m)
-        )
-    else:
-        mean, variance = layer.moving_mean.value, layer.moving_variance.value
-
-    if use_batch_stats and layer.bits is not None:
-        block = compressed_block(
-            layer.bits,
-            float(layer.epsilon),
-            _freeze(layer.heads),
-            layer.compute_dtype,
-            naive=layer.quantization == "naive",
-            with_activation=layer.return_activation,
-        )
-        result = block(tuple(x.shape), x, gamma, beta, mean, variance, *kernels)
-        outs = list(result[: len(kernels)])
-        activation = result[-1] if layer.return_activation else None
-    else:
-        scale = gamma * jax.lax.rsqrt(variance + layer.epsilon)
-        activation = jax.nn.relu(x * scale + (beta - mean * scale))
-        activation = activation.astype(layer.compute_dtype)
-        outs = [_conv(activation, k, h) for k, h in zip(kernels, layer.heads)]
-    outs = [
-        o if b is None else o + jnp.asarray(b.value, o.dtype)
-        for o, b in zip(outs, layer.biases)
-    ]
-    if layer._single_output:
-        return outs[0]
-    return outs + ([activation] if layer.return_activation else [])
 
 
 def residual_call(x, shortcut, stride, padding, extra):

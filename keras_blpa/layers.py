@@ -72,6 +72,11 @@ def _jax_ops():
     return jax_ops
 
 
+def _read(variable):
+    """A variable's current value as a tensor (tf.custom_gradient takes tensors, not variables)."""
+    return variable.value if _jax_ops() is not None else tf.convert_to_tensor(variable)
+
+
 def _after(dependencies, tensor):
     """`tensor`, read only once `dependencies` are computed (orders the executor)."""
     with tf.control_dependencies(dependencies):
@@ -429,29 +434,34 @@ class ApproxConvBlock(keras.layers.Layer):
         self.kernel, self.bias = self.kernels[0], self.biases[0]
 
     def _conv(self, a, kernel, head=0):
+        if _jax_ops() is not None:
+            return _jax_ops().conv(a, kernel, self.heads[head])
         return tf.raw_ops.Conv2D(
             input=a, filter=kernel, **_conv_args(self.heads[head])
         )
 
     def _bn_vectors(self, channels):
         """gamma and beta as float32 tensors (ones / zeros without scale / center)."""
-        gamma = (
-            tf.convert_to_tensor(self.gamma) if self.scale else tf.ones([channels])
-        )
-        beta = tf.convert_to_tensor(self.beta) if self.center else tf.zeros([channels])
+        gamma = _read(self.gamma) if self.scale else keras.ops.ones([channels])
+        beta = _read(self.beta) if self.center else keras.ops.zeros([channels])
         return gamma, beta
 
     def call(self, inputs, training=None):
-        if _jax_ops() is not None:
-            return _jax_ops().block_call(self, inputs, training)
-        x = tf.cast(inputs, tf.float32)
+        # One call for both backends (keras.ops); only the convolution and the
+        # compressed training step are the backend's own.
+        if self.synchronized and _jax_ops() is not None:
+            raise ValueError(
+                "synchronized=True is not supported on the JAX backend. "
+                f"Received: synchronized={self.synchronized!r}"
+            )
+        x = keras.ops.cast(inputs, "float32")
         gamma, beta = self._bn_vectors(self.moving_mean.shape[0])
-        kernels = [tf.cast(tf.convert_to_tensor(k), self.compute_dtype) for k in self.kernels]
+        kernels = [keras.ops.cast(_read(k), self.compute_dtype) for k in self.kernels]
         use_batch_stats = bool(training) and self.trainable
         if use_batch_stats:
             # Exact mode differentiates through the statistics like stock Keras;
             # the compressed backward below computes their gradient itself.
-            stats_input = x if self.bits is None else tf.stop_gradient(x)
+            stats_input = x if self.bits is None else keras.ops.stop_gradient(x)
             mean, variance = keras.ops.moments(
                 stats_input, axes=[0, 1, 2], synchronized=self.synchronized
             )
@@ -463,23 +473,37 @@ class ApproxConvBlock(keras.layers.Layer):
                 + variance * (1.0 - self.momentum)
             )
         else:
-            mean = tf.convert_to_tensor(self.moving_mean)
-            variance = tf.convert_to_tensor(self.moving_variance)
+            mean, variance = _read(self.moving_mean), _read(self.moving_variance)
 
         if use_batch_stats and self.bits is not None:
-            outs, activation = self._compressed(x, gamma, beta, mean, variance, kernels)
+            compressed = self._compressed if _jax_ops() is None else self._compressed_jax
+            outs, activation = compressed(x, gamma, beta, mean, variance, kernels)
         else:
-            scale = gamma * tf.math.rsqrt(variance + self.epsilon)
-            activation = tf.nn.relu(x * scale + (beta - mean * scale))
-            activation = tf.cast(activation, self.compute_dtype)
+            scale = gamma * keras.ops.rsqrt(variance + self.epsilon)
+            activation = keras.ops.relu(x * scale + (beta - mean * scale))
+            activation = keras.ops.cast(activation, self.compute_dtype)
             outs = [self._conv(activation, k, i) for i, k in enumerate(kernels)]
         outs = [
-            o if b is None else tf.nn.bias_add(o, tf.cast(b, o.dtype))
+            o if b is None else o + keras.ops.cast(b, o.dtype)
             for o, b in zip(outs, self.biases)
         ]
         if self._single_output:
             return outs[0]
         return outs + ([activation] if self.return_activation else [])
+
+    def _compressed_jax(self, x, gamma, beta, mean, variance, kernels):
+        """The JAX twin of `_compressed`: a jax.custom_vjp (keras_blpa.jax_ops)."""
+        block = _jax_ops().compressed_block(
+            self.bits,
+            float(self.epsilon),
+            _jax_ops().freeze(self.heads),
+            self.compute_dtype,
+            naive=self.quantization == "naive",
+            with_activation=self.return_activation,
+        )
+        result = block(tuple(x.shape), x, gamma, beta, mean, variance, *kernels)
+        n = len(kernels)
+        return list(result[:n]), (result[-1] if self.return_activation else None)
 
     def _compressed(self, x, gamma, beta, mean, variance, kernels):
         """Training forward whose backward reads only the packed codes."""
