@@ -26,7 +26,6 @@ import keras
 import numpy as np
 
 from keras_blpa import layers as blpa_layers
-from keras_blpa import quantization as quant
 from keras_blpa.report import LayerMemory
 from keras_blpa.report import MemoryReport
 from keras_blpa.validation import check_bits
@@ -454,11 +453,7 @@ def _report(graph, chains, reasons, batch_shapes, bits):
         reason = _float_reason(node, graph, reasons) if after else None
         rows.append(LayerMemory(layer.name, type(layer).__name__, before, after, None, reason))
     blocks = {c.name: [n.operation.name for n in c.nodes] for c in chains}
-    # Live at once in one block's backward: the incoming gradient, the decoded
-    # activation and the result with the fused native kernels; the pure-TF
-    # fallback also materialises the decoded value, the masked gradient and
-    # two partial sums.
-    factor = 3 if quant.native_ops_available() else 6
+    factor = blpa_layers.backend_ops().working_set_factor()
     return MemoryReport(rows, batch_shapes, bits, factor * largest, blocks)
 
 

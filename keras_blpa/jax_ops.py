@@ -1,17 +1,14 @@
-"""JAX backend of the compressed training step (the TensorFlow one is in layers.py).
+"""JAX backend of the layers' training step (the TensorFlow one is `keras_blpa.tf_ops`).
 
-The same K-bit code as `keras_blpa.reference` (read its docstring: bins, shift,
-packing order), written with jnp so that XLA fuses it, and the same block:
-
-* TensorFlow: ``tf.custom_gradient`` around the native (or pure-TF) kernels;
-* JAX: `jax.custom_vjp` whose residuals are only the packed codes, the
-  per-channel vectors and the kernels. The backward decodes the codes, takes the
-  filter and input gradients of the convolutions from the decoded ReLU output,
-  then runs the BN backward with the ReLU mask and x_hat read from the codes.
-
-ApproxConvBlock.call is one keras.ops implementation for both backends; on JAX
-it calls `conv` and `compressed_block` from here. `residual_call` is the JAX body
-of ResidualBuffer.call.
+Both modules expose the same functions, which `keras_blpa.layers` calls:
+``read``, ``conv``, ``compressed``, ``residual_call``, ``jit_compatible`` and
+``working_set_factor``. The K-bit code is the one of `keras_blpa.reference`
+(read its docstring: bins, shift, packing order), written with jnp so that XLA
+fuses it; the compressed block is a `jax.custom_vjp` whose residuals are only
+the packed codes, the per-channel vectors and the kernels. The backward decodes
+the codes, takes the filter and input gradients of the convolutions from the
+decoded ReLU output, then runs the BN backward with the ReLU mask and x_hat read
+from the codes. Nothing here imports TensorFlow.
 """
 
 import functools
@@ -20,13 +17,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from keras_blpa.reference import GAMMA_FLOOR
-from keras_blpa.reference import codes_per_byte
+from keras_blpa.codes import GAMMA_FLOOR
+from keras_blpa.codes import codes_per_byte
 
 __all__ = [
     "bn_grad_sums",
     "bn_relu_encode",
     "channel_params",
+    "compressed",
     "compressed_block",
     "conv",
     "decode",
@@ -34,9 +32,12 @@ __all__ = [
     "encode",
     "encode_codes",
     "freeze",
+    "jit_compatible",
     "pack",
+    "read",
     "residual_call",
     "unpack",
+    "working_set_factor",
 ]
 
 
@@ -158,6 +159,37 @@ def _after(dependencies, packed):
     """
     flags = [jnp.ravel(d)[0] > jnp.inf for d in jax.tree_util.tree_leaves(dependencies)]
     return packed | functools.reduce(jnp.logical_or, flags).astype(packed.dtype)
+
+
+def read(variable):
+    """A variable's current value (inside a stateless scope, the scope's value)."""
+    return variable.value
+
+
+def jit_compatible():
+    """The JAX step is jnp: always XLA-compiled."""
+    return True
+
+
+def working_set_factor():
+    """Full-size float tensors live at once in one block's backward (as the fused native kernels)."""
+    return 3
+
+
+def compressed(x, gamma, beta, mean, variance, kernels, *, bits, epsilon, heads,
+               compute_dtype, naive=False, with_activation=False, synchronized=False):
+    """`tf_ops.compressed` on JAX: (list of head outputs, the activation or None).
+
+    `synchronized` needs no code here: under keras.distribution the block runs on
+    one global (sharded) array, so the statistics and the backward's sums are
+    over the global batch and XLA inserts the all-reduces.
+    """
+    block = compressed_block(
+        bits, epsilon, freeze(heads), compute_dtype, naive=naive, with_activation=with_activation
+    )
+    result = block(tuple(x.shape), x, gamma, beta, mean, variance, *kernels)
+    n = len(kernels)
+    return list(result[:n]), (result[-1] if with_activation else None)
 
 
 def freeze(heads):

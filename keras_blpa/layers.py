@@ -1,37 +1,22 @@
 """ApproxConvBlock (BN -> ReLU -> Conv2D with compressed-activation backprop) and ResidualBuffer.
 
-Backends: on TensorFlow the compressed training step below is a
-``tf.custom_gradient`` around the native (or pure-TF) kernels; on JAX, `call`
-hands over to `keras_blpa.jax_ops` (a ``jax.custom_vjp`` with jnp kernels that
-produce the same codes). The layers, weights and configs are shared.
+The layers, weights and configs are shared by both backends; `call` is one
+keras.ops implementation, and only the convolution, the compressed training
+step and the residual merge come from the backend's module, side by side:
 
-The compressed backward of ApproxConvBlock runs as named steps: decode the code
-once the incoming gradient exists, the filter gradient from the decoded ReLU
-output (`_conv_backward`), the input gradient through the kernel, then the ReLU
-mask and the BN backward from the code (`_bn_relu_backward`).
+* TensorFlow: `keras_blpa.tf_ops`, a ``tf.custom_gradient`` around the native
+  (or pure-TF) kernels, with the executor ordering that keeps the peak low;
+* JAX: `keras_blpa.jax_ops`, a ``jax.custom_vjp`` whose jnp kernels produce the
+  same codes, byte for byte.
 
-Memory ordering. Inside `tf.function`, TensorFlow's executor runs an op as soon
-as its inputs exist; the peak memory, not the stored bytes, is what counts, so
-the block pins the order of a few ops:
-
-(a) Each decode waits for its incoming gradient (`_Code.read_after`). A decode
-    that depends only on the codes would run at the start of backprop for every
-    block at once and re-materialise all float activations (a 20-block stack
-    peaked at 1068 MiB that way, 156 MiB with the ordering; stock Keras 688 MiB).
-    For the same reason each full-size backward temporary waits for the one
-    before it, so that one block's float temporaries exist at a time.
-(b) The forward conv waits for the codes, so that the packing is not deferred
-    while the float pre-activation stays alive.
-(c) The activation is returned only when the caller uses it
-    (``return_activation=True``): for an unused custom-gradient output the tape
-    makes ``zeros_like(activation)`` and keeps the float activation alive until
-    the backward pass.
+Neither module is imported until a layer runs on its backend, so keras_blpa on
+JAX needs no TensorFlow.
 """
 
-import keras
-import tensorflow as tf
+import importlib
 
-from keras_blpa import quantization as quant
+import keras
+
 from keras_blpa.validation import check_bits
 from keras_blpa.validation import check_choice
 from keras_blpa.validation import check_int
@@ -44,6 +29,7 @@ __all__ = [
     "PADDINGS",
     "QUANTIZATION_MODES",
     "ResidualBuffer",
+    "backend_ops",
     "check_backend",
     "shortcut_adapter",
 ]
@@ -63,111 +49,11 @@ def check_backend():
         )
 
 
-def _jax_ops():
-    """The JAX backend module, or None on TensorFlow (jax need not be installed)."""
-    if keras.backend.backend() != "jax":
-        return None
-    from keras_blpa import jax_ops
-
-    return jax_ops
-
-
-def _read(variable):
-    """A variable's current value as a tensor (tf.custom_gradient takes tensors, not variables)."""
-    return variable.value if _jax_ops() is not None else tf.convert_to_tensor(variable)
-
-
-def _after(dependencies, tensor):
-    """`tensor`, read only once `dependencies` are computed (orders the executor)."""
-    with tf.control_dependencies(dependencies):
-        return tf.identity(tensor)
-
-
-def _cross_replica_sum(values, synchronized):
-    """All-reduces (sums) a list of tensors across replicas when synchronized."""
-    ctx = tf.distribute.get_replica_context()
-    if not synchronized or ctx is None or ctx.num_replicas_in_sync == 1:
-        return values
-    return ctx.all_reduce(tf.distribute.ReduceOp.SUM, values)
-
-
-class _Code:
-    """The packed K-bit code of one block and what decoding it needs."""
-
-    def __init__(self, kernels, packed, shape, params, bits):
-        self.kernels, self.packed, self.shape = kernels, packed, shape
-        self.params, self.bits = params, bits
-
-    def read_after(self, dependencies):
-        """The packed code, read only once `dependencies` exist (ordering (a))."""
-        return _after(dependencies, self.packed)
-
-    def decode_relu(self, dependencies):
-        """The decoded ReLU output (float32), computed after `dependencies`."""
-        p = self.params
-        return self.kernels.decode_relu(
-            self.read_after(dependencies), self.shape, p["step"], p["shift"], self.bits
-        )
-
-
-def _conv_backward(code, kernels, d_outs, conv_args):
-    """(d_kernels, d_activation) of the convolutions ``conv_i(relu_output, kernel_i)``.
-
-    The decode waits for the incoming gradients; the filter gradients read the
-    decoded ReLU output, then the input gradients (which need only the kernels)
-    wait for them, so that the decoded activation is released before the next
-    full-size temporaries are made.
-    """
-    a_dec = code.decode_relu(list(d_outs))
-    d_kernels = [
-        tf.raw_ops.Conv2DBackpropFilter(
-            input=tf.cast(a_dec, d_out.dtype),
-            filter_sizes=tf.shape(kernel),
-            out_backprop=d_out,
-            **args,
-        )
-        for kernel, d_out, args in zip(kernels, d_outs, conv_args)
-    ]
-    d_a = None
-    with tf.control_dependencies(d_kernels):
-        for kernel, d_out, args in zip(kernels, d_outs, conv_args):
-            d = tf.cast(
-                tf.raw_ops.Conv2DBackpropInput(
-                    input_sizes=code.shape, filter=kernel, out_backprop=d_out, **args
-                ),
-                tf.float32,
-            )
-            d_a = d if d_a is None else d_a + d
-    return d_kernels, d_a
-
-
-def _bn_relu_backward(code, d_a, beta, scale, synchronized):
-    """(d_x, d_gamma, d_beta) from the gradient of the ReLU output.
-
-    The ReLU mask and the normalised input come from the code; the two
-    per-channel sums are all-reduced across replicas when `synchronized`
-    (d_gamma and d_beta stay per-replica: the optimizer sums them).
-    """
-    p, bits, kernels = code.params, code.bits, code.kernels
-    sum_g, sum_gx = kernels.bn_grad_reduce(
-        code.read_after([d_a]), d_a, p["step"], p["shift"], p["gamma"], beta, bits
-    )
-    d_gamma, d_beta = sum_gx, sum_g
-    count = tf.cast(tf.reduce_prod(code.shape[:-1]), tf.float32)
-    sum_g, sum_gx, count = _cross_replica_sum([sum_g, sum_gx, count], synchronized)
-    d_x = kernels.bn_grad_input(
-        code.read_after([sum_g, sum_gx]),
-        d_a,
-        p["step"],
-        p["shift"],
-        p["gamma"],
-        beta,
-        scale,
-        sum_g / count,
-        sum_gx / count,
-        bits,
-    )
-    return d_x, d_gamma, d_beta
+def backend_ops():
+    """The backend's module: `keras_blpa.tf_ops` or `keras_blpa.jax_ops` (imported on first use)."""
+    check_backend()
+    name = "jax_ops" if keras.backend.backend() == "jax" else "tf_ops"
+    return importlib.import_module(f"keras_blpa.{name}")
 
 
 def _head_spec(head, kernel_regularizer):
@@ -216,18 +102,6 @@ def _head_spec(head, kernel_regularizer):
         "explicit_padding": explicit,
         "kernel_regularizer": keras.regularizers.get(regularizer),
     }
-
-
-def _conv_args(head):
-    """Keyword arguments of tf.raw_ops.Conv2D / Conv2DBackprop* for a head."""
-    args = {"strides": (1,) + head["strides"] + (1,)}
-    if head["explicit_padding"] is None:
-        args["padding"] = head["padding"].upper()
-    else:
-        (top, bottom), (left, right) = head["explicit_padding"]
-        args["padding"] = "EXPLICIT"
-        args["explicit_paddings"] = [0, 0, top, bottom, left, right, 0, 0]
-    return args
 
 
 def _head_output_size(size, k, s, head, axis):
@@ -300,7 +174,7 @@ class ApproxConvBlock(keras.layers.Layer):
 
     Raises:
         ValueError: for bad arguments, a non-4D input or a backend other than
-            TensorFlow and JAX (whose training step is `keras_blpa.jax_ops`).
+            TensorFlow and JAX.
 
     Example:
     >>> block = ApproxConvBlock(64, 3, bits=4)
@@ -380,9 +254,7 @@ class ApproxConvBlock(keras.layers.Layer):
         self.return_activation = bool(return_activation)
         self.center, self.scale = bool(center), bool(scale)
         # Custom ops cannot be compiled by XLA; the reference and JAX paths can.
-        self.supports_jit = (
-            self.bits is None or _jax_ops() is not None or not quant.native_ops_available()
-        )
+        self.supports_jit = self.bits is None or backend_ops().jit_compatible()
 
     @property
     def _single_output(self):
@@ -434,29 +306,27 @@ class ApproxConvBlock(keras.layers.Layer):
         self.kernel, self.bias = self.kernels[0], self.biases[0]
 
     def _conv(self, a, kernel, head=0):
-        if _jax_ops() is not None:
-            return _jax_ops().conv(a, kernel, self.heads[head])
-        return tf.raw_ops.Conv2D(
-            input=a, filter=kernel, **_conv_args(self.heads[head])
-        )
+        return backend_ops().conv(a, kernel, self.heads[head])
 
     def _bn_vectors(self, channels):
         """gamma and beta as float32 tensors (ones / zeros without scale / center)."""
-        gamma = _read(self.gamma) if self.scale else keras.ops.ones([channels])
-        beta = _read(self.beta) if self.center else keras.ops.zeros([channels])
+        read = backend_ops().read
+        gamma = read(self.gamma) if self.scale else keras.ops.ones([channels])
+        beta = read(self.beta) if self.center else keras.ops.zeros([channels])
         return gamma, beta
 
     def call(self, inputs, training=None):
         # One call for both backends (keras.ops); only the convolution and the
-        # compressed training step are the backend's own.
-        if self.synchronized and _jax_ops() is not None:
+        # compressed training step are the backend module's (`backend_ops`).
+        if self.synchronized and keras.backend.backend() == "jax":
             raise ValueError(
                 "synchronized=True is not supported on the JAX backend. "
                 f"Received: synchronized={self.synchronized!r}"
             )
         x = keras.ops.cast(inputs, "float32")
         gamma, beta = self._bn_vectors(self.moving_mean.shape[0])
-        kernels = [keras.ops.cast(_read(k), self.compute_dtype) for k in self.kernels]
+        ops = backend_ops()
+        kernels = [keras.ops.cast(ops.read(k), self.compute_dtype) for k in self.kernels]
         use_batch_stats = bool(training) and self.trainable
         if use_batch_stats:
             # Exact mode differentiates through the statistics like stock Keras;
@@ -473,11 +343,19 @@ class ApproxConvBlock(keras.layers.Layer):
                 + variance * (1.0 - self.momentum)
             )
         else:
-            mean, variance = _read(self.moving_mean), _read(self.moving_variance)
+            mean, variance = ops.read(self.moving_mean), ops.read(self.moving_variance)
 
         if use_batch_stats and self.bits is not None:
-            compressed = self._compressed if _jax_ops() is None else self._compressed_jax
-            outs, activation = compressed(x, gamma, beta, mean, variance, kernels)
+            outs, activation = ops.compressed(
+                x, gamma, beta, mean, variance, kernels,
+                bits=self.bits,
+                epsilon=float(self.epsilon),
+                heads=self.heads,
+                compute_dtype=self.compute_dtype,
+                naive=self.quantization == "naive",
+                with_activation=self.return_activation,
+                synchronized=self.synchronized,
+            )
         else:
             scale = gamma * keras.ops.rsqrt(variance + self.epsilon)
             activation = keras.ops.relu(x * scale + (beta - mean * scale))
@@ -490,63 +368,6 @@ class ApproxConvBlock(keras.layers.Layer):
         if self._single_output:
             return outs[0]
         return outs + ([activation] if self.return_activation else [])
-
-    def _compressed_jax(self, x, gamma, beta, mean, variance, kernels):
-        """The JAX twin of `_compressed`: a jax.custom_vjp (keras_blpa.jax_ops)."""
-        block = _jax_ops().compressed_block(
-            self.bits,
-            float(self.epsilon),
-            _jax_ops().freeze(self.heads),
-            self.compute_dtype,
-            naive=self.quantization == "naive",
-            with_activation=self.return_activation,
-        )
-        result = block(tuple(x.shape), x, gamma, beta, mean, variance, *kernels)
-        n = len(kernels)
-        return list(result[:n]), (result[-1] if self.return_activation else None)
-
-    def _compressed(self, x, gamma, beta, mean, variance, kernels):
-        """Training forward whose backward reads only the packed codes."""
-        ops = quant.kernels()
-        bits, epsilon = self.bits, self.epsilon
-        conv_args = [_conv_args(h) for h in self.heads]
-        n = len(kernels)
-
-        @tf.custom_gradient
-        def block(x, gamma, beta, mean, variance, *kernels):
-            scale = gamma * tf.math.rsqrt(variance + epsilon)
-            p = quant.channel_params(gamma, beta, bits)
-            x_shape = tf.shape(x)
-            activation, packed = ops.bn_relu_encode(
-                x, scale, beta - mean * scale, p["inv_step"], p["shift"], bits
-            )
-            if self.quantization == "naive":
-                activation = ops.decode_relu(packed, x_shape, p["step"], p["shift"], bits)
-            activation = tf.cast(activation, self.compute_dtype)
-            with tf.control_dependencies([packed]):  # ordering (b)
-                outs = [
-                    tf.raw_ops.Conv2D(input=activation, filter=k, **args)
-                    for k, args in zip(kernels, conv_args)
-                ]
-            code = _Code(ops, packed, x_shape, p, bits)
-
-            def grad(*d_results):
-                d_outs = d_results[:n]
-                d_kernels, d_a = _conv_backward(code, kernels, d_outs, conv_args)
-                if self.return_activation:
-                    d_a += tf.cast(d_results[n], tf.float32)
-                d_x, d_gamma, d_beta = _bn_relu_backward(
-                    code, d_a, beta, scale, self.synchronized
-                )
-                return (tf.cast(d_x, x.dtype), d_gamma, d_beta, None, None, *d_kernels)
-
-            # Ordering (c): return the activation only when the caller uses it.
-            if self.return_activation:
-                return (*outs, activation), grad
-            return tuple(outs), grad
-
-        result = list(block(x, gamma, beta, mean, variance, *kernels))
-        return result[:n], (result[n] if self.return_activation else None)
 
     def compute_output_shape(self, input_shape):
         check_rank4(input_shape, "ApproxConvBlock")
@@ -679,34 +500,4 @@ class ResidualBuffer(keras.layers.Layer):
     def call(self, inputs):
         x, shortcut = inputs
         stride, padding, extra = self._adapter([x.shape, shortcut.shape])
-        if _jax_ops() is not None:
-            return _jax_ops().residual_call(x, shortcut, stride, padding, extra)
-        window = (1, stride, stride, 1)
-
-        @tf.custom_gradient
-        def merge(x, shortcut):
-            shortcut_shape = tf.shape(shortcut)
-            s = shortcut
-            if stride > 1:
-                s = tf.nn.avg_pool2d(s, stride, stride, padding)
-            if extra:
-                # Not tf.pad: TF 2.21's oneDNN graph rewrite segfaults on a
-                # channel Pad here inside model.fit (AVX-512 machines).
-                zeros = tf.zeros(tf.concat([tf.shape(s)[:-1], [extra]], 0), s.dtype)
-                s = tf.concat([s, zeros], axis=-1)
-
-            def grad(d_out):
-                d_s = d_out[..., : d_out.shape[-1] - extra] if extra else d_out
-                if stride > 1:
-                    d_s = tf.raw_ops.AvgPoolGrad(
-                        orig_input_shape=shortcut_shape,
-                        grad=d_s,
-                        ksize=window,
-                        strides=window,
-                        padding=padding,
-                    )
-                return d_out, d_s
-
-            return x + tf.cast(s, x.dtype), grad
-
-        return merge(x, shortcut)
+        return backend_ops().residual_call(x, shortcut, stride, padding, extra)

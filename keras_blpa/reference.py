@@ -28,6 +28,9 @@ byte, 4 bits two per byte (element 2i in the low nibble), 2 bits four per byte
 
 import tensorflow as tf
 
+from keras_blpa.codes import GAMMA_FLOOR
+from keras_blpa.codes import codes_per_byte
+from keras_blpa.codes import packed_size
 from keras_blpa.validation import VALID_BITS
 
 __all__ = [
@@ -46,19 +49,6 @@ __all__ = [
     "packed_size",
     "unpack",
 ]
-
-GAMMA_FLOOR = 1e-8
-
-
-def codes_per_byte(bits):
-    return 8 // bits
-
-
-def packed_size(num_elements, bits):
-    """Number of bytes that hold `num_elements` codes of `bits` bits."""
-    per = codes_per_byte(bits)
-    return (num_elements + per - 1) // per
-
 
 def channel_params(gamma, beta, bits):
     """Per-channel quantiser vectors from the BN scale and shift.

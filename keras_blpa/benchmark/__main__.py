@@ -176,8 +176,45 @@ def resolve(args):
     return cfg
 
 
+def _accelerator():
+    """The backend's first accelerator ("CPU only" if none), e.g. "NVIDIA H100 80GB HBM3"."""
+    import keras
+
+    if keras.backend.backend() == "jax":
+        import jax
+
+        device = jax.devices()[0]
+        return "CPU only" if device.platform == "cpu" else device.device_kind
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if not gpus:
+        return "CPU only"
+    return tf.config.experimental.get_device_details(gpus[0]).get("device_name", "GPU")
+
+
+def _backend_versions():
+    """Keras, its backend and the backend's version; on TensorFlow, whether native ops run."""
+    import keras
+
+    backend = keras.backend.backend()
+    versions = dict(keras=keras.__version__, backend=backend)
+    if backend == "jax":
+        import jax
+
+        versions["jax"] = jax.__version__
+    else:
+        import tensorflow as tf
+
+        from keras_blpa import quantization
+
+        versions["tensorflow"] = tf.__version__
+        versions["native_ops"] = quantization.native_ops_available()
+    return versions
+
+
 def _machine():
-    """CPU model and core count, for the results' metadata."""
+    """CPU model, core count and accelerator, for the results' metadata."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -187,7 +224,7 @@ def _machine():
                     break
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} CPU cores, {platform.system()} (CPU only)"
+    return f"{cpu}, {os.cpu_count()} CPU cores, {platform.system()} ({_accelerator()})"
 
 
 class _Session:
@@ -224,10 +261,6 @@ def _now():
 
 def _start(args, argv, cfg):
     """The session: earlier results (with --resume) and this run's metadata."""
-    import keras
-    import tensorflow as tf
-
-    from keras_blpa import quantization
     from keras_blpa.benchmark import report
 
     results = {}
@@ -238,10 +271,8 @@ def _start(args, argv, cfg):
     results["schema_version"] = report.SCHEMA_VERSION
     results["meta"] = dict(
         machine=_machine(),
-        tensorflow=tf.__version__,
-        keras=keras.__version__,
+        **_backend_versions(),
         python=platform.python_version(),
-        native_ops=quantization.native_ops_available(),
         command=command,
         # Every run that wrote into this folder.
         commands=meta.get("commands", []) + [command],

@@ -2,11 +2,13 @@
 
 Every trial runs ``keras_blpa.benchmark.trial`` with
 ``TF_CPU_ALLOCATOR_USE_BFC=true TF_CPU_BFC_MEM_LIMIT_IN_MB=<budget>``: past the
-budget TensorFlow raises RESOURCE_EXHAUSTED, as a GPU of that size would. The
-search is short because peak memory is close to affine in the batch size: the
-peaks of two small batches (from the memory part, or two probe trials) give an
-estimate, every successful trial refines it, and a bracketing search then
-closes a narrow window around it to a relative tolerance.
+budget TensorFlow raises RESOURCE_EXHAUSTED, as a GPU of that size would. On
+JAX a trial fits when XLA's compiled step needs at most the budget (see
+`keras_blpa.benchmark.trial`). The search is short because peak memory is
+close to affine in the batch size: the peaks of two small batches (from the
+memory part, or two probe trials) give an estimate, every successful trial
+refines it, and a bracketing search then closes a narrow window around it to a
+relative tolerance.
 """
 
 import json
@@ -35,7 +37,8 @@ def run_trial(mode, depth, batch, budget_mib, width=1, steps=2, image_size=32,
     )
     cmd = [sys.executable, "-m", "keras_blpa.benchmark.trial", "--mode", mode,
            "--depth", str(depth), "--width", str(width), "--batch", str(batch),
-           "--steps", str(steps), "--image-size", str(image_size)]
+           "--steps", str(steps), "--image-size", str(image_size),
+           "--budget-mib", str(budget_mib)]
     start = time.perf_counter()
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True,

@@ -4,17 +4,19 @@
 - ``remat``: the same network built under ``keras.RematScope(mode="activations")``,
   Keras' own memory saver in the mode that works with ``model.fit``.
 - ``recompute``: the same network with every residual unit wrapped in
-  ``tf.recompute_grad`` (only the unit inputs are kept; each unit's interior is
-  recomputed in the backward pass).
+  ``tf.recompute_grad`` on TensorFlow, ``jax.checkpoint`` on JAX (only the unit
+  inputs are kept; each unit's interior is recomputed in the backward pass).
 - ``blpa8`` / ``blpa4``: keras_blpa, exact forward, backward from 8/4-bit codes.
 - ``naive8`` / ``naive4``: the paper's baseline, quantised activations in the
   forward pass too.
+
+Every mode runs on the Keras backend in use (TensorFlow or JAX).
 """
 
 import gc
 
 import keras
-import tensorflow as tf
+import numpy as np
 
 from keras_blpa import validation
 
@@ -34,7 +36,7 @@ MODES = ("exact", "remat", "recompute", "blpa8", "blpa4", "naive8", "naive4")
 DESCRIPTIONS = {
     "exact": "stock Keras layers (exact)",
     "remat": 'keras.RematScope(mode="activations")',
-    "recompute": "tf.recompute_grad around each residual unit",
+    "recompute": "tf.recompute_grad / jax.checkpoint around each residual unit",
     "blpa8": "keras_blpa 8-bit",
     "blpa4": "keras_blpa 4-bit",
     "naive8": "naive 8-bit (quantised forward)",
@@ -89,11 +91,11 @@ def compile_model(model, learning_rate=0.05):
 
 
 def random_batch(batch, input_shape, num_classes, seed=0):
-    """A fixed random batch (images, labels) as TF tensors."""
-    g = tf.random.Generator.from_seed(seed)
-    x = g.normal((batch,) + tuple(input_shape))
-    y = g.uniform((batch,), maxval=num_classes, dtype=tf.int32)
-    return x, y
+    """A fixed random batch (float32 images, int32 labels) as backend tensors."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch,) + tuple(input_shape), dtype=np.float32)
+    y = rng.integers(0, num_classes, size=(batch,), dtype=np.int32)
+    return keras.ops.convert_to_tensor(x), keras.ops.convert_to_tensor(y)
 
 
 def train_step(model, x, y):

@@ -67,7 +67,9 @@ def _memory_table(rows, batch):
     lookup = {(r["mode"], r["depth"], r.get("width", 1)): r for r in rows}
     lines = [
         f"Peak training-step memory at batch {batch}, MiB (ratio to exact) "
-        "[in brackets: the part above what was resident before the step].",
+        "[in brackets: the part above what was resident before the step]"
+        + (" from XLA's compiled step." if rows[0].get("source") == "xla-compiled"
+           else " from the allocator."),
         "",
         "| mode | " + " | ".join(_depth_label(*d) for d in depths) + " |",
         "|---|" + "---:|" * len(depths),
@@ -186,13 +188,21 @@ def _accuracy_table(rows):
     return "\n".join(lines) + "\n"
 
 
+def _software(meta):
+    """"Keras 3.x on JAX 0.y." or "... on TensorFlow 2.z, native ops: True." (older results: TensorFlow)."""
+    backend = meta.get("backend", "tensorflow")
+    if backend == "jax":
+        return f"Keras {meta.get('keras', '?')} on JAX {meta.get('jax', '?')}."
+    return (f"Keras {meta.get('keras', '?')} on TensorFlow {meta.get('tensorflow', '?')}, "
+            f"native ops: {meta.get('native_ops', '?')}.")
+
+
 def _markdown(results):
     meta = results.get("meta", {})
     parts = [
         "# keras_blpa benchmark",
         "",
-        f"Machine: {meta.get('machine', '?')}. TensorFlow {meta.get('tensorflow', '?')}, "
-        f"Keras {meta.get('keras', '?')}, native ops: {meta.get('native_ops', '?')}.",
+        f"Machine: {meta.get('machine', '?')}. {_software(meta)}",
         "",
         "Commands (in order, each with --resume adding to the same folder):",
         "",

@@ -1,0 +1,261 @@
+"""TensorFlow backend of the layers' training step (the JAX one is `keras_blpa.jax_ops`).
+
+Both modules expose the same functions, which `keras_blpa.layers` calls:
+``read``, ``conv``, ``compressed``, ``residual_call``, ``jit_compatible`` and
+``working_set_factor``. Here the compressed block is a ``tf.custom_gradient``
+around the native (or pure-TF) kernels of `keras_blpa.quantization`.
+
+The compressed backward runs as named steps: decode the code once the incoming
+gradient exists, the filter gradient from the decoded ReLU output
+(`_conv_backward`), the input gradient through the kernel, then the ReLU mask
+and the BN backward from the code (`_bn_relu_backward`).
+
+Memory ordering. Inside `tf.function`, TensorFlow's executor runs an op as soon
+as its inputs exist; the peak memory, not the stored bytes, is what counts, so
+the block pins the order of a few ops:
+
+(a) Each decode waits for its incoming gradient (`_Code.read_after`). A decode
+    that depends only on the codes would run at the start of backprop for every
+    block at once and re-materialise all float activations (a 20-block stack
+    peaked at 1068 MiB that way, 156 MiB with the ordering; stock Keras 688 MiB).
+    For the same reason each full-size backward temporary waits for the one
+    before it, so that one block's float temporaries exist at a time.
+(b) The forward conv waits for the codes, so that the packing is not deferred
+    while the float pre-activation stays alive.
+(c) The activation is returned only when the caller uses it
+    (``with_activation=True``): for an unused custom-gradient output the tape
+    makes ``zeros_like(activation)`` and keeps the float activation alive until
+    the backward pass.
+"""
+
+import tensorflow as tf
+
+from keras_blpa import quantization as quant
+
+__all__ = [
+    "compressed",
+    "conv",
+    "jit_compatible",
+    "read",
+    "residual_call",
+    "working_set_factor",
+]
+
+
+def read(variable):
+    """A variable's current value as a tensor (tf.custom_gradient takes tensors, not variables)."""
+    return tf.convert_to_tensor(variable)
+
+
+def jit_compatible():
+    """Whether the compressed step can be XLA-compiled: the native custom ops cannot."""
+    return not quant.native_ops_available()
+
+
+def working_set_factor():
+    """Full-size float tensors live at once in one block's backward.
+
+    The incoming gradient, the decoded activation and the result with the fused
+    native kernels; the pure-TF fallback also materialises the decoded value,
+    the masked gradient and two partial sums.
+    """
+    return 3 if quant.native_ops_available() else 6
+
+
+def _conv_args(head):
+    """Keyword arguments of tf.raw_ops.Conv2D / Conv2DBackprop* for a head."""
+    args = {"strides": (1,) + head["strides"] + (1,)}
+    if head["explicit_padding"] is None:
+        args["padding"] = head["padding"].upper()
+    else:
+        (top, bottom), (left, right) = head["explicit_padding"]
+        args["padding"] = "EXPLICIT"
+        args["explicit_paddings"] = [0, 0, top, bottom, left, right, 0, 0]
+    return args
+
+
+def conv(a, kernel, head):
+    """NHWC x HWIO convolution of one head (a `layers._head_spec` dict)."""
+    return tf.raw_ops.Conv2D(input=a, filter=kernel, **_conv_args(head))
+
+
+def _after(dependencies, tensor):
+    """`tensor`, read only once `dependencies` are computed (orders the executor)."""
+    with tf.control_dependencies(dependencies):
+        return tf.identity(tensor)
+
+
+def _cross_replica_sum(values, synchronized):
+    """All-reduces (sums) a list of tensors across replicas when synchronized."""
+    ctx = tf.distribute.get_replica_context()
+    if not synchronized or ctx is None or ctx.num_replicas_in_sync == 1:
+        return values
+    return ctx.all_reduce(tf.distribute.ReduceOp.SUM, values)
+
+
+class _Code:
+    """The packed K-bit code of one block and what decoding it needs."""
+
+    def __init__(self, kernels, packed, shape, params, bits):
+        self.kernels, self.packed, self.shape = kernels, packed, shape
+        self.params, self.bits = params, bits
+
+    def read_after(self, dependencies):
+        """The packed code, read only once `dependencies` exist (ordering (a))."""
+        return _after(dependencies, self.packed)
+
+    def decode_relu(self, dependencies):
+        """The decoded ReLU output (float32), computed after `dependencies`."""
+        p = self.params
+        return self.kernels.decode_relu(
+            self.read_after(dependencies), self.shape, p["step"], p["shift"], self.bits
+        )
+
+
+def _conv_backward(code, kernels, d_outs, conv_args):
+    """(d_kernels, d_activation) of the convolutions ``conv_i(relu_output, kernel_i)``.
+
+    The decode waits for the incoming gradients; the filter gradients read the
+    decoded ReLU output, then the input gradients (which need only the kernels)
+    wait for them, so that the decoded activation is released before the next
+    full-size temporaries are made.
+    """
+    a_dec = code.decode_relu(list(d_outs))
+    d_kernels = [
+        tf.raw_ops.Conv2DBackpropFilter(
+            input=tf.cast(a_dec, d_out.dtype),
+            filter_sizes=tf.shape(kernel),
+            out_backprop=d_out,
+            **args,
+        )
+        for kernel, d_out, args in zip(kernels, d_outs, conv_args)
+    ]
+    d_a = None
+    with tf.control_dependencies(d_kernels):
+        for kernel, d_out, args in zip(kernels, d_outs, conv_args):
+            d = tf.cast(
+                tf.raw_ops.Conv2DBackpropInput(
+                    input_sizes=code.shape, filter=kernel, out_backprop=d_out, **args
+                ),
+                tf.float32,
+            )
+            d_a = d if d_a is None else d_a + d
+    return d_kernels, d_a
+
+
+def _bn_relu_backward(code, d_a, beta, scale, synchronized):
+    """(d_x, d_gamma, d_beta) from the gradient of the ReLU output.
+
+    The ReLU mask and the normalised input come from the code; the two
+    per-channel sums are all-reduced across replicas when `synchronized`
+    (d_gamma and d_beta stay per-replica: the optimizer sums them).
+    """
+    p, bits, kernels = code.params, code.bits, code.kernels
+    sum_g, sum_gx = kernels.bn_grad_reduce(
+        code.read_after([d_a]), d_a, p["step"], p["shift"], p["gamma"], beta, bits
+    )
+    d_gamma, d_beta = sum_gx, sum_g
+    count = tf.cast(tf.reduce_prod(code.shape[:-1]), tf.float32)
+    sum_g, sum_gx, count = _cross_replica_sum([sum_g, sum_gx, count], synchronized)
+    d_x = kernels.bn_grad_input(
+        code.read_after([sum_g, sum_gx]),
+        d_a,
+        p["step"],
+        p["shift"],
+        p["gamma"],
+        beta,
+        scale,
+        sum_g / count,
+        sum_gx / count,
+        bits,
+    )
+    return d_x, d_gamma, d_beta
+
+
+def compressed(x, gamma, beta, mean, variance, kernels, *, bits, epsilon, heads,
+               compute_dtype, naive=False, with_activation=False, synchronized=False):
+    """The training forward of ApproxConvBlock whose backward reads only the packed codes.
+
+    Args:
+        x: the block input (float32); gamma, beta: BN vectors; mean, variance:
+            the batch statistics (their gradients are part of the BN backward).
+        kernels: one kernel per head, in `compute_dtype`.
+        bits, epsilon: code width and BN epsilon.
+        heads: the layer's head specs.
+        naive: the quantised activation also feeds the forward convolutions.
+        with_activation: also return the BN+ReLU output.
+        synchronized: all-reduce the BN backward's per-channel sums across replicas.
+
+    Returns:
+        (list of head outputs, the activation or None).
+    """
+    ops = quant.kernels()
+    conv_args = [_conv_args(h) for h in heads]
+    n = len(kernels)
+
+    @tf.custom_gradient
+    def block(x, gamma, beta, mean, variance, *kernels):
+        scale = gamma * tf.math.rsqrt(variance + epsilon)
+        p = quant.channel_params(gamma, beta, bits)
+        x_shape = tf.shape(x)
+        activation, packed = ops.bn_relu_encode(
+            x, scale, beta - mean * scale, p["inv_step"], p["shift"], bits
+        )
+        if naive:
+            activation = ops.decode_relu(packed, x_shape, p["step"], p["shift"], bits)
+        activation = tf.cast(activation, compute_dtype)
+        with tf.control_dependencies([packed]):  # ordering (b)
+            outs = [
+                tf.raw_ops.Conv2D(input=activation, filter=k, **args)
+                for k, args in zip(kernels, conv_args)
+            ]
+        code = _Code(ops, packed, x_shape, p, bits)
+
+        def grad(*d_results):
+            d_outs = d_results[:n]
+            d_kernels, d_a = _conv_backward(code, kernels, d_outs, conv_args)
+            if with_activation:
+                d_a += tf.cast(d_results[n], tf.float32)
+            d_x, d_gamma, d_beta = _bn_relu_backward(code, d_a, beta, scale, synchronized)
+            return (tf.cast(d_x, x.dtype), d_gamma, d_beta, None, None, *d_kernels)
+
+        # Ordering (c): return the activation only when the caller uses it.
+        if with_activation:
+            return (*outs, activation), grad
+        return tuple(outs), grad
+
+    result = list(block(x, gamma, beta, mean, variance, *kernels))
+    return result[:n], (result[n] if with_activation else None)
+
+
+def residual_call(x, shortcut, stride, padding, extra):
+    """ResidualBuffer.call: ``x + adapt(shortcut)``, a backward that keeps only shapes."""
+    window = (1, stride, stride, 1)
+
+    @tf.custom_gradient
+    def merge(x, shortcut):
+        shortcut_shape = tf.shape(shortcut)
+        s = shortcut
+        if stride > 1:
+            s = tf.nn.avg_pool2d(s, stride, stride, padding)
+        if extra:
+            # Not tf.pad: TF 2.21's oneDNN graph rewrite segfaults on a
+            # channel Pad here inside model.fit (AVX-512 machines).
+            zeros = tf.zeros(tf.concat([tf.shape(s)[:-1], [extra]], 0), s.dtype)
+            s = tf.concat([s, zeros], axis=-1)
+
+        def grad(d_out):
+            d_s = d_out[..., : d_out.shape[-1] - extra] if extra else d_out
+            if stride > 1:
+                d_s = tf.raw_ops.AvgPoolGrad(
+                    orig_input_shape=shortcut_shape,
+                    grad=d_s,
+                    ksize=window,
+                    strides=window,
+                    padding=padding,
+                )
+            return d_out, d_s
+
+        return x + tf.cast(s, x.dtype), grad
+
+    return merge(x, shortcut)
