@@ -583,4 +583,6 @@ def copy_weights(source, target):
                 raise ValueError(
                     f"Layer {key!r}: weight shape {tuple(s.shape)} != {tuple(d.shape)}"
                 )
-            d.assign(s)
+            # A copy: on JAX assign would alias the source array, which
+            # model.fit donates (and deletes) on its first step.
+            d.assign(keras.ops.copy(s))
