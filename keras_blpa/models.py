@@ -23,7 +23,8 @@ Building blocks for benchmarks:
     * ``resnet(..., unit_wrapper=fn)``: each residual unit is first built as its
       own small functional keras.Model (named ``stage{s}_unit{u}``) and then
       ``fn(unit_model)`` is called on the unit input, e.g.
-      ``unit_wrapper=RecomputeGrad`` wraps every unit in ``tf.recompute_grad``.
+      ``unit_wrapper=RecomputeGrad`` wraps every unit in ``tf.recompute_grad``
+      (``jax.checkpoint`` on the JAX backend).
     * ``keras.RematScope(mode="activations")`` around ``resnet(..., bits=None)``
       gives Keras' own rematerialisation of the stock model.
 """
@@ -360,12 +361,18 @@ def apply_head(
 
 @keras.saving.register_keras_serializable(package="keras_blpa")
 class RecomputeGrad(keras.layers.Layer):
-    """Runs a sub-model under ``tf.recompute_grad`` (activation checkpointing).
+    """Runs a sub-model under activation checkpointing (exact recomputation).
 
     The in-ecosystem peer of keras_blpa: only the unit input is kept and the
     unit's forward pass is recomputed during backprop. Use as
-    ``resnet(..., bits=None, unit_wrapper=RecomputeGrad)``. Note that BN moving
-    statistics are updated again during the recomputation.
+    ``resnet(..., bits=None, unit_wrapper=RecomputeGrad)``.
+
+    On TensorFlow the unit runs under ``tf.recompute_grad``, whose
+    recomputation updates the BN moving statistics a second time. On JAX it
+    runs as ``block.stateless_call`` under ``jax.checkpoint`` with the unit's
+    variable values as explicit arguments; the new moving statistics are
+    assigned after the checkpointed function returns, so they are updated once,
+    as without the wrapper (and no tracer escapes it under ``jax.jit``).
 
     Args:
         block: a built keras.Model (one residual unit).
@@ -382,6 +389,22 @@ class RecomputeGrad(keras.layers.Layer):
 
     def call(self, inputs, training=None):
         block = self.block
+        if keras.backend.backend() == "jax":
+            import jax
+
+            def forward(x, trainable, non_trainable):
+                return block.stateless_call(
+                    trainable, non_trainable, x, training=training
+                )
+
+            outputs, non_trainable = jax.checkpoint(forward)(
+                inputs,
+                [v.value for v in block.trainable_variables],
+                [v.value for v in block.non_trainable_variables],
+            )
+            for variable, value in zip(block.non_trainable_variables, non_trainable):
+                variable.assign(value)
+            return outputs
 
         @tf.recompute_grad
         def forward(x):
