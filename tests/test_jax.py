@@ -376,6 +376,124 @@ def test_convert_on_jax_keeps_the_forward():
     np.testing.assert_allclose(converted(x, training=False), model(x, training=False), rtol=1e-5, atol=1e-6)
 
 
+# ----------------------------------------------------- exact recomputation
+
+
+def plain_and_recomputed(depth=20, input_shape=(8, 8, 3)):
+    """The stock ResNet and the same build with every unit under RecomputeGrad,
+    sharing weights (copy_weights)."""
+    keras.utils.set_random_seed(0)
+    plain = keras_blpa.resnet(depth, 10, input_shape, bits=None, bn_momentum=0.9)
+    wrapped = keras_blpa.resnet(
+        depth, 10, input_shape, bits=None, bn_momentum=0.9,
+        unit_wrapper=keras_blpa.models.RecomputeGrad,
+    )
+    keras_blpa.models.copy_weights(plain, wrapped)
+    return plain, wrapped
+
+
+def by_path(variables, values=None):
+    values = variables if values is None else values
+    return {v.path: np.asarray(x) for v, x in zip(variables, values)}
+
+
+def model_grads(model, x):
+    """{variable path: gradient} of a training-mode loss (jax.grad of stateless_call
+    under jax.jit)."""
+    trainable = [v.value for v in model.trainable_variables]
+    fixed = [v.value for v in model.non_trainable_variables]
+
+    def loss(trainable):
+        y, _ = model.stateless_call(trainable, fixed, x, training=True)
+        return jnp.sum(jnp.sin(3.0 * y))
+
+    return by_path(model.trainable_variables, jax.jit(jax.grad(loss))(trainable))
+
+
+def test_recompute_grad_gradients_equal_plain_on_jax():
+    """jax.checkpoint recomputes the same float32 forward: every gradient equals the
+    unwrapped network's to float32 round-off."""
+    plain, wrapped = plain_and_recomputed()
+    x = np.random.default_rng(2).normal(size=(4, 8, 8, 3)).astype(np.float32)
+    g_ref, g = model_grads(plain, x), model_grads(wrapped, x)
+    assert sorted(g) == sorted(g_ref)
+    for path, ref in g_ref.items():
+        np.testing.assert_allclose(
+            g[path], ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max(), err_msg=path
+        )
+
+
+def test_recompute_grad_moves_statistics_once_on_jax():
+    """One training call moves every BN's statistics exactly as the unwrapped
+    network does (once: the recomputation's update is discarded)."""
+    plain, wrapped = plain_and_recomputed()
+    before = by_path(plain.non_trainable_variables)
+    x = np.random.default_rng(3).normal(1.0, 2.0, size=(4, 8, 8, 3)).astype(np.float32)
+    for model in plain, wrapped:
+        model(x, training=True)
+    ref, got = by_path(plain.non_trainable_variables), by_path(wrapped.non_trainable_variables)
+    assert sorted(got) == sorted(ref)
+    assert all(not np.allclose(ref[p], before[p]) for p in ref)
+    for path in ref:
+        np.testing.assert_allclose(got[path], ref[path], rtol=1e-5, atol=1e-6, err_msg=path)
+
+
+def test_recompute_grad_fit_equals_plain_on_jax():
+    """model.fit under jax.jit: the same losses and weights (statistics included)
+    as the unwrapped network after four SGD steps."""
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(16, 8, 8, 3)).astype(np.float32)
+    labels = rng.integers(0, 10, 16)
+    losses, weights = [], []
+    for model in plain_and_recomputed(depth=11):
+        model.compile(keras.optimizers.SGD(0.1), "sparse_categorical_crossentropy", jit_compile=True)
+        history = model.fit(x, labels, batch_size=8, epochs=2, shuffle=False, verbose=0)
+        losses.append(history.history["loss"])
+        weights.append(by_path(model.weights))
+    assert np.isfinite(losses[0]).all()
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
+    for path, ref in weights[0].items():
+        np.testing.assert_allclose(weights[1][path], ref, rtol=1e-4, atol=1e-5, err_msg=path)
+
+
+def residual_bytes(model, batch):
+    """Bytes of the batch-sized arrays jax.vjp keeps for the backward of a training
+    step (shapes only: jax.eval_shape)."""
+    trainable = [v.value for v in model.trainable_variables]
+    fixed = [v.value for v in model.non_trainable_variables]
+
+    def loss(trainable, data):
+        y, _ = model.stateless_call(trainable, fixed, data, training=True)
+        return jnp.mean(jnp.square(y))
+
+    data = jax.ShapeDtypeStruct((batch,) + model.input_shape[1:], jnp.float32)
+    vjp = jax.eval_shape(lambda *a: jax.vjp(loss, *a)[1], trainable, data)
+    return sum(
+        leaf.size * leaf.dtype.itemsize
+        for leaf in jax.tree_util.tree_leaves(vjp)
+        if leaf.ndim and leaf.shape[0] == batch
+    )
+
+
+@pytest.mark.slow
+def test_recompute_grad_keeps_only_unit_inputs_on_jax():
+    """ResNet-56, batch 32: under jax.checkpoint the backward keeps 6.2x fewer
+    activation bytes (561.5 vs 90.9 MiB measured); asserted at 4x.
+
+    This is what JAX asks XLA to keep. On XLA:CPU the compiled step's
+    temp_size_in_bytes (step_temp_bytes) is the same with and without the
+    wrapper (268 MiB both; the CPU pipeline drops jax.checkpoint's optimization
+    barriers), so the compiled saving is not asserted here.
+    """
+    shape = (32, 32, 3)
+    plain = residual_bytes(keras_blpa.resnet(56, 10, shape, bits=None), 32)
+    wrapped = residual_bytes(
+        keras_blpa.resnet(56, 10, shape, bits=None, unit_wrapper=keras_blpa.models.RecomputeGrad), 32
+    )
+    print(json.dumps({"plain_MiB": plain / 2**20, "recompute_MiB": wrapped / 2**20}))
+    assert plain / wrapped >= 4.0
+
+
 # ------------------------------------------------------- cross-backend files
 
 MODEL = textwrap.dedent(
