@@ -148,7 +148,11 @@ class ApproxConvBlock(keras.layers.Layer):
             (the paper's baseline: the quantised activation also feeds the
             forward convolution, so errors compound across layers).
         synchronized: if True, the BN batch statistics and the two per-channel
-            sums of its backward pass are all-reduced across replicas.
+            sums of its backward pass are all-reduced across replicas
+            (TensorFlow distribution strategies). On JAX it holds by
+            construction: under keras.distribution (e.g. DataParallel) the
+            layer sees the global batch as one sharded array, so statistics and
+            sums are over the global batch whatever the flag.
         return_activation: if True, the BN+ReLU output is returned as well
             (last), so that it can also feed a residual shortcut or any other
             layer (the default shortcut is the block input, before BN+ReLU).
@@ -318,11 +322,6 @@ class ApproxConvBlock(keras.layers.Layer):
     def call(self, inputs, training=None):
         # One call for both backends (keras.ops); only the convolution and the
         # compressed training step are the backend module's (`backend_ops`).
-        if self.synchronized and keras.backend.backend() == "jax":
-            raise ValueError(
-                "synchronized=True is not supported on the JAX backend. "
-                f"Received: synchronized={self.synchronized!r}"
-            )
         x = keras.ops.cast(inputs, "float32")
         gamma, beta = self._bn_vectors(self.moving_mean.shape[0])
         ops = backend_ops()
@@ -332,8 +331,13 @@ class ApproxConvBlock(keras.layers.Layer):
             # Exact mode differentiates through the statistics like stock Keras;
             # the compressed backward below computes their gradient itself.
             stats_input = x if self.bits is None else keras.ops.stop_gradient(x)
+            # On JAX a distributed model (keras.distribution) computes on one
+            # global, sharded batch: these moments and jax_ops' per-channel sums
+            # are global already (XLA inserts the all-reduces).
             mean, variance = keras.ops.moments(
-                stats_input, axes=[0, 1, 2], synchronized=self.synchronized
+                stats_input,
+                axes=[0, 1, 2],
+                synchronized=self.synchronized and keras.backend.backend() == "tensorflow",
             )
             self.moving_mean.assign(
                 self.moving_mean * self.momentum + mean * (1.0 - self.momentum)

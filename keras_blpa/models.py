@@ -23,13 +23,13 @@ Building blocks for benchmarks:
     * ``resnet(..., unit_wrapper=fn)``: each residual unit is first built as its
       own small functional keras.Model (named ``stage{s}_unit{u}``) and then
       ``fn(unit_model)`` is called on the unit input, e.g.
-      ``unit_wrapper=RecomputeGrad`` wraps every unit in ``tf.recompute_grad``.
+      ``unit_wrapper=RecomputeGrad`` wraps every unit in ``tf.recompute_grad``
+      (``jax.checkpoint`` on the JAX backend).
     * ``keras.RematScope(mode="activations")`` around ``resnet(..., bits=None)``
       gives Keras' own rematerialisation of the stock model.
 """
 
 import keras
-import tensorflow as tf
 
 from keras_blpa import layers as blpa_layers
 from keras_blpa import validation
@@ -135,6 +135,17 @@ def _regularizer(weight_decay):
     return keras.regularizers.L2(weight_decay / 2.0) if weight_decay else None
 
 
+def _batch_norm(momentum, synchronized, name):
+    """A stock BatchNormalization. `synchronized` only on TensorFlow: Keras refuses
+    it on JAX, where a distributed model's statistics are global already."""
+    return keras.layers.BatchNormalization(
+        momentum=momentum,
+        epsilon=_BN_EPSILON,
+        synchronized=synchronized and keras.backend.backend() == "tensorflow",
+        name=name,
+    )
+
+
 def apply_conv_unit(
     x,
     filters,
@@ -182,12 +193,7 @@ def apply_conv_unit(
             name=name,
         )(x)
         return tuple(out) if return_activation else out
-    a = keras.layers.BatchNormalization(
-        momentum=bn_momentum,
-        epsilon=_BN_EPSILON,
-        synchronized=synchronized,
-        name=f"{name}_bn",
-    )(x)
+    a = _batch_norm(bn_momentum, synchronized, f"{name}_bn")(x)
     a = keras.layers.ReLU(name=f"{name}_relu")(a)
     out = keras.layers.Conv2D(
         filters,
@@ -341,12 +347,7 @@ def apply_head(
 ):
     """The head: ``final_bn``, ``final_relu``, global average pooling ``avg_pool``
     and the float32 dense classifier ``predictions``; stock layers in every build."""
-    x = keras.layers.BatchNormalization(
-        momentum=bn_momentum,
-        epsilon=_BN_EPSILON,
-        synchronized=synchronized,
-        name="final_bn",
-    )(x)
+    x = _batch_norm(bn_momentum, synchronized, "final_bn")(x)
     x = keras.layers.ReLU(name="final_relu")(x)
     x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
     return keras.layers.Dense(
@@ -360,12 +361,18 @@ def apply_head(
 
 @keras.saving.register_keras_serializable(package="keras_blpa")
 class RecomputeGrad(keras.layers.Layer):
-    """Runs a sub-model under ``tf.recompute_grad`` (activation checkpointing).
+    """Runs a sub-model under activation checkpointing (exact recomputation).
 
     The in-ecosystem peer of keras_blpa: only the unit input is kept and the
     unit's forward pass is recomputed during backprop. Use as
-    ``resnet(..., bits=None, unit_wrapper=RecomputeGrad)``. Note that BN moving
-    statistics are updated again during the recomputation.
+    ``resnet(..., bits=None, unit_wrapper=RecomputeGrad)``.
+
+    On TensorFlow the unit runs under ``tf.recompute_grad``, whose
+    recomputation updates the BN moving statistics a second time. On JAX it
+    runs as ``block.stateless_call`` under ``jax.checkpoint`` with the unit's
+    variable values as explicit arguments; the new moving statistics are
+    assigned after the checkpointed function returns, so they are updated once,
+    as without the wrapper (and no tracer escapes it under ``jax.jit``).
 
     Args:
         block: a built keras.Model (one residual unit).
@@ -382,6 +389,24 @@ class RecomputeGrad(keras.layers.Layer):
 
     def call(self, inputs, training=None):
         block = self.block
+        if keras.backend.backend() == "jax":
+            import jax
+
+            def forward(x, trainable, non_trainable):
+                return block.stateless_call(
+                    trainable, non_trainable, x, training=training
+                )
+
+            outputs, non_trainable = jax.checkpoint(forward)(
+                inputs,
+                [v.value for v in block.trainable_variables],
+                [v.value for v in block.non_trainable_variables],
+            )
+            for variable, value in zip(block.non_trainable_variables, non_trainable):
+                variable.assign(value)
+            return outputs
+
+        import tensorflow as tf
 
         @tf.recompute_grad
         def forward(x):
@@ -583,4 +608,6 @@ def copy_weights(source, target):
                 raise ValueError(
                     f"Layer {key!r}: weight shape {tuple(s.shape)} != {tuple(d.shape)}"
                 )
-            d.assign(s)
+            # A copy: on JAX assign would alias the source array, which
+            # model.fit donates (and deletes) on its first step.
+            d.assign(keras.ops.copy(s))
