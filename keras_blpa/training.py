@@ -7,13 +7,15 @@ Gradient accumulation uses the Keras 3 optimizers' own
 many consecutive batches and applies them once, which equals one step on the
 concatenated batch (for losses that are means over the batch; BN batch
 statistics are still per micro-batch).
+
+The schedule and optimizers work on every backend; the strategies are
+TensorFlow's (tf.distribute), imported when asked for.
 """
 
 import json
 import os
 
 import keras
-import tensorflow as tf
 
 from keras_blpa import validation
 
@@ -72,11 +74,11 @@ class PaperSchedule(keras.optimizers.schedules.LearningRateSchedule):
         self.name = name
 
     def __call__(self, step):
-        step = tf.cast(step, tf.float32)
-        lr = tf.constant(self.learning_rate, tf.float32)
-        rate = tf.where(step < self.warmup_steps, lr / 10.0, lr)
+        step = keras.ops.cast(step, "float32")
+        lr = keras.ops.convert_to_tensor(self.learning_rate, "float32")
+        rate = keras.ops.where(step < self.warmup_steps, lr / 10.0, lr)
         for fraction in self.boundaries:
-            rate = tf.where(step >= fraction * self.total_steps, rate / 10.0, rate)
+            rate = keras.ops.where(step >= fraction * self.total_steps, rate / 10.0, rate)
         return rate
 
     def get_config(self):
@@ -136,6 +138,8 @@ def make_strategy(name):
         ValueError: for an unknown name, or "multiworker" without a valid TF_CONFIG.
     """
     validation.check_choice(name, "strategy", STRATEGIES)
+    import tensorflow as tf
+
     if name == "none":
         return tf.distribute.get_strategy()
     if name == "mirrored":
@@ -152,7 +156,7 @@ def make_strategy(name):
             '"task": {"type": "worker", "index": 0}}. '
             f"Received: TF_CONFIG={config!r}"
         )
-    return _MultiWorkerMirroredStrategy()
+    return _multi_worker_strategy(tf)
 
 
 def check_batch_size(batch_size, strategy):
@@ -171,25 +175,31 @@ def check_batch_size(batch_size, strategy):
     return batch_size // replicas
 
 
-class _MultiWorkerMirroredStrategy(tf.distribute.MultiWorkerMirroredStrategy):
-    """MultiWorkerMirroredStrategy whose reduce() works the way Keras 3 calls it.
+def _multi_worker_strategy(tf):
+    """The strategy for TF_CONFIG's cluster (the class is defined here so that
+    TensorFlow is imported only when a strategy is asked for)."""
 
-    Keras 3 (3.15) model.fit under MultiWorkerMirroredStrategy fails twice:
-    it reduces the first (x, y) batch as a tuple to learn its shapes (this
-    strategy's reduce takes single values only: "Attempt to convert a value
-    (PerReplica...)"), and it reduces the scalar logs with axis=0 ("Invalid
-    reduction dimension 0 for input with 0 dimensions"). Here reduce maps over
-    structures and reduces scalars with axis=None (the same mean).
-    """
+    class MultiWorkerMirroredStrategy(tf.distribute.MultiWorkerMirroredStrategy):
+        """MultiWorkerMirroredStrategy whose reduce() works the way Keras 3 calls it.
 
-    def reduce(self, reduce_op, value, axis):
-        parent = super()
+        Keras 3 (3.15) model.fit under MultiWorkerMirroredStrategy fails twice:
+        it reduces the first (x, y) batch as a tuple to learn its shapes (this
+        strategy's reduce takes single values only: "Attempt to convert a value
+        (PerReplica...)"), and it reduces the scalar logs with axis=0 ("Invalid
+        reduction dimension 0 for input with 0 dimensions"). Here reduce maps over
+        structures and reduces scalars with axis=None (the same mean).
+        """
 
-        def one(v):
-            local = self.experimental_local_results(v)[0]
-            rank = getattr(local, "shape", None)
-            if axis is not None and rank is not None and rank.rank == 0:
-                return parent.reduce(reduce_op, v, axis=None)
-            return parent.reduce(reduce_op, v, axis)
+        def reduce(self, reduce_op, value, axis):
+            parent = super()
 
-        return tf.nest.map_structure(one, value)
+            def one(v):
+                local = self.experimental_local_results(v)[0]
+                rank = getattr(local, "shape", None)
+                if axis is not None and rank is not None and rank.rank == 0:
+                    return parent.reduce(reduce_op, v, axis=None)
+                return parent.reduce(reduce_op, v, axis)
+
+            return tf.nest.map_structure(one, value)
+
+    return MultiWorkerMirroredStrategy()

@@ -753,11 +753,16 @@ NO_TENSORFLOW = textwrap.dedent(
     from keras_blpa import memory
     from keras_blpa.benchmark import __main__ as benchmark
 
+    from keras_blpa import training
+
     model = keras_blpa.resnet(11, 10, (16, 16, 3), bits=4)
-    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    optimizer = training.make_optimizer(0.1, total_steps=100, warmup_steps=10)
+    model.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     x = np.random.default_rng(0).normal(size=(4, 16, 16, 3)).astype("float32")
     assert np.isfinite(model.train_on_batch(x, np.arange(4)))
     assert memory.compiled_step_memory(model, x, np.arange(4)).peak_bytes > 0
+    from keras_blpa import info
+    assert info.collect()["memory_stats"].startswith("compiled step only")
     benchmark.main(["--parts", "memory", "--depths", "11", "--modes", "exact,recompute,blpa4",
                     "--batch", "8", "--memory-batches", "8", "--out", sys.argv[1]])
     assert not [m for m in sys.modules if m.split(".")[0] == "tensorflow"]
@@ -766,8 +771,9 @@ NO_TENSORFLOW = textwrap.dedent(
 
 
 def test_runs_without_tensorflow(tmp_path):
-    """On JAX nothing imports TensorFlow: layers, factory, fit, memory and the
-    benchmark work where it is not installed (e.g. a GPU machine with JAX only)."""
+    """On JAX nothing imports TensorFlow: layers, factory, the paper's schedule,
+    fit, memory, info and the benchmark work where it is not installed (e.g. a GPU
+    machine with JAX only)."""
     subprocess.run([sys.executable, "-c", NO_TENSORFLOW, str(tmp_path)],
                    env=dict(os.environ, KERAS_BACKEND="jax"), check=True, timeout=600)
     rows = json.loads((tmp_path / "results.json").read_text())["memory"]
