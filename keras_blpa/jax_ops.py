@@ -243,7 +243,7 @@ def compressed_block(bits, epsilon, heads, compute_dtype, naive=False, with_acti
     def bwd(x_shape, residuals, d_results):
         packed, (step, shift, gamma, beta, scale), kernels = residuals
         d_outs = d_results[: len(kernels)]
-        # Ordering (a) of layers.py: decode only once the gradient has arrived.
+        # Ordering (a) of tf_ops.py: decode only once the gradient has arrived.
         a_dec = decode_relu(_after(d_outs, packed), x_shape, step, shift, bits).astype(compute_dtype)
         d_kernels, d_a = [], jnp.zeros(x_shape, jnp.float32)
         for kernel, head, d_out in zip(kernels, specs, d_outs):

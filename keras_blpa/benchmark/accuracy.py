@@ -13,7 +13,6 @@ import time
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from keras_blpa.benchmark import modes as modes_lib
 
@@ -81,15 +80,12 @@ def train_one(mode, depth, seed, data, epochs, batch_size, learning_rate=0.05,
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
-    # The same shuffled order for every mode of a seed.
+    # The same shuffled order for every mode of a seed (whole batches only).
     order = np.random.default_rng(seed).permutation(len(x_train))
-    train = (
-        tf.data.Dataset.from_tensor_slices((x_train[order], y_train[order]))
-        .batch(batch_size, drop_remainder=True)
-        .prefetch(2)
-    )
+    order = order[: len(order) // batch_size * batch_size]
     start = time.perf_counter()
-    model.fit(train, epochs=epochs, verbose=0, shuffle=False)
+    model.fit(x_train[order], y_train[order], batch_size=batch_size, epochs=epochs,
+              verbose=0, shuffle=False)
     seconds = time.perf_counter() - start
     recalibrate_batch_norm(model, x_train[:recalibration_samples])
     _, accuracy = model.evaluate(x_test, y_test, batch_size=500, verbose=0)
