@@ -3,7 +3,9 @@
 # plain `pip install .` with build isolation (the op library is then compiled at
 # first use into a fresh per-user cache), a few model.fit steps on the native ops
 # with peak memory asserted lower for 4-bit than for exact; then the sdist and the
-# editable install (`pip install -e .`) in the same venv, each loading native ops.
+# editable install (`pip install -e .`) in the same venv, each loading native ops;
+# last, JAX only: another fresh venv with jax and keras and no TensorFlow at all,
+# where the package trains and measures its compiled step on KERAS_BACKEND=jax.
 # Usage: bash tests/fresh_install.sh   (from anywhere; takes a few minutes)
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -32,4 +34,28 @@ echo "== pip install <sdist>"
 echo "== pip install -e . (build isolation)"
 "$py" -m pip install -q --no-deps -e "$repo"
 "$py" -m keras_blpa.info --require-native | grep -E "^(kernels|origin|library)"
+
+echo "== JAX only: pip install --no-deps . + jax[cpu] keras (no TensorFlow)"
+"${PYTHON:-python3}" -m venv "$work/venv-jax"
+jpy="$work/venv-jax/bin/python"
+"$jpy" -m pip install -q --upgrade pip
+"$jpy" -m pip install -q "jax[cpu]" keras
+"$jpy" -m pip install -q --no-deps "$repo"
+KERAS_BACKEND=jax "$jpy" - <<'PY'
+import importlib.util
+import keras, numpy as np
+import keras_blpa
+from keras_blpa import memory
+
+assert importlib.util.find_spec("tensorflow") is None, "TensorFlow is installed here"
+model = keras_blpa.resnet(20, 10, (16, 16, 3), bits=4)
+model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+x = np.random.default_rng(0).normal(size=(8, 16, 16, 3)).astype("float32")
+y = np.arange(8) % 10
+losses = [float(model.train_on_batch(x, y)) for _ in range(3)]
+assert np.all(np.isfinite(losses)), losses
+print("JAX-only fit losses", [round(v, 4) for v in losses],
+      "compiled step peak at batch 64: %.1f MiB" % memory.compiled_step_memory(
+          model, np.zeros((64, 16, 16, 3), "float32"), np.zeros(64, "int32")).peak_mib)
+PY
 echo "== fresh install OK"
