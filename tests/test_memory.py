@@ -99,3 +99,14 @@ def test_import_enables_statistics_without_onednn(order):
     else:
         assert "TF_CPU_ALLOCATOR_USE_BFC" in result["error"], result
         assert "before TensorFlow runs its first op" in result["error"], result
+
+
+def test_compiled_step_memory_names_the_backend_on_tensorflow():
+    """XLA's compiled-step figure is JAX's; on TensorFlow the error says so and names the backend."""
+    import keras
+
+    import keras_blpa
+
+    model = keras_blpa.resnet(11, 10, (16, 16, 3), bits=4)
+    with pytest.raises(ValueError, match="KERAS_BACKEND='tensorflow'"):
+        keras_blpa.memory.compiled_step_memory(model, keras.ops.zeros((2, 16, 16, 3)))
