@@ -28,6 +28,7 @@ import keras_blpa  # noqa: E402
 from keras_blpa import ApproxConvBlock, ResidualBuffer  # noqa: E402
 from keras_blpa import jax_ops  # noqa: E402
 from keras_blpa import reference  # noqa: E402
+from stacks import residual_stack  # noqa: E402
 
 HEAD = (((1, 1), "same", None),)  # one stride-1 "same" conv head
 
@@ -615,22 +616,6 @@ def test_synchronized_data_parallel_equals_one_device(tmp_path, bits):
 # ------------------------------------------------------------------- memory
 
 
-def stack(mode, depth=30, channels=64, size=32):
-    keras.utils.set_random_seed(0)
-    inp = keras.Input((size, size, channels))
-    x = inp
-    for _ in range(depth):
-        if mode == "stock":
-            y = keras.layers.BatchNormalization()(x)
-            y = keras.layers.ReLU()(y)
-            y = keras.layers.Conv2D(channels, 3, padding="same", use_bias=False)(y)
-            x = keras.layers.Add()([y, x])
-        else:
-            y = ApproxConvBlock(channels, 3, bits=int(mode))(x)
-            x = ResidualBuffer()([y, x])
-    return keras.Model(inp, x)
-
-
 def step_temp_bytes(model, batch):
     """temp_size_in_bytes of the compiled training step (loss, gradients, new state)."""
     trainable = [v.value for v in model.trainable_variables]
@@ -652,9 +637,9 @@ def step_temp_bytes(model, batch):
 def test_compiled_step_memory_at_least_4x_lower_than_stock():
     """30 blocks of 64 channels at 32x32, batch 64 (16 MiB per float32 activation):
     8-, 4- and 2-bit steps need at least 4x less working memory than stock Keras."""
-    stock = step_temp_bytes(stack("stock"), 64)
+    stock = step_temp_bytes(residual_stack("stock"), 64)
     for bits in (8, 4, 2):
-        blpa = step_temp_bytes(stack(str(bits)), 64)
+        blpa = step_temp_bytes(residual_stack(str(bits)), 64)
         print(json.dumps({"bits": bits, "stock_MiB": stock / 2**20, "blpa_MiB": blpa / 2**20}))
         assert stock / blpa >= 4.0
 

@@ -11,23 +11,13 @@ import pytest
 STEP = textwrap.dedent(
     """
     import json, sys
-    import keras, tensorflow as tf
+    import tensorflow as tf
     import keras_blpa
 
+    from stacks import residual_stack
+
     mode, depth, channels, size, batch = sys.argv[1], *map(int, sys.argv[2:])
-    keras.utils.set_random_seed(0)
-    inp = keras.Input((size, size, channels))
-    x = inp
-    for _ in range(depth):
-        if mode == "stock":
-            y = keras.layers.BatchNormalization()(x)
-            y = keras.layers.ReLU()(y)
-            y = keras.layers.Conv2D(channels, 3, padding="same", use_bias=False)(y)
-            x = keras.layers.Add()([y, x])
-        else:
-            y = keras_blpa.ApproxConvBlock(channels, 3, bits=int(mode))(x)
-            x = keras_blpa.ResidualBuffer()([y, x])
-    model = keras.Model(inp, x)
+    model = residual_stack(mode, depth, channels, size)
     data = tf.random.normal([batch, size, size, channels])
 
     @tf.function
@@ -48,6 +38,8 @@ STEP = textwrap.dedent(
 def peak_bytes(mode, pure_tf, depth=30, channels=64, size=32, batch=64):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     env["KERAS_BLPA_PURE_TF"] = "1" if pure_tf else "0"
+    tests = os.path.dirname(os.path.abspath(__file__))  # for stacks.py
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (tests, env.get("PYTHONPATH")) if p)
     out = subprocess.run(
         [sys.executable, "-c", STEP, mode, str(depth), str(channels), str(size), str(batch)],
         env=env, capture_output=True, text=True, timeout=600, check=True,
