@@ -658,7 +658,7 @@ def warm_model(mode="blpa4", depth=11):
     from keras_blpa.benchmark import modes
 
     model = modes.compile_model(modes.build_model(mode, depth))
-    model.train_on_batch(*modes.random_batch(2, (32, 32, 3), 10))
+    modes.build_state(model, (32, 32, 3), 10)
     return model
 
 

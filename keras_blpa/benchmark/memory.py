@@ -71,7 +71,7 @@ def measure(mode, depth, batches, width=1, input_shape=(32, 32, 3), num_classes=
     built = time.perf_counter()
     rows = []
     if on_jax:
-        modes_lib.train_step(model, *modes_lib.random_batch(2, input_shape, num_classes))
+        modes_lib.build_state(model, input_shape, num_classes)
     for batch in batches:
         x, y = modes_lib.random_batch(batch, input_shape, num_classes)
         t0 = time.perf_counter()

@@ -24,6 +24,7 @@ __all__ = [
     "DESCRIPTIONS",
     "MODES",
     "build_model",
+    "build_state",
     "check_modes",
     "compile_model",
     "random_batch",
@@ -101,6 +102,12 @@ def random_batch(batch, input_shape, num_classes, seed=0):
 def train_step(model, x, y):
     """One compiled training step (model.fit's train function), waited for."""
     return model.train_on_batch(x, y)
+
+
+def build_state(model, input_shape, num_classes):
+    """One training step on 2 samples: builds the optimizer and metric state that
+    `keras_blpa.memory.compiled_step_memory` needs, at negligible cost."""
+    return train_step(model, *random_batch(2, input_shape, num_classes))
 
 
 def release():
