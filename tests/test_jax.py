@@ -29,6 +29,11 @@ from keras_blpa import ApproxConvBlock, ResidualBuffer  # noqa: E402
 from keras_blpa import jax_ops  # noqa: E402
 from keras_blpa import reference  # noqa: E402
 from stacks import residual_stack  # noqa: E402
+from trajectories import assert_same_steps  # noqa: E402
+from trajectories import fit_batch  # noqa: E402
+from trajectories import forced_steps  # noqa: E402
+from trajectories import reference_trajectory  # noqa: E402
+from trajectories import step_errors  # noqa: E402
 
 HEAD = (((1, 1), "same", None),)  # one stride-1 "same" conv head
 
@@ -439,22 +444,31 @@ def test_recompute_grad_moves_statistics_once_on_jax():
         np.testing.assert_allclose(got[path], ref[path], rtol=1e-5, atol=1e-6, err_msg=path)
 
 
-def test_recompute_grad_fit_equals_plain_on_jax():
-    """model.fit under jax.jit: the same losses and weights (statistics included)
-    as the unwrapped network after four SGD steps."""
+def test_recompute_grad_fit_steps_equal_plain_on_jax():
+    """model.fit under jax.jit: each of four SGD steps of the recomputed network,
+    from the plain network's state before it, gives the plain step's loss,
+    update and moving statistics (compared as in tests/trajectories.py)."""
     rng = np.random.default_rng(4)
     x = rng.normal(size=(16, 8, 8, 3)).astype(np.float32)
     labels = rng.integers(0, 10, 16)
-    losses, weights = [], []
-    for model in plain_and_recomputed(depth=11):
+    batches = [(x[:8], labels[:8]), (x[8:], labels[8:])] * 2
+    plain, wrapped = plain_and_recomputed(depth=11)
+    holder = keras_blpa.resnet(11, 10, (8, 8, 3), bits=None, bn_momentum=0.9)
+    for model in plain, wrapped:
         model.compile(keras.optimizers.SGD(0.1), "sparse_categorical_crossentropy", jit_compile=True)
-        history = model.fit(x, labels, batch_size=8, epochs=2, shuffle=False, verbose=0)
-        losses.append(history.history["loss"])
-        weights.append(by_path(model.weights))
-    assert np.isfinite(losses[0]).all()
-    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
-    for path, ref in weights[0].items():
-        np.testing.assert_allclose(weights[1][path], ref, rtol=1e-4, atol=1e-5, err_msg=path)
+
+    def set_state(model, state):  # the plain build's weight list onto the wrapped one
+        holder.set_weights(state)
+        keras_blpa.models.copy_weights(holder, model)
+
+    def get_state(model):
+        keras_blpa.models.copy_weights(model, holder)
+        return holder.get_weights()
+
+    states, losses = reference_trajectory(plain, batches, fit_batch)
+    steps = forced_steps(wrapped, states, batches, fit_batch, set_state, get_state)
+    assert np.isfinite(losses).all()
+    assert_same_steps(step_errors(states, losses, steps, [w.trainable for w in plain.weights]))
 
 
 def residual_bytes(model, batch):
@@ -553,12 +567,13 @@ def test_keras_file_loads_on_the_other_backend(tmp_path, save_on, load_on):
 
 SYNCHRONIZED = textwrap.dedent(
     """
-    import sys
+    import json, sys
     import jax, keras, numpy as np
     from keras_blpa import ApproxConvBlock, ResidualBuffer
+    from trajectories import fit_batch, forced_steps, reference_trajectory, step_errors
 
-    bits = None if sys.argv[2] == "None" else int(sys.argv[2])
-    if sys.argv[3] == "data_parallel":
+    out, bits, mode = sys.argv[1], None if sys.argv[2] == "None" else int(sys.argv[2]), sys.argv[3]
+    if mode == "data_parallel":
         assert len(jax.devices()) == 2
         keras.distribution.set_distribution(
             keras.distribution.DataParallel(devices=jax.devices())
@@ -574,43 +589,47 @@ SYNCHRONIZED = textwrap.dedent(
     rng = np.random.default_rng(0)
     x = rng.normal(1.0, 2.0, size=(32, 8, 8, 4)).astype(np.float32)
     y = x.mean(axis=(1, 2, 3))[:, None]
+    batches = [(x[:16], y[:16]), (x[16:], y[16:])] * 2
     model.compile(keras.optimizers.SGD(0.01), "mse")
-    kernel = model.layers[1].kernel.value
-    history = model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
-    np.savez(
-        sys.argv[1],
-        devices=len(kernel.sharding.device_set),
-        loss=history.history["loss"],
-        **{v.path: np.asarray(v) for v in model.weights},
-    )
+    if mode == "one_device":
+        states, losses = reference_trajectory(model, batches, fit_batch)
+        np.savez(out + "/states.npz", *[w for state in states for w in state])
+        json.dump(dict(losses=losses), open(out + "/losses.json", "w"))
+    else:
+        saved = np.load(out + "/states.npz")
+        flat = [saved[f"arr_{i}"] for i in range(len(saved.files))]
+        n = len(model.weights)
+        states = [flat[i:i + n] for i in range(0, len(flat), n)]
+        losses = json.load(open(out + "/losses.json"))["losses"]
+        steps = forced_steps(model, states, batches, fit_batch)
+        rows = step_errors(states, losses, steps, [w.trainable for w in model.weights])
+        devices = len(model.layers[1].kernel.value.sharding.device_set)
+        json.dump(dict(devices=devices, rows=rows), open(out + "/errors.json", "w"))
     """
 )
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("bits", [None, 4])
-def test_synchronized_data_parallel_equals_one_device(tmp_path, bits):
+def test_synchronized_data_parallel_steps_equal_one_device(tmp_path, bits):
     """synchronized=True on JAX: under keras.distribution.DataParallel over two
-    (host) devices the layer sees the global batch as one sharded array, so
-    four model.fit steps give the losses, weights and moving statistics of the
-    same model on one device (float32 round-off of the split reductions)."""
+    (host) devices the layer sees the global batch as one sharded array, so each
+    of four model.fit steps, from the one-device run's state before it, gives
+    that run's loss, update and moving statistics (float32 round-off of the
+    split reductions; compared as in tests/trajectories.py)."""
     xla_flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
-    out = {}
+    env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="3", XLA_FLAGS=xla_flags,
+               PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
     for mode in "one_device", "data_parallel":
-        path = tmp_path / f"{mode}.npz"
-        env = dict(os.environ, KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="3", XLA_FLAGS=xla_flags)
         subprocess.run(
-            [sys.executable, "-c", SYNCHRONIZED, str(path), str(bits), mode],
+            [sys.executable, "-c", SYNCHRONIZED, str(tmp_path), str(bits), mode],
             env=env, check=True, timeout=300,
         )
-        out[mode] = dict(np.load(path))
-    one, parallel = out["one_device"], out["data_parallel"]
-    assert (one.pop("devices"), parallel.pop("devices")) == (1, 2)
-    assert sorted(one) == sorted(parallel)
-    print(json.dumps({k: float(np.max(np.abs(parallel[k] - one[k]) / (np.abs(one[k]) + 1e-6))) for k in one}))
-    np.testing.assert_allclose(parallel.pop("loss"), one.pop("loss"), rtol=1e-5)
-    for path, ref in one.items():
-        np.testing.assert_allclose(parallel[path], ref, rtol=1e-4, atol=1e-5, err_msg=path)
+    out = json.loads((tmp_path / "errors.json").read_text())
+    print(json.dumps(out))
+    assert out["devices"] == 2
+    assert len(out["rows"]) == 4
+    assert_same_steps(out["rows"])
 
 
 # ------------------------------------------------------------------- memory
