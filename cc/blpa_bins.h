@@ -5,15 +5,21 @@
 // (BLPA_HOST_DEVICE), written so that every float operation rounds exactly
 // like TensorFlow's separate Mul / Add / Sub / Div ops (no FMA contraction:
 // compile host code with -ffp-contract=off; device code uses __f*_rn), and the
-// argument structs of the four fused block kernels.
+// argument structs of the four fused block kernels. What depends on the
+// activation (its value, code rule, decoded value and backward) is in
+// blpa_activations.h.
 //
-// Semantics are those of keras_blpa/reference.py (the oracle):
+// Semantics are those of keras_blpa/backends/tensorflow/reference.py (the
+// oracle); for ReLU:
 //   y      = x * scale + offset                       (BN folded, channels last)
 //   t      = floor(y * inv_step) + shift
 //   t      = y > 0 ? max(t, shift) : min(t, shift - 1)
 //   code   = clip(t, 0, 2^K - 1), NaN anywhere -> 0
 //   decode = (code + 0.5 - shift) * step, mask = code >= shift
 //   x_hat  = (decode - beta) / gamma
+// Codes, activations and decoded values match the reference bit for bit; the
+// gradient kernels evaluate the same sums in another order (x_hat per element),
+// so they agree with it to rounding.
 // Tensors are flattened row-major with channel = flat_index % C. Packing: 8 bits
 // one code per byte, 4 bits two per byte (element 2i in the low nibble), 2 bits
 // four per byte (element 4i+j at bit 2j); the last byte is zero padded.
@@ -98,43 +104,38 @@ BLPA_HOST_DEVICE float bn_apply(float x, float scale, float offset) {
   return add_rn(mul_rn(x, scale), offset);
 }
 
-// tf.nn.relu: negative -> 0, while NaN and -0 pass through unchanged.
-BLPA_HOST_DEVICE float relu(float y) { return y < 0.0f ? 0.0f : y; }
+// Unclipped code of y's bin: floor(y * inv_step) + shift.
+BLPA_HOST_DEVICE float bin_of(float y, float inv_step, float shift) {
+  return add_rn(floor_f(mul_rn(y, inv_step)), shift);
+}
 
-// The K-bit code of y (top = 2^K - 1 as a float).
-BLPA_HOST_DEVICE uint32_t encode_one(float y, float inv_step, float shift,
-                                     float top) {
-  const float t = add_rn(floor_f(mul_rn(y, inv_step)), shift);
-  // TF's max/min/clip propagate NaN and the reference then maps NaN to code 0.
-  // t is NaN whenever y, inv_step or shift is (or on inf - inf), and shift - 1
-  // is NaN only if shift is, so testing t once covers every case.
-  const bool is_nan = !(t == t);
-  // Both sides computed unconditionally, then selected: branch free, so the
-  // CPU loops vectorise.
-  const float below = sub_rn(shift, 1.0f);
-  const float r_pos = t < shift ? shift : t;
-  const float r_neg = t > below ? below : t;
-  float r = y > 0.0f ? r_pos : r_neg;
-  r = r > top ? top : r;
+// Puts a breakpoint of the activation on the edge between codes edge - 1 and
+// edge: t is raised to at least edge where `above`, else lowered to at most
+// edge - 1, so the code alone tells the two sides apart. Both sides computed,
+// then selected: branch free, so the CPU loops vectorise; a NaN t stays NaN.
+BLPA_HOST_DEVICE float split_at_edge(float t, bool above, float edge) {
+  const float below = sub_rn(edge, 1.0f);
+  const float r_above = t < edge ? edge : t;
+  const float r_below = t > below ? below : t;
+  return above ? r_above : r_below;
+}
+
+// The K-bit code of an unclipped code t (top = 2^K - 1 as a float), NaN -> 0
+// as in the reference (where TF's max/min/clip propagate NaN). t is NaN when
+// y, inv_step or shift is, or on 0 * inf or inf - inf; comparisons with NaN are
+// false, so a NaN stays NaN through the clip and through an activation's rule
+// that keeps it so (split_at_edge does): one test at the end covers every case.
+BLPA_HOST_DEVICE uint32_t code_of(float t, float top) {
+  float r = t > top ? top : t;
   r = r < 0.0f ? 0.0f : r;
-  r = is_nan ? 0.0f : r;
+  r = r == r ? r : 0.0f;
   return static_cast<uint32_t>(static_cast<int32_t>(r));
 }
 
-// Bin centre of a code: (code + 0.5 - shift) * step.
-BLPA_HOST_DEVICE float decode_one(uint32_t code, float step, float shift) {
+// Bin centre of a code, the decoded BN output: (code + 0.5 - shift) * step.
+BLPA_HOST_DEVICE float bin_centre(uint32_t code, float step, float shift) {
   const float c = static_cast<float>(static_cast<int32_t>(code));
   return mul_rn(sub_rn(add_rn(c, 0.5f), shift), step);
-}
-
-// Exact ReLU mask (y > 0) read back from the code.
-BLPA_HOST_DEVICE bool mask_one(uint32_t code, float shift) {
-  return static_cast<float>(static_cast<int32_t>(code)) >= shift;
-}
-
-// Decoded ReLU output: bin centre where the mask is on, else 0.
-BLPA_HOST_DEVICE float decode_relu_one(uint32_t code, float step, float shift) {
-  return mask_one(code, shift) ? decode_one(code, step, shift) : 0.0f;
 }
 
 // Normalised value from the decoded BN output.
@@ -165,8 +166,8 @@ struct EncodeArgs {
   int64_t n;
   int64_t C;
   int bits;
-  float* relu_out;   // [n]  relu(y)
-  uint8_t* packed;   // [packed_size(n, bits)]
+  float* activation;  // [n]  act.forward(y)
+  uint8_t* packed;    // [packed_size(n, bits)]
 };
 
 struct DecodeArgs {
@@ -176,12 +177,12 @@ struct DecodeArgs {
   int64_t n;
   int64_t C;
   int bits;
-  float* out;  // [n]  decoded relu output
+  float* out;  // [n]  act.decode(code)
 };
 
 struct GradArgs {
   const uint8_t* packed;
-  const float* grad_a;  // [n]  gradient w.r.t. the ReLU output
+  const float* grad_a;  // [n]  gradient w.r.t. the activation output
   const float* step;    // [C]
   const float* shift;   // [C]
   const float* gamma;   // [C]

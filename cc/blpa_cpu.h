@@ -3,15 +3,19 @@
 // Each kernel works on a range [byte_begin, byte_end) of PACKED BYTES, so that
 // a caller can shard a tensor over any thread pool (TensorFlow's, or std::thread
 // in the standalone test); bn_grad_reduce shards itself over fixed blocks
-// through a caller's parallel-for. The element math is blpa_bins.h; here is
-// only the walk over the data: ONE tile/run/channel skeleton (for_each_run)
-// with the per-run work of each kernel as an inlined callable.
+// through a caller's parallel-for. Every entry point takes the activation
+// object first (blpa_activations.h). The element math is blpa_bins.h and the
+// activation; here is only the walk over the data: ONE tile/run/channel
+// skeleton (for_each_run) with the per-run work of each kernel as an inlined
+// callable.
 //
 // Every kernel is compiled for three x86 instruction-set levels (the build's
-// baseline AVX, AVX2, AVX-512 F/BW/VL/DQ; FMA never enabled) and runs the level
-// the caller passes, capped at what the CPU supports; all levels give
-// bit-identical results (checked by blpa_quant_test.cc). This header reads no
-// environment: callers choose the level (usable_cpu_level).
+// baseline AVX, AVX2, AVX-512 F/BW/VL/DQ) and runs the level the caller
+// passes, capped at what the CPU supports; all levels give bit-identical
+// results (checked by blpa_quant_test.cc). AVX-512F brings fused multiply-add
+// instructions, so that rests on -ffp-contract=off (HOST_COPTS in
+// ops/bazel/sources.bzl). This header reads no environment: callers choose the
+// level (usable_cpu_level).
 #ifndef KERAS_BLPA_CC_BLPA_CPU_H_
 #define KERAS_BLPA_CC_BLPA_CPU_H_
 
@@ -123,9 +127,8 @@ class ChannelView {
   bool expanded_;
   int64_t period_;
   const float* ptr_[NP];
-  // Cache-line aligned rows: the vector loads of a run never split lines
-  // (kExpanded floats are a multiple of 64 bytes). Measured: a few % of
-  // encode throughput with AVX-512.
+  // Every row starts on a cache line (kExpanded floats are a multiple of 64
+  // bytes). Measured: a few % of encode throughput with AVX-512.
   alignas(64) float buf_[NP][kExpanded];
 };
 
@@ -231,7 +234,8 @@ enum class Codes { kPack, kUnpack };
 // runs of consecutive channels: per_run(i, c, len, codes, view) handles
 // elements [i, i + len) of channels c, c + 1, ... (mod C), whose codes are
 // codes[0, len) and whose per-channel vectors are view.ptr(j, c)[0, len).
-// per_run is always inlined: each kernel's loop compiles as if written here.
+// per_run is force-inlined (where BLPA_X86_DISPATCH is on): each kernel's loop
+// compiles as if written here, at the level of the function it lands in.
 template <int BITS, Codes CODES, int NP, typename Byte, typename Run>
 BLPA_INLINE void for_each_run(int64_t n, int64_t C, int64_t byte_begin,
                               int64_t byte_end, const float* const (&params)[NP],
@@ -265,9 +269,10 @@ BLPA_INLINE void for_each_run(int64_t n, int64_t C, int64_t byte_begin,
 // ---------------------------------------------------------------------------
 // The four kernels: the per-run work of each, inside the skeleton.
 
-struct BnReluEncode {
-  template <int BITS>
-  static BLPA_INLINE void range(const EncodeArgs& a, int64_t b0, int64_t b1) {
+struct BnEncode {
+  template <int BITS, typename Act>
+  static BLPA_INLINE void range(Act act, const EncodeArgs& a, int64_t b0,
+                                int64_t b1) {
     const float top = static_cast<float>((1 << BITS) - 1);
     const float* params[4] = {a.scale, a.offset, a.inv_step, a.shift};
     for_each_run<BITS, Codes::kPack>(
@@ -275,7 +280,7 @@ struct BnReluEncode {
         [&](int64_t i, int64_t c, int64_t len, uint8_t* codes,
             const ChannelView<4>& v) BLPA_INLINE_LAMBDA {
           const float* __restrict__ x = a.x + i;
-          float* __restrict__ out = a.relu_out + i;
+          float* __restrict__ out = a.activation + i;
           uint8_t* __restrict__ cd = codes;
           const float* __restrict__ sc = v.ptr(0, c);
           const float* __restrict__ of = v.ptr(1, c);
@@ -283,16 +288,17 @@ struct BnReluEncode {
           const float* __restrict__ sh = v.ptr(3, c);
           for (int64_t k = 0; k < len; ++k) {
             const float y = bn_apply(x[k], sc[k], of[k]);
-            out[k] = relu(y);
-            cd[k] = static_cast<uint8_t>(encode_one(y, is[k], sh[k], top));
+            out[k] = act.forward(y);
+            cd[k] = static_cast<uint8_t>(act.encode(y, is[k], sh[k], top));
           }
         });
   }
 };
 
-struct DecodeRelu {
-  template <int BITS>
-  static BLPA_INLINE void range(const DecodeArgs& a, int64_t b0, int64_t b1) {
+struct Decode {
+  template <int BITS, typename Act>
+  static BLPA_INLINE void range(Act act, const DecodeArgs& a, int64_t b0,
+                                int64_t b1) {
     const float* params[2] = {a.step, a.shift};
     for_each_run<BITS, Codes::kUnpack>(
         a.n, a.C, b0, b1, params, a.packed,
@@ -303,18 +309,20 @@ struct DecodeRelu {
           const float* __restrict__ st = v.ptr(0, c);
           const float* __restrict__ sh = v.ptr(1, c);
           for (int64_t k = 0; k < len; ++k) {
-            out[k] = decode_relu_one(cd[k], st[k], sh[k]);
+            out[k] = act.decode(cd[k], st[k], sh[k]);
           }
         });
   }
 };
 
-// Adds the per-channel sums of g and g * x_hat over the range to sum_g and
-// sum_gx (C doubles each); `scratch` holds 2 * reduce_scratch_size(C) doubles.
+// Adds the per-channel sums of g and g * x_hat (g = act.backward(grad_a, ...))
+// over the range to sum_g and sum_gx (C doubles each); `scratch` holds
+// 2 * reduce_scratch_size(C) doubles.
 struct BnGradPartialSums {
-  template <int BITS>
-  static BLPA_INLINE void range(const GradArgs& a, int64_t b0, int64_t b1,
-                                double* sum_g, double* sum_gx, double* scratch) {
+  template <int BITS, typename Act>
+  static BLPA_INLINE void range(Act act, const GradArgs& a, int64_t b0,
+                                int64_t b1, double* sum_g, double* sum_gx,
+                                double* scratch) {
     int64_t e0, e1;
     if (!element_range(a.n, BITS, b0, b1, &e0, &e1)) return;
     const int64_t slots = reduce_scratch_size(a.C);
@@ -335,9 +343,8 @@ struct BnGradPartialSums {
           double* __restrict__ ag = acc_g + c;
           double* __restrict__ agx = acc_gx + c;
           for (int64_t k = 0; k < len; ++k) {
-            const float y_dec = decode_one(cd[k], st[k], sh[k]);
-            const float gk = g[k];  // unconditional load: no branch in the loop
-            const float gy = mask_one(cd[k], sh[k]) ? gk : 0.0f;
+            const float y_dec = bin_centre(cd[k], st[k], sh[k]);
+            const float gy = act.backward(g[k], cd[k], st[k], sh[k]);
             const float xh = xhat_one(y_dec, be[k], ga[k]);
             ag[k] += static_cast<double>(gy);
             agx[k] += static_cast<double>(mul_rn(gy, xh));
@@ -351,8 +358,9 @@ struct BnGradPartialSums {
 };
 
 struct BnGradInput {
-  template <int BITS>
-  static BLPA_INLINE void range(const GradArgs& a, int64_t b0, int64_t b1) {
+  template <int BITS, typename Act>
+  static BLPA_INLINE void range(Act act, const GradArgs& a, int64_t b0,
+                                int64_t b1) {
     const float* params[7] = {a.step, a.shift,  a.gamma,  a.beta,
                               a.coef, a.mean_g, a.mean_gx};
     for_each_run<BITS, Codes::kUnpack>(
@@ -370,9 +378,8 @@ struct BnGradInput {
           const float* __restrict__ mg = v.ptr(5, c);
           const float* __restrict__ mgx = v.ptr(6, c);
           for (int64_t k = 0; k < len; ++k) {
-            const float y_dec = decode_one(cd[k], st[k], sh[k]);
-            const float gk = g[k];  // unconditional load: no branch in the loop
-            const float gy = mask_one(cd[k], sh[k]) ? gk : 0.0f;
+            const float y_dec = bin_centre(cd[k], st[k], sh[k]);
+            const float gy = act.backward(g[k], cd[k], st[k], sh[k]);
             const float xh = xhat_one(y_dec, be[k], ga[k]);
             dx[k] = grad_input_one(gy, xh, co[k], mg[k], mgx[k]);
           }
@@ -382,69 +389,83 @@ struct BnGradInput {
 
 // ---------------------------------------------------------------------------
 // Instruction-set and bits dispatch: Kernel::range<BITS> compiled once per
-// level (inlined into a function with that target), chosen at run time.
+// level and activation (inlined into a function with that target), chosen at
+// run time.
 
-template <typename Kernel, int BITS, typename Args, typename... More>
-void run_baseline(const Args& a, int64_t b0, int64_t b1, More... more) {
-  Kernel::template range<BITS>(a, b0, b1, more...);
+template <typename Kernel, int BITS, typename Act, typename Args,
+          typename... More>
+void run_baseline(Act act, const Args& a, int64_t b0, int64_t b1,
+                  More... more) {
+  Kernel::template range<BITS>(act, a, b0, b1, more...);
 }
 
 #if defined(BLPA_X86_DISPATCH)
-template <typename Kernel, int BITS, typename Args, typename... More>
-__attribute__((target("avx2"))) void run_avx2(const Args& a, int64_t b0,
-                                               int64_t b1, More... more) {
-  Kernel::template range<BITS>(a, b0, b1, more...);
+template <typename Kernel, int BITS, typename Act, typename Args,
+          typename... More>
+__attribute__((target("avx2"))) void run_avx2(Act act, const Args& a,
+                                               int64_t b0, int64_t b1,
+                                               More... more) {
+  Kernel::template range<BITS>(act, a, b0, b1, more...);
 }
 
-template <typename Kernel, int BITS, typename Args, typename... More>
+template <typename Kernel, int BITS, typename Act, typename Args,
+          typename... More>
 __attribute__((target("avx2,avx512f,avx512bw,avx512vl,avx512dq"))) void
-run_avx512(const Args& a, int64_t b0, int64_t b1, More... more) {
-  Kernel::template range<BITS>(a, b0, b1, more...);
+run_avx512(Act act, const Args& a, int64_t b0, int64_t b1, More... more) {
+  Kernel::template range<BITS>(act, a, b0, b1, more...);
 }
 #endif
 
-template <typename Kernel, int BITS, typename Args, typename... More>
-inline void run_level(CpuLevel level, const Args& a, int64_t b0, int64_t b1,
-                      More... more) {
+template <typename Kernel, int BITS, typename Act, typename Args,
+          typename... More>
+inline void run_level(CpuLevel level, Act act, const Args& a, int64_t b0,
+                      int64_t b1, More... more) {
 #if defined(BLPA_X86_DISPATCH)
   // Never above what the CPU supports, whatever the caller asks.
   level = std::min(level, detected_cpu_level());
-  if (level == kAvx512) return run_avx512<Kernel, BITS>(a, b0, b1, more...);
-  if (level == kAvx2) return run_avx2<Kernel, BITS>(a, b0, b1, more...);
+  if (level == kAvx512)
+    return run_avx512<Kernel, BITS>(act, a, b0, b1, more...);
+  if (level == kAvx2) return run_avx2<Kernel, BITS>(act, a, b0, b1, more...);
 #else
   (void)level;  // one level only
 #endif
-  run_baseline<Kernel, BITS>(a, b0, b1, more...);
+  run_baseline<Kernel, BITS>(act, a, b0, b1, more...);
 }
 
 // Runs Kernel over packed bytes [b0, b1) at `level` (callers validate a.bits
 // with valid_bits).
-template <typename Kernel, typename Args, typename... More>
-inline void run_kernel(CpuLevel level, const Args& a, int64_t b0, int64_t b1,
-                More... more) {
+template <typename Kernel, typename Act, typename Args, typename... More>
+inline void run_kernel(CpuLevel level, Act act, const Args& a, int64_t b0,
+                       int64_t b1, More... more) {
   switch (a.bits) {
-    case 2: return run_level<Kernel, 2>(level, a, b0, b1, more...);
-    case 4: return run_level<Kernel, 4>(level, a, b0, b1, more...);
-    default: return run_level<Kernel, 8>(level, a, b0, b1, more...);
+    case 2: return run_level<Kernel, 2>(level, act, a, b0, b1, more...);
+    case 4: return run_level<Kernel, 4>(level, act, a, b0, b1, more...);
+    default: return run_level<Kernel, 8>(level, act, a, b0, b1, more...);
   }
 }
 
 // ---------------------------------------------------------------------------
 // Entry points.
 
-inline void bn_relu_encode(const EncodeArgs& a, int64_t b0, int64_t b1,
-                           CpuLevel level) {
-  run_kernel<BnReluEncode>(level, a, b0, b1);
+// BN -> activation forward: act.forward(y) and the packed codes of y.
+template <typename Act>
+inline void bn_encode(Act act, const EncodeArgs& a, int64_t b0, int64_t b1,
+                      CpuLevel level) {
+  run_kernel<BnEncode>(level, act, a, b0, b1);
 }
 
-inline void decode_relu(const DecodeArgs& a, int64_t b0, int64_t b1,
-                        CpuLevel level) {
-  run_kernel<DecodeRelu>(level, a, b0, b1);
+// The activation output rebuilt from the codes.
+template <typename Act>
+inline void decode(Act act, const DecodeArgs& a, int64_t b0, int64_t b1,
+                   CpuLevel level) {
+  run_kernel<Decode>(level, act, a, b0, b1);
 }
 
-inline void bn_grad_input(const GradArgs& a, int64_t b0, int64_t b1,
+// BN input gradient coef * ((g - mean_g) - x_hat * mean_gx), g = act.backward.
+template <typename Act>
+inline void bn_grad_input(Act act, const GradArgs& a, int64_t b0, int64_t b1,
                           CpuLevel level) {
-  run_kernel<BnGradInput>(level, a, b0, b1);
+  run_kernel<BnGradInput>(level, act, a, b0, b1);
 }
 
 // Fixed partition of the packed bytes into blocks for the reduction: the
@@ -456,13 +477,14 @@ inline int64_t reduce_num_blocks(int64_t nbytes) {
                                   kReduceBlockBytes);
 }
 
-// Per-channel sums of g and g * x_hat (g = grad_a * mask) over the whole
-// tensor, written to sum_g and sum_gx (C floats each). Deterministic: one
-// double partial sum per fixed block of kReduceBlockBytes packed bytes, added
-// in block order. parallel_for(blocks, fn) must call fn(first, last) on
-// disjoint ranges covering [0, blocks), on any threads.
-template <typename ParallelFor>
-void bn_grad_reduce(const GradArgs& a, CpuLevel level, float* sum_g,
+// Per-channel sums of g and g * x_hat (g = act.backward(grad_a, ...)) over the
+// whole tensor, written to sum_g and sum_gx (C floats each). Deterministic: one
+// double partial sum per fixed block of kReduceBlockBytes packed bytes, each
+// accumulated in element order, the blocks added in block order; the same bits
+// for any thread count and level. parallel_for(blocks, fn) must call
+// fn(first, last) on disjoint ranges covering [0, blocks), on any threads.
+template <typename Act, typename ParallelFor>
+void bn_grad_reduce(Act act, const GradArgs& a, CpuLevel level, float* sum_g,
                     float* sum_gx, ParallelFor&& parallel_for) {
   const int64_t C = a.C;
   if (a.n == 0) {
@@ -479,8 +501,8 @@ void bn_grad_reduce(const GradArgs& a, CpuLevel level, float* sum_g,
     for (int64_t b = first; b < last; ++b) {
       const int64_t lo = b * kReduceBlockBytes;
       const int64_t hi = std::min(nbytes, lo + kReduceBlockBytes);
-      run_kernel<BnGradPartialSums>(level, a, lo, hi, &part[2 * C * b],
-                             &part[2 * C * b + C], scratch.data());
+      run_kernel<BnGradPartialSums>(level, act, a, lo, hi, &part[2 * C * b],
+                                    &part[2 * C * b + C], scratch.data());
     }
   });
   for (int64_t c = 0; c < C; ++c) {

@@ -1,11 +1,14 @@
 // keras_blpa: CUDA kernels of the four fused block kernels (split design: this
-// file includes only CUDA headers and cc/, never TensorFlow). The element math
-// is the BLPA_HOST_DEVICE code of blpa_bins.h, with __f*_rn intrinsics so that
+// file includes only the C++ standard library, CUDA and cc/, never
+// TensorFlow). The element math is the BLPA_HOST_DEVICE code of blpa_bins.h and
+// of the activation (blpa_activations.h), with __f*_rn intrinsics so that
 // every operation rounds like TensorFlow's separate ops (also build with
-// -fmad=false). One thread handles one packed byte (1, 2 or 4 elements).
+// -fmad=false). In the element-wise kernels one thread handles one packed byte
+// (1, 2 or 4 elements); the reduction walks channel columns.
 #include <type_traits>
 #include <cuda_runtime.h>
 
+#include "cc/blpa_activations.h"
 #include "cc/blpa_bins.h"
 #include "cc/blpa_quant_cuda.h"
 
@@ -21,8 +24,10 @@ int grid_for(int64_t work) {
   return static_cast<int>(blocks < 1 ? 1 : blocks);
 }
 
-template <int BITS>
-__global__ void encode_kernel(EncodeArgs a) {
+// The activation is the last kernel parameter: the argument struct keeps its
+// parameter offsets whatever the activation holds.
+template <int BITS, typename Act>
+__global__ void encode_kernel(EncodeArgs a, Act act) {
   constexpr int per = 8 / BITS;
   const float top = static_cast<float>((1 << BITS) - 1);
   const int64_t nbytes = packed_size(a.n, BITS);
@@ -35,8 +40,8 @@ __global__ void encode_kernel(EncodeArgs a) {
       if (i < a.n) {
         const int64_t c = i % a.C;
         const float y = bn_apply(a.x[i], __ldg(a.scale + c), __ldg(a.offset + c));
-        a.relu_out[i] = relu(y);
-        byte |= encode_one(y, __ldg(a.inv_step + c), __ldg(a.shift + c), top)
+        a.activation[i] = act.forward(y);
+        byte |= act.encode(y, __ldg(a.inv_step + c), __ldg(a.shift + c), top)
                 << (j * BITS);
       }
     }
@@ -44,8 +49,8 @@ __global__ void encode_kernel(EncodeArgs a) {
   }
 }
 
-template <int BITS>
-__global__ void decode_kernel(DecodeArgs a) {
+template <int BITS, typename Act>
+__global__ void decode_kernel(DecodeArgs a, Act act) {
   constexpr int per = 8 / BITS;
   const int64_t nbytes = packed_size(a.n, BITS);
   for (int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
@@ -56,15 +61,15 @@ __global__ void decode_kernel(DecodeArgs a) {
       const int64_t i = b * per + j;
       if (i < a.n) {
         const int64_t c = i % a.C;
-        a.out[i] = decode_relu_one(unpack_one(byte, j, BITS), __ldg(a.step + c),
-                                   __ldg(a.shift + c));
+        a.out[i] = act.decode(unpack_one(byte, j, BITS), __ldg(a.step + c),
+                              __ldg(a.shift + c));
       }
     }
   }
 }
 
-template <int BITS>
-__global__ void grad_input_kernel(GradArgs a) {
+template <int BITS, typename Act>
+__global__ void grad_input_kernel(GradArgs a, Act act) {
   constexpr int per = 8 / BITS;
   const int64_t nbytes = packed_size(a.n, BITS);
   for (int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
@@ -76,9 +81,9 @@ __global__ void grad_input_kernel(GradArgs a) {
       if (i < a.n) {
         const int64_t c = i % a.C;
         const uint32_t code = unpack_one(byte, j, BITS);
-        const float shift = __ldg(a.shift + c);
-        const float y_dec = decode_one(code, __ldg(a.step + c), shift);
-        const float gy = mask_one(code, shift) ? a.grad_a[i] : 0.0f;
+        const float step = __ldg(a.step + c), shift = __ldg(a.shift + c);
+        const float y_dec = bin_centre(code, step, shift);
+        const float gy = act.backward(a.grad_a[i], code, step, shift);
         const float xh = xhat_one(y_dec, __ldg(a.beta + c), __ldg(a.gamma + c));
         a.grad_x[i] = grad_input_one(gy, xh, __ldg(a.coef + c),
                                      __ldg(a.mean_g + c), __ldg(a.mean_gx + c));
@@ -87,15 +92,19 @@ __global__ void grad_input_kernel(GradArgs a) {
   }
 }
 
-// Reduction over the [rows, C] view: threadIdx.x walks 32 consecutive channels
-// (coalesced reads of grad_a), threadIdx.y and blockIdx.y stride over rows.
-// Per-thread float partial sums, a shared-memory tree over threadIdx.y, then
-// one atomicAdd per channel and block.
+// Reduction over the [rows, C] view: one thread per channel column, the 32
+// threads along x on consecutive channels (coalesced reads of grad_a);
+// threadIdx.y and blockIdx.y stride over rows. Per-thread Kahan-compensated
+// float sums, added in threadIdx.y order through shared memory, then one
+// atomicAdd per channel and block. With more than one row block the order of
+// those atomics varies from run to run, so the float sums are not bitwise
+// deterministic (the CPU reduce of blpa_cpu.h is: fixed blocks, fixed order).
 constexpr int kRedX = 32;
 constexpr int kRedY = 8;
 
-template <int BITS>
-__global__ void grad_reduce_kernel(GradArgs a, float* sum_g, float* sum_gx) {
+template <int BITS, typename Act>
+__global__ void grad_reduce_kernel(GradArgs a, float* sum_g, float* sum_gx,
+                                   Act act) {
   __shared__ float sg[kRedY][kRedX];
   __shared__ float sgx[kRedY][kRedX];
   const int64_t c = blockIdx.x * static_cast<int64_t>(kRedX) + threadIdx.x;
@@ -110,8 +119,8 @@ __global__ void grad_reduce_kernel(GradArgs a, float* sum_g, float* sum_gx) {
       const int per = 8 / BITS;
       const uint32_t code =
           unpack_one(a.packed[i / per], static_cast<int>(i % per), BITS);
-      const float y_dec = decode_one(code, step, shift);
-      const float gy = mask_one(code, shift) ? a.grad_a[i] : 0.0f;
+      const float y_dec = bin_centre(code, step, shift);
+      const float gy = act.backward(a.grad_a[i], code, step, shift);
       const float gx = __fmul_rn(gy, xhat_one(y_dec, beta, gamma));
       // Kahan summation keeps long columns accurate in float.
       float y1 = __fsub_rn(gy, comp_g);
@@ -156,34 +165,38 @@ int for_bits(int bits, Launch launch) {
 
 }  // namespace
 
-int bn_relu_encode(const EncodeArgs& a, cudaStream_t stream) {
+template <typename Act>
+int bn_encode(Act act, const EncodeArgs& a, cudaStream_t stream) {
   const int64_t nbytes = packed_size(a.n, a.bits);
   if (nbytes == 0) return 0;
   const int grid = grid_for(nbytes);
   return for_bits(a.bits, [&](auto b) {
-    encode_kernel<decltype(b)::value><<<grid, kThreads, 0, stream>>>(a);
+    encode_kernel<decltype(b)::value><<<grid, kThreads, 0, stream>>>(a, act);
   });
 }
 
-int decode_relu(const DecodeArgs& a, cudaStream_t stream) {
+template <typename Act>
+int decode(Act act, const DecodeArgs& a, cudaStream_t stream) {
   const int64_t nbytes = packed_size(a.n, a.bits);
   if (nbytes == 0) return 0;
   const int grid = grid_for(nbytes);
   return for_bits(a.bits, [&](auto b) {
-    decode_kernel<decltype(b)::value><<<grid, kThreads, 0, stream>>>(a);
+    decode_kernel<decltype(b)::value><<<grid, kThreads, 0, stream>>>(a, act);
   });
 }
 
-int bn_grad_input(const GradArgs& a, cudaStream_t stream) {
+template <typename Act>
+int bn_grad_input(Act act, const GradArgs& a, cudaStream_t stream) {
   const int64_t nbytes = packed_size(a.n, a.bits);
   if (nbytes == 0) return 0;
   const int grid = grid_for(nbytes);
   return for_bits(a.bits, [&](auto b) {
-    grad_input_kernel<decltype(b)::value><<<grid, kThreads, 0, stream>>>(a);
+    grad_input_kernel<decltype(b)::value><<<grid, kThreads, 0, stream>>>(a, act);
   });
 }
 
-int bn_grad_reduce(const GradArgs& a, float* sum_g, float* sum_gx,
+template <typename Act>
+int bn_grad_reduce(Act act, const GradArgs& a, float* sum_g, float* sum_gx,
                    cudaStream_t stream) {
   if (a.C <= 0) return 0;
   cudaError_t err = cudaMemsetAsync(sum_g, 0, a.C * sizeof(float), stream);
@@ -202,9 +215,21 @@ int bn_grad_reduce(const GradArgs& a, float* sum_g, float* sum_gx,
   const dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
   const dim3 block(kRedX, kRedY);
   return for_bits(a.bits, [&](auto b) {
-    grad_reduce_kernel<decltype(b)::value><<<grid, block, 0, stream>>>(a, sum_g, sum_gx);
+    grad_reduce_kernel<decltype(b)::value>
+        <<<grid, block, 0, stream>>>(a, sum_g, sum_gx, act);
   });
 }
+
+// The launchers of one activation, for the callers of blpa_quant_cuda.h to link
+// against: one line per activation of blpa_activations.h.
+#define BLPA_CUDA_ACTIVATION(Act)                                           \
+  template int bn_encode<Act>(Act, const EncodeArgs&, cudaStream_t);        \
+  template int decode<Act>(Act, const DecodeArgs&, cudaStream_t);           \
+  template int bn_grad_reduce<Act>(Act, const GradArgs&, float*, float*,    \
+                                   cudaStream_t);                           \
+  template int bn_grad_input<Act>(Act, const GradArgs&, cudaStream_t);
+
+BLPA_CUDA_ACTIVATION(Relu)
 
 const char* error_string(int error) {
   return cudaGetErrorString(static_cast<cudaError_t>(error));

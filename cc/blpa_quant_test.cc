@@ -11,10 +11,12 @@
 // -fno-trapping-math only lets the compiler vectorise the selects.)
 //
 // Checks the tiled, multi-threaded CPU loops against a plain per-element loop
-// (codes and decoded values bit for bit, sums to float tolerance) over many
-// shapes, every bits value and NaN/Inf inputs; with BLPA_WITH_CUDA also the GPU
-// kernels against the CPU ones. Then prints encode+decode throughput in GB/s
-// (bytes read + written) next to a memcpy of the same bytes.
+// (codes, activations, decoded values and input gradients bit for bit; the
+// reduce's sums to float tolerance, and bit for bit across ISA levels and
+// thread counts) over many shapes, every bits value and NaN/Inf inputs; with
+// BLPA_WITH_CUDA also the GPU kernels against the CPU ones. Checks run for
+// every activation of blpa_activations.h (ReLU). Then prints encode+decode
+// throughput in GB/s (bytes read + written) next to a memcpy of the input.
 // Options: --quick (smaller benchmark), --no-bench, --threads N, --elements N,
 // --isa avx|avx2|avx512 (cap the instruction-set level: checks run every level
 // up to the cap, the benchmark runs at the cap; default: the best the CPU has).
@@ -33,6 +35,7 @@
 #include <thread>
 #include <vector>
 
+#include "cc/blpa_activations.h"
 #include "cc/blpa_bins.h"
 #include "cc/blpa_cpu.h"
 #if defined(BLPA_WITH_CUDA)
@@ -114,10 +117,11 @@ Problem make_problem(int64_t n, int64_t C, int bits, uint32_t seed) {
   return p;
 }
 
-blpa::EncodeArgs encode_args(const Problem& p, float* relu, uint8_t* packed) {
+blpa::EncodeArgs encode_args(const Problem& p, float* activation,
+                             uint8_t* packed) {
   return {p.x.data(),     p.scale.data(), p.offset.data(), p.inv_step.data(),
           p.shift.data(), p.n,            p.C,             p.bits,
-          relu,           packed};
+          activation,     packed};
 }
 
 blpa::GradArgs grad_args(const Problem& p, const uint8_t* packed, float* dx) {
@@ -142,16 +146,17 @@ bool same_bits(float a, float b) { return memcmp(&a, &b, sizeof(float)) == 0; }
 
 // Plain per-element versions (no tiles, no channel views, explicit modulo).
 struct Naive {
-  std::vector<float> relu, dec, dx;
+  std::vector<float> act, dec, dx;
   std::vector<uint8_t> packed;
   std::vector<double> sum_g, sum_gx;
 };
 
-Naive naive(const Problem& p) {
+template <typename Act>
+Naive naive(Act act, const Problem& p) {
   Naive r;
   const int per = 8 / p.bits;
   const float top = static_cast<float>((1 << p.bits) - 1);
-  r.relu.resize(p.n);
+  r.act.resize(p.n);
   r.dec.resize(p.n);
   r.dx.resize(p.n);
   r.packed.assign(blpa::packed_size(p.n, p.bits), 0);
@@ -160,16 +165,16 @@ Naive naive(const Problem& p) {
   for (int64_t i = 0; i < p.n; ++i) {
     const int64_t c = i % p.C;
     const float y = blpa::bn_apply(p.x[i], p.scale[c], p.offset[c]);
-    r.relu[i] = blpa::relu(y);
-    const uint32_t code = blpa::encode_one(y, p.inv_step[c], p.shift[c], top);
+    r.act[i] = act.forward(y);
+    const uint32_t code = act.encode(y, p.inv_step[c], p.shift[c], top);
     r.packed[i / per] |= static_cast<uint8_t>(code << ((i % per) * p.bits));
   }
   for (int64_t i = 0; i < p.n; ++i) {
     const int64_t c = i % p.C;
     const uint32_t code = blpa::unpack_one(r.packed[i / per], i % per, p.bits);
-    r.dec[i] = blpa::decode_relu_one(code, p.step[c], p.shift[c]);
-    const float yd = blpa::decode_one(code, p.step[c], p.shift[c]);
-    const float gy = blpa::mask_one(code, p.shift[c]) ? p.grad[i] : 0.0f;
+    r.dec[i] = act.decode(code, p.step[c], p.shift[c]);
+    const float yd = blpa::bin_centre(code, p.step[c], p.shift[c]);
+    const float gy = act.backward(p.grad[i], code, p.step[c], p.shift[c]);
     const float xh = blpa::xhat_one(yd, p.beta[c], p.gamma[c]);
     r.sum_g[c] += gy;
     r.sum_gx[c] += gy * xh;
@@ -179,33 +184,35 @@ Naive naive(const Problem& p) {
 }
 
 struct CpuResult {
-  std::vector<float> relu, dec, dx, sum_g, sum_gx;
+  std::vector<float> act, dec, dx, sum_g, sum_gx;
   std::vector<uint8_t> packed;
 };
 
-CpuResult run_cpu(const Problem& p, int threads, blpa::cpu::CpuLevel level) {
+template <typename Act>
+CpuResult run_cpu(Act act, const Problem& p, int threads,
+                  blpa::cpu::CpuLevel level) {
   CpuResult r;
   const int64_t nbytes = blpa::packed_size(p.n, p.bits);
-  r.relu.assign(p.n, -7.0f);
+  r.act.assign(p.n, -7.0f);
   r.dec.assign(p.n, -7.0f);
   r.dx.assign(p.n, -7.0f);
   r.packed.assign(nbytes, 0xAB);
-  const blpa::EncodeArgs ea = encode_args(p, r.relu.data(), r.packed.data());
+  const blpa::EncodeArgs ea = encode_args(p, r.act.data(), r.packed.data());
   parallel_for(threads, nbytes, [&](int64_t b, int64_t e) {
-    blpa::cpu::bn_relu_encode(ea, b, e, level);
+    blpa::cpu::bn_encode(act, ea, b, e, level);
   });
   const blpa::DecodeArgs da = {r.packed.data(), p.step.data(), p.shift.data(),
                                p.n, p.C, p.bits, r.dec.data()};
   parallel_for(threads, nbytes, [&](int64_t b, int64_t e) {
-    blpa::cpu::decode_relu(da, b, e, level);
+    blpa::cpu::decode(act, da, b, e, level);
   });
   const blpa::GradArgs ga = grad_args(p, r.packed.data(), r.dx.data());
   parallel_for(threads, nbytes, [&](int64_t b, int64_t e) {
-    blpa::cpu::bn_grad_input(ga, b, e, level);
+    blpa::cpu::bn_grad_input(act, ga, b, e, level);
   });
   r.sum_g.assign(p.C, -7.0f);
   r.sum_gx.assign(p.C, -7.0f);
-  blpa::cpu::bn_grad_reduce(ga, level, r.sum_g.data(), r.sum_gx.data(),
+  blpa::cpu::bn_grad_reduce(act, ga, level, r.sum_g.data(), r.sum_gx.data(),
                             [&](int64_t blocks, auto fn) {
                               parallel_for(threads, blocks, fn);
                             });
@@ -244,17 +251,29 @@ void compare_sums(const std::string& what, const std::vector<float>& got,
   }
 }
 
-void check_cpu(const Problem& p, int threads, blpa::cpu::CpuLevel level) {
-  const Naive want = naive(p);
-  const CpuResult got = run_cpu(p, threads, level);
-  const std::string l = label(p) + " threads=" + std::to_string(threads) +
-                        " isa=" + blpa::cpu::cpu_level_name(level);
-  if (got.packed != want.packed) fail("packed codes " + l);
-  compare_floats("relu " + l, got.relu, want.relu);
-  compare_floats("decode_relu " + l, got.dec, want.dec);
-  compare_floats("bn_grad_input " + l, got.dx, want.dx);
-  compare_sums("bn_grad_reduce sum_g " + l, got.sum_g, want.sum_g, p.grad, p.C);
-  compare_sums("bn_grad_reduce sum_gx " + l, got.sum_gx, want.sum_gx, p.grad, p.C);
+// Every ISA level up to `top`, 1 and 3 threads; returns the levels checked.
+template <typename Act>
+int check_cpu(Act act, const Problem& p, blpa::cpu::CpuLevel top) {
+  const Naive want = naive(act, p);
+  const CpuResult first = run_cpu(act, p, 1, blpa::cpu::kBaseline);
+  for (int level = blpa::cpu::kBaseline; level <= top; ++level) {
+    for (int threads : {1, 3}) {
+      const CpuResult got =
+          run_cpu(act, p, threads, static_cast<blpa::cpu::CpuLevel>(level));
+      const std::string l = label(p) + " threads=" + std::to_string(threads) +
+                            " isa=" + blpa::cpu::cpu_level_name(level);
+      if (got.packed != want.packed) fail("packed codes " + l);
+      compare_floats("activation " + l, got.act, want.act);
+      compare_floats("decode " + l, got.dec, want.dec);
+      compare_floats("bn_grad_input " + l, got.dx, want.dx);
+      compare_sums("bn_grad_reduce sum_g " + l, got.sum_g, want.sum_g, p.grad, p.C);
+      compare_sums("bn_grad_reduce sum_gx " + l, got.sum_gx, want.sum_gx, p.grad, p.C);
+      // The reduce is deterministic: baseline on one thread gives its bits.
+      compare_floats("bn_grad_reduce sum_g bits " + l, got.sum_g, first.sum_g);
+      compare_floats("bn_grad_reduce sum_gx bits " + l, got.sum_gx, first.sum_gx);
+    }
+  }
+  return top + 1;
 }
 
 #if defined(BLPA_WITH_CUDA)
@@ -291,7 +310,7 @@ bool gpu_available() {
 
 struct DeviceProblem {
   float *x, *scale, *offset, *inv_step, *step, *shift, *gamma, *beta, *grad,
-      *coef, *mean_g, *mean_gx, *relu, *dec, *dx, *sum_g, *sum_gx;
+      *coef, *mean_g, *mean_gx, *act, *dec, *dx, *sum_g, *sum_gx;
   uint8_t* packed;
   blpa::EncodeArgs ea;
   blpa::DecodeArgs da;
@@ -312,13 +331,13 @@ DeviceProblem upload(const Problem& p) {
   d.coef = to_device(p.coef);
   d.mean_g = to_device(p.mean_g);
   d.mean_gx = to_device(p.mean_gx);
-  d.relu = to_device(std::vector<float>(p.n));
+  d.act = to_device(std::vector<float>(p.n));
   d.dec = to_device(std::vector<float>(p.n));
   d.dx = to_device(std::vector<float>(p.n));
   d.sum_g = to_device(std::vector<float>(p.C));
   d.sum_gx = to_device(std::vector<float>(p.C));
   d.packed = to_device(std::vector<uint8_t>(blpa::packed_size(p.n, p.bits)));
-  d.ea = {d.x, d.scale, d.offset, d.inv_step, d.shift, p.n, p.C, p.bits, d.relu,
+  d.ea = {d.x, d.scale, d.offset, d.inv_step, d.shift, p.n, p.C, p.bits, d.act,
           d.packed};
   d.da = {d.packed, d.step, d.shift, p.n, p.C, p.bits, d.dec};
   d.ga.packed = d.packed;
@@ -341,7 +360,7 @@ void release(DeviceProblem& d) {
   for (void* ptr : {(void*)d.x, (void*)d.scale, (void*)d.offset, (void*)d.inv_step,
                     (void*)d.step, (void*)d.shift, (void*)d.gamma, (void*)d.beta,
                     (void*)d.grad, (void*)d.coef, (void*)d.mean_g, (void*)d.mean_gx,
-                    (void*)d.relu, (void*)d.dec, (void*)d.dx, (void*)d.sum_g,
+                    (void*)d.act, (void*)d.dec, (void*)d.dx, (void*)d.sum_g,
                     (void*)d.sum_gx, (void*)d.packed})
     cudaFree(ptr);
 }
@@ -353,19 +372,21 @@ void launch_ok(int err, const char* what) {
   }
 }
 
-void check_gpu(const Problem& p) {
-  const CpuResult want = run_cpu(p, 1, blpa::cpu::kBaseline);
-  const Naive nv = naive(p);
+template <typename Act>
+void check_gpu(Act act, const Problem& p) {
+  const CpuResult want = run_cpu(act, p, 1, blpa::cpu::kBaseline);
+  const Naive nv = naive(act, p);
   DeviceProblem d = upload(p);
-  launch_ok(blpa::cuda::bn_relu_encode(d.ea, 0), "encode");
-  launch_ok(blpa::cuda::decode_relu(d.da, 0), "decode");
-  launch_ok(blpa::cuda::bn_grad_input(d.ga, 0), "grad_input");
-  launch_ok(blpa::cuda::bn_grad_reduce(d.ga, d.sum_g, d.sum_gx, 0), "grad_reduce");
+  launch_ok(blpa::cuda::bn_encode(act, d.ea, 0), "encode");
+  launch_ok(blpa::cuda::decode(act, d.da, 0), "decode");
+  launch_ok(blpa::cuda::bn_grad_input(act, d.ga, 0), "grad_input");
+  launch_ok(blpa::cuda::bn_grad_reduce(act, d.ga, d.sum_g, d.sum_gx, 0),
+            "grad_reduce");
   CUDA_OK(cudaDeviceSynchronize());
   const std::string l = label(p) + " GPU";
   if (to_host(d.packed, want.packed.size()) != want.packed) fail("packed codes " + l);
-  compare_floats("relu " + l, to_host(d.relu, p.n), want.relu);
-  compare_floats("decode_relu " + l, to_host(d.dec, p.n), want.dec);
+  compare_floats("activation " + l, to_host(d.act, p.n), want.act);
+  compare_floats("decode " + l, to_host(d.dec, p.n), want.dec);
   compare_floats("bn_grad_input " + l, to_host(d.dx, p.n), want.dx);
   compare_sums("bn_grad_reduce sum_g " + l, to_host(d.sum_g, p.C), nv.sum_g, p.grad, p.C);
   compare_sums("bn_grad_reduce sum_gx " + l, to_host(d.sum_gx, p.C), nv.sum_gx, p.grad, p.C);
@@ -392,8 +413,8 @@ void bench_gpu(const Problem& p, int reps) {
   };
   const double nb = static_cast<double>(blpa::packed_size(p.n, p.bits));
   const double fb = 4.0 * p.n;
-  const double t_enc = time_it([&] { blpa::cuda::bn_relu_encode(d.ea, 0); });
-  const double t_dec = time_it([&] { blpa::cuda::decode_relu(d.da, 0); });
+  const double t_enc = time_it([&] { blpa::cuda::bn_encode(blpa::Relu(), d.ea, 0); });
+  const double t_dec = time_it([&] { blpa::cuda::decode(blpa::Relu(), d.da, 0); });
   const double t_copy = time_it([&] {
     cudaMemcpyAsync(copy_dst, d.x, p.n * sizeof(float), cudaMemcpyDeviceToDevice, 0);
   });
@@ -426,19 +447,19 @@ double best_time(int reps, Fn fn) {
 
 void bench_cpu(const Problem& p, int threads, int reps, blpa::cpu::CpuLevel level) {
   const int64_t nbytes = blpa::packed_size(p.n, p.bits);
-  std::vector<float> relu(p.n), dec(p.n), copy(p.n);
+  std::vector<float> act(p.n), dec(p.n), copy(p.n);
   std::vector<uint8_t> packed(nbytes);
-  const blpa::EncodeArgs ea = encode_args(p, relu.data(), packed.data());
+  const blpa::EncodeArgs ea = encode_args(p, act.data(), packed.data());
   const blpa::DecodeArgs da = {packed.data(), p.step.data(), p.shift.data(),
                                p.n, p.C, p.bits, dec.data()};
   const double t_enc = best_time(reps, [&] {
     parallel_for(threads, nbytes, [&](int64_t b, int64_t e) {
-      blpa::cpu::bn_relu_encode(ea, b, e, level);
+      blpa::cpu::bn_encode(blpa::Relu(), ea, b, e, level);
     });
   });
   const double t_dec = best_time(reps, [&] {
     parallel_for(threads, nbytes, [&](int64_t b, int64_t e) {
-      blpa::cpu::decode_relu(da, b, e, level);
+      blpa::cpu::decode(blpa::Relu(), da, b, e, level);
     });
   });
   const double t_copy = best_time(reps, [&] {
@@ -487,15 +508,11 @@ int main(int argc, char** argv) {
                               {10279, 257}, {65537, 1000}, {300001, 64}, {262147, 1}};
   int checked = 0;
   const blpa::cpu::CpuLevel top = blpa::cpu::usable_cpu_level(isa);
-  for (int l = blpa::cpu::kBaseline; l <= top; ++l) {  // every level up to the cap
-    const auto level = static_cast<blpa::cpu::CpuLevel>(l);
-    for (int bits : {2, 4, 8}) {
-      for (const auto& s : sizes) {
-        const Problem p =
-            make_problem(s[0], s[1], bits, 1234u + static_cast<uint32_t>(s[0]));
-        for (int t : {1, 3}) check_cpu(p, t, level);
-        ++checked;
-      }
+  for (int bits : {2, 4, 8}) {
+    for (const auto& s : sizes) {
+      const Problem p =
+          make_problem(s[0], s[1], bits, 1234u + static_cast<uint32_t>(s[0]));
+      checked += check_cpu(blpa::Relu(), p, top);
     }
   }
   printf("CPU checks: %d problems (ISA levels up to %s) x 2 thread counts, "
@@ -507,7 +524,8 @@ int main(int argc, char** argv) {
   if (gpu) {
     for (int bits : {2, 4, 8})
       for (const auto& s : sizes)
-        check_gpu(make_problem(s[0], s[1], bits, 99u + static_cast<uint32_t>(s[0])));
+        check_gpu(blpa::Relu(),
+                  make_problem(s[0], s[1], bits, 99u + static_cast<uint32_t>(s[0])));
     printf("GPU checks done, %d mismatches in total\n", g_failures);
   } else {
     printf("GPU checks skipped: no CUDA device\n");

@@ -5,7 +5,8 @@
 // stream; compiled in when GOOGLE_CUDA is defined). KERAS_BLPA_CPU_ISA=avx|avx2
 // caps the instruction-set level of the CPU kernels (default: the best the CPU
 // supports; every level gives the same bits). The semantics, argument
-// order and packing layout are those of keras_blpa/reference.py:
+// order and packing layout are those of
+// keras_blpa/backends/tensorflow/reference.py:
 //
 //   Blpa>BnReluEncode  (x, scale, offset, inv_step, shift)            -> (relu(y), packed)
 //   Blpa>DecodeRelu    (packed, shape, step, shift)                   -> decoded relu output
@@ -16,6 +17,8 @@
 // All float tensors are float32, channels last (channel = flat index % C where
 // C is the last dimension); every per-channel vector has C elements; `packed`
 // is a 1-D uint8 tensor of ceil(n * bits / 8) bytes; `bits` is 2, 4 or 8.
+// The cc/ kernels take any activation of cc/blpa_activations.h; these ops
+// instantiate ReLU (kAct).
 #include <cstdint>
 #include <cstdlib>
 #include <functional>
@@ -30,6 +33,7 @@
 #include "tensorflow/core/framework/tensor_util.h"
 #include "tensorflow/core/platform/threadpool.h"
 
+#include "cc/blpa_activations.h"
 #include "cc/blpa_bins.h"
 #include "cc/blpa_cpu.h"
 
@@ -191,7 +195,8 @@ REGISTER_OP("Blpa>BnGradReduce")
     .Attr("bits: int")
     .SetShapeFn(GradReduceShape)
     .Doc(R"doc(
-Per-channel sums of g and g * x_hat with g = grad_a * mask (BN backward).
+Per-channel sums of g and g * x_hat with g = grad_a where the ReLU mask is on,
+else 0 (BN backward).
 )doc");
 
 REGISTER_OP("Blpa>BnGradInput")
@@ -305,6 +310,9 @@ void CheckLaunch(OpKernelContext* ctx, int err, const char* what) {
 // ---------------------------------------------------------------------------
 // Kernels.
 
+// The activation of every op here (ReLU: its forward, codes, decode and mask).
+constexpr blpa::Relu kAct{};
+
 template <typename Device>
 class BnReluEncodeOp : public BitsKernel {
  public:
@@ -335,15 +343,15 @@ class BnReluEncodeOp : public BitsKernel {
     a.n = n;
     a.C = C;
     a.bits = bits_;
-    a.relu_out = relu_out->flat<float>().data();
+    a.activation = relu_out->flat<float>().data();
     a.packed = packed->flat<uint8_t>().data();
     if constexpr (std::is_same<Device, CpuTag>::value) {
       ParallelBytes(ctx, nbytes, ByteCost(bits_), [&a](int64_t b, int64_t e) {
-        blpa::cpu::bn_relu_encode(a, b, e, CpuIsa());
+        blpa::cpu::bn_encode(kAct, a, b, e, CpuIsa());
       });
     } else {
 #if GOOGLE_CUDA
-      CheckLaunch(ctx, blpa::cuda::bn_relu_encode(a, RawStream(ctx)),
+      CheckLaunch(ctx, blpa::cuda::bn_encode(kAct, a, RawStream(ctx)),
                   "Blpa>BnReluEncode");
 #endif
     }
@@ -385,11 +393,11 @@ class DecodeReluOp : public BitsKernel {
     if constexpr (std::is_same<Device, CpuTag>::value) {
       ParallelBytes(ctx, packed.NumElements(), ByteCost(bits_),
                     [&a](int64_t b, int64_t e) {
-                      blpa::cpu::decode_relu(a, b, e, CpuIsa());
+                      blpa::cpu::decode(kAct, a, b, e, CpuIsa());
                     });
     } else {
 #if GOOGLE_CUDA
-      CheckLaunch(ctx, blpa::cuda::decode_relu(a, RawStream(ctx)),
+      CheckLaunch(ctx, blpa::cuda::decode(kAct, a, RawStream(ctx)),
                   "Blpa>DecodeRelu");
 #endif
     }
@@ -448,14 +456,15 @@ class BnGradReduceOp : public BitsKernel {
       // thread pool schedules them.
       const int64_t block_cost = blpa::cpu::kReduceBlockBytes * ByteCost(bits_);
       blpa::cpu::bn_grad_reduce(
-          a, CpuIsa(), sum_g->flat<float>().data(), sum_gx->flat<float>().data(),
+          kAct, a, CpuIsa(), sum_g->flat<float>().data(),
+          sum_gx->flat<float>().data(),
           [ctx, block_cost](int64_t blocks, auto fn) {
             ParallelBytes(ctx, blocks, block_cost, fn);
           });
     } else {
 #if GOOGLE_CUDA
       CheckLaunch(ctx,
-                  blpa::cuda::bn_grad_reduce(a, sum_g->flat<float>().data(),
+                  blpa::cuda::bn_grad_reduce(kAct, a, sum_g->flat<float>().data(),
                                              sum_gx->flat<float>().data(),
                                              RawStream(ctx)),
                   "Blpa>BnGradReduce");
@@ -479,11 +488,11 @@ class BnGradInputOp : public BitsKernel {
     if constexpr (std::is_same<Device, CpuTag>::value) {
       ParallelBytes(ctx, blpa::packed_size(a.n, bits_), ByteCost(bits_) * 2,
                     [&a](int64_t b, int64_t e) {
-                      blpa::cpu::bn_grad_input(a, b, e, CpuIsa());
+                      blpa::cpu::bn_grad_input(kAct, a, b, e, CpuIsa());
                     });
     } else {
 #if GOOGLE_CUDA
-      CheckLaunch(ctx, blpa::cuda::bn_grad_input(a, RawStream(ctx)),
+      CheckLaunch(ctx, blpa::cuda::bn_grad_input(kAct, a, RawStream(ctx)),
                   "Blpa>BnGradInput");
 #endif
     }

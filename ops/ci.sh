@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# keras_blpa CI for the native ops (called from .ci/run): compile and load
-# checks of every build route on a machine without a GPU.
+# keras_blpa CI for the native ops (called from tests/run.sh, which .ci/run
+# runs): compile and load checks of every build route on a machine without a
+# GPU.
 #   1. nvcc compiles the CUDA sources (when a CUDA toolkit is on PATH);
 #   2. pip builds keras_blpa/_blpa_ops.so (editable, in place) and a regular
 #      install into a temporary target; both load into TensorFlow;
 #   3. Bazel (Debian's bazel-bootstrap, installed if missing) builds the op
 #      library and the standalone cc/ test offline; the cc/ test runs and the
-#      Bazel-built library passes the native-op tests.
+#      Bazel-built library passes the op tests of tests/test_native.py (bit
+#      identity, gradients, errors, exports).
 # Usage: ops/ci.sh        (from the repository root)
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,7 +1,8 @@
 """The ONE list of native sources, read by Bazel (BUILD) and by setup.py.
 
 Plain assignments of string lists only: setup.py reads this file with Python's
-ast module, and tests/test_native.py checks that both builds use exactly these.
+ast module, and tests/test_native.py checks that these lists name exactly the
+sources in cc/ and ops/.
 """
 
 # Compiled by the host C++ compiler into the op library.
@@ -11,6 +12,7 @@ OP_SOURCES = [
 
 # Headers the op library and the CUDA object include.
 HEADERS = [
+    "cc/blpa_activations.h",
     "cc/blpa_bins.h",
     "cc/blpa_cpu.h",
     "cc/blpa_quant_cuda.h",
