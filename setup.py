@@ -1,6 +1,6 @@
 """keras_blpa: memory-efficient training with approximate (K-bit) activations.
 
-Any route installs working native ops (see keras_blpa/native_build.py):
+Any route installs working native ops (see keras_blpa/backends/tensorflow/native_build.py):
 
 * ``pip install .`` / ``-e .`` / an sdist / a Git URL (build isolation, no
   TensorFlow in the build environment): the package ships the C++/CUDA sources,
@@ -13,13 +13,12 @@ Any route installs working native ops (see keras_blpa/native_build.py):
 Environment:
     KERAS_BLPA_NATIVE=0      do not compile at install time
     KERAS_BLPA_NATIVE=1      fail (instead of deferring to first use) if it cannot be built now
-    KERAS_BLPA_CUDA, CUDA_HOME, CUDA_PATH, CXX: see keras_blpa/native_build.py
+    KERAS_BLPA_CUDA, CUDA_HOME, CUDA_PATH, CXX: see keras_blpa/backends/tensorflow/native_build.py
 """
 
 import importlib.util
 import os
 import shutil
-import subprocess
 import sys
 
 import setuptools
@@ -29,8 +28,8 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def _load_native_build():
-    """keras_blpa/native_build.py, loaded by path (the package imports TensorFlow)."""
-    path = os.path.join(ROOT, "keras_blpa", "native_build.py")
+    """native_build.py, loaded by path (the package imports TensorFlow)."""
+    path = os.path.join(ROOT, "keras_blpa", "backends", "tensorflow", "native_build.py")
     spec = importlib.util.spec_from_file_location("_keras_blpa_native_build", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -39,19 +38,12 @@ def _load_native_build():
 
 native_build = _load_native_build()
 
-
-def tensorflow_requirement():
-    """`tensorflow` if the full (GPU) wheel is in the target environment, else `tensorflow-cpu`.
-
-    Asked of the target interpreter in isolated mode (-I), which ignores the
-    PYTHONPATH that pip's build isolation sets, so it sees the real site-packages.
-    """
-    probe = "import importlib.metadata as m; m.version('tensorflow')"
-    try:
-        found = subprocess.run([sys.executable, "-I", "-c", probe], capture_output=True).returncode == 0
-    except OSError:
-        found = False
-    return "tensorflow>=2.18" if found else "tensorflow-cpu>=2.18"
+# The example scripts' input pipelines (keras_blpa.datasets).
+EXAMPLES = [
+    "tensorflow-datasets>=4.9",
+    # tensorflow-datasets 4.9 imports it to prepare datasets but does not declare it.
+    "importlib_resources",
+]
 
 
 class BuildPyWithNativeOps(build_py):
@@ -106,23 +98,21 @@ setuptools.setup(
     version="0.1.0",
     description=(
         "Backprop with approximate activations (Chakrabarti & Moseley, NeurIPS 2019) "
-        "for Keras 3 / TensorFlow"
+        "for Keras 3 (TensorFlow and JAX backends)"
     ),
     long_description=open(os.path.join(ROOT, "README.md"), encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=setuptools.find_packages(include=["keras_blpa", "keras_blpa.*"]),
     python_requires=">=3.10",
-    install_requires=[
-        tensorflow_requirement(),
-        "keras>=3.10",
-        "numpy",
-        "tensorflow-datasets>=4.9",
-        # tensorflow-datasets 4.9 imports it to prepare datasets but does not declare it.
-        "importlib_resources",
-    ],
+    # The backend is the user's choice, as with keras-hub: one extra each.
+    install_requires=["keras>=3.10", "numpy"],
     extras_require={
+        "tensorflow": ["tensorflow>=2.18"],  # the full wheel (CUDA builds)
+        "tensorflow-cpu": ["tensorflow-cpu>=2.18"],
+        "jax": ["jax"],
+        "examples": EXAMPLES,
         "benchmark": ["matplotlib"],
-        "test": ["pytest", "hypothesis", "matplotlib"],
+        "test": ["pytest", "hypothesis", "matplotlib", *EXAMPLES],
     },
     entry_points={
         "console_scripts": ["keras-blpa-benchmark=keras_blpa.benchmark.__main__:main"],

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Sets up keras_blpa in ./.venv: TensorFlow (the CPU wheel unless the full GPU one is
-# already there), the package with its native ops (compiled against that TensorFlow),
-# and, where the platform provides it (Debian/Ubuntu as root), the offline copy of
-# Fashion-MNIST. Extra Debian packages can be asked for with EXTRA_APT="...".
+# Sets up keras_blpa in ./.venv: the package with the extras [tensorflow-cpu] (or
+# [tensorflow] if the full GPU wheel is already there), [examples] and [test], its
+# native ops (compiled against that TensorFlow), and, where the platform provides it
+# (Debian/Ubuntu as root), the offline copy of Fashion-MNIST. Extra Debian packages can
+# be asked for with EXTRA_APT="...".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,7 +22,13 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
 fi
 
 python -m pip install -q --upgrade pip setuptools wheel
-# TensorFlow first: setup.py compiles the ops against the installed TensorFlow.
-python -c "import tensorflow" 2>/dev/null || python -m pip install -q "tensorflow-cpu>=2.18"
-python -m pip install -q --no-build-isolation -e ".[test]"
+# The backend extra: the full TensorFlow wheel if it is there, else the CPU one.
+backend=tensorflow-cpu
+if python -c "import importlib.metadata as m; m.version('tensorflow')" 2>/dev/null; then
+  backend=tensorflow
+fi
+# The requirements first, then the package again: setup.py compiles the ops against
+# the TensorFlow now installed.
+KERAS_BLPA_NATIVE=0 python -m pip install -q --no-build-isolation -e ".[$backend,examples,test]"
+python -m pip install -q --no-build-isolation --no-deps -e .
 python -c "import keras_blpa; print('keras_blpa ready; native ops:', keras_blpa.native_ops_available())"

@@ -4,25 +4,19 @@ Backprop with Approximate Activations (Chakrabarti & Moseley, NeurIPS 2019): the
 forward pass is exact, the backward pass reads a 2/4/8-bit code of each block's
 batch-normalised activation.
 
-On JAX, keras_blpa needs no TensorFlow: `quantization` and
-`native_ops_available` (the TensorFlow kernels) load on first use.
-
-Importing keras_blpa before TensorFlow runs its first op turns on TensorFlow's
-CPU allocator statistics (``TF_CPU_ALLOCATOR_USE_BFC=true`` unless set), so that
-peak memory can be measured on every CPU (`keras_blpa.memory`).
+Importing keras_blpa changes no setting and loads no compiled library; on JAX
+it never imports TensorFlow (`quantization` and `native_ops_available`, the
+TensorFlow code API, load on first use).
 """
 
 from keras_blpa import memory
-
-memory.enable_cpu_statistics()
-
-from keras_blpa import models  # noqa: E402
-from keras_blpa.convert import convert  # noqa: E402
-from keras_blpa.convert import memory_report  # noqa: E402
-from keras_blpa.layers import ApproxConvBlock  # noqa: E402
-from keras_blpa.layers import ResidualBuffer  # noqa: E402
-from keras_blpa.models import from_preset  # noqa: E402
-from keras_blpa.models import resnet  # noqa: E402
+from keras_blpa import models
+from keras_blpa.convert import convert
+from keras_blpa.convert import memory_report
+from keras_blpa.layers import ApproxConvBlock
+from keras_blpa.layers import ResidualBuffer
+from keras_blpa.models import from_preset
+from keras_blpa.models import resnet
 
 __version__ = "0.1.0"
 

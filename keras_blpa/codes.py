@@ -1,11 +1,14 @@
 """Sizes and constants of the K-bit code, shared by every implementation.
 
-The code itself is defined in `keras_blpa.reference` (TensorFlow, the oracle);
-the native kernels (cc/) and `keras_blpa.jax_ops` implement the same one. This
-module needs neither TensorFlow nor JAX.
+The code itself is defined in `keras_blpa.backends.tensorflow.reference`
+(TensorFlow, the oracle); the native ops (cc/) and `keras_blpa.backends.jax`
+implement the same one. This module needs neither TensorFlow nor JAX.
 """
 
-__all__ = ["GAMMA_FLOOR", "codes_per_byte", "packed_size"]
+__all__ = ["GAMMA_FLOOR", "VALID_BITS", "codes_per_byte", "packed_size"]
+
+# Code widths the block supports.
+VALID_BITS = (2, 4, 8)
 
 # |gamma| is floored here to keep the bin width finite.
 GAMMA_FLOOR = 1e-8

@@ -12,7 +12,7 @@ exactly the original's.
 
 `memory_report(model, ...)` tells, per layer, which activation bytes the
 backward pass keeps before and after conversion, and why what stays float
-stays float (see keras_blpa.report for how these figures relate to the
+stays float (see keras_blpa.activation_report for how these figures relate to the
 allocator's peak).
 
 The graph walk reads the functional model's nodes (``_nodes_by_depth``,
@@ -25,9 +25,10 @@ import warnings
 import keras
 import numpy as np
 
+from keras_blpa import backends
 from keras_blpa import layers as blpa_layers
-from keras_blpa.report import LayerMemory
-from keras_blpa.report import MemoryReport
+from keras_blpa.activation_report import LayerMemory
+from keras_blpa.activation_report import MemoryReport
 from keras_blpa.validation import check_bits
 from keras_blpa.validation import check_choice
 from keras_blpa.validation import check_int
@@ -453,7 +454,7 @@ def _report(graph, chains, reasons, batch_shapes, bits):
         reason = _float_reason(node, graph, reasons) if after else None
         rows.append(LayerMemory(layer.name, type(layer).__name__, before, after, None, reason))
     blocks = {c.name: [n.operation.name for n in c.nodes] for c in chains}
-    factor = blpa_layers.backend_ops().working_set_factor()
+    factor = backends.get().working_set_factor()
     return MemoryReport(rows, batch_shapes, bits, factor * largest, blocks)
 
 
@@ -525,7 +526,9 @@ def _copy_block_weights(chain, block):
         if bias is not None:
             pairs.append((bias, conv.operation.bias))
     for target, source in pairs:
-        target.assign(source.value)
+        # A copy: on JAX assign would alias the source array, which fit on
+        # the converted model donates (and deletes).
+        target.assign(keras.ops.copy(source.value))
 
 
 def _rebuild(graph, chains, bits, quantization):
@@ -587,7 +590,7 @@ def memory_report(model, batch_size=1, input_shape=None, bits=4):
         bits: bits of the code that `convert` would use (None: exact blocks).
 
     Returns:
-        A `keras_blpa.report.MemoryReport` (``print(report)`` for a table).
+        A `keras_blpa.activation_report.MemoryReport` (``print(report)`` for a table).
 
     Raises:
         ValueError: for a subclassed model, bad bits or unknown input sizes.
@@ -635,7 +638,7 @@ def convert(model, bits=4, quantization="blpa", return_report=False, batch_size=
     Warns:
         UserWarning, once, when nothing can be converted (with the reasons).
     """
-    blpa_layers.check_backend()
+    backends.check()
     fn = _functional(model)
     bits = check_bits(bits, allow_none=True)
     quantization = check_choice(quantization, "quantization", blpa_layers.QUANTIZATION_MODES)

@@ -17,13 +17,18 @@ Data routes:
       ``KERAS_BLPA_IDX_DIRS`` (os.pathsep-separated) replaces the last two;
       else TFDS download with ``download=True``; else a FileNotFoundError
       naming both routes.
+
+TensorFlow and TensorFlow Datasets are imported on first use, so the module
+imports on any backend; reading the IDX files into numpy arrays needs neither.
+Install them with the extras, e.g. ``pip install "keras_blpa[examples,tensorflow-cpu]"``;
+a missing one raises an ImportError naming its extra.
 """
 
 import gzip
+import importlib
 import os
 
 import numpy as np
-import tensorflow as tf
 
 from keras_blpa import validation
 
@@ -77,6 +82,28 @@ _CIFAR_PAD = 4
 _IMAGENET_SCALE = 256
 
 
+class _LazyModule:
+    """A module imported on first attribute access; if missing, an ImportError naming the extra."""
+
+    def __init__(self, name, install):
+        self._name, self._install = name, install
+
+    def __getattr__(self, attr):
+        try:
+            module = importlib.import_module(self._name)
+        except ImportError as error:
+            raise ImportError(
+                f"keras_blpa.datasets needs {self._name}: pip install {self._install}"
+            ) from error
+        return getattr(module, attr)
+
+
+tf = _LazyModule(
+    "tensorflow", '"keras_blpa[tensorflow-cpu]" (or "keras_blpa[tensorflow]", the full wheel)'
+)
+tfds = _LazyModule("tensorflow_datasets", '"keras_blpa[examples]"')
+
+
 def check_dataset(name):
     """Raises ValueError naming `name` unless it is a supported dataset."""
     return DATASETS[validation.check_choice(name, "dataset", tuple(DATASETS))]
@@ -127,8 +154,6 @@ def ten_crops(image, image_size=224):
 
 
 def _download_config(manual_dir):
-    import tensorflow_datasets as tfds
-
     if manual_dir is None:
         return {}
     return {"download_config": tfds.download.DownloadConfig(manual_dir=manual_dir)}
@@ -136,8 +161,6 @@ def _download_config(manual_dir):
 
 def _tfds_load(name, split, data_dir=None, manual_dir=None, download=False, **kwargs):
     """tfds.load(..., as_supervised=True), preparing from manual_dir if given."""
-    import tensorflow_datasets as tfds
-
     prepare = download or manual_dir is not None
     return tfds.load(
         name,
@@ -192,8 +215,8 @@ def _fashion_from_idx(folder, split):
 
 def _no_route_error(data_dir):
     return FileNotFoundError(
-        "No Fashion-MNIST data found. Route 1 (TFDS): prepare it with "
-        "tensorflow_datasets in data_dir (or pass download=True / --download "
+        "No Fashion-MNIST data found. Route 1 (TFDS, the [examples] extra): prepare "
+        "it with tensorflow_datasets in data_dir (or pass download=True / --download "
         "where the network is reachable). Route 2 (local IDX files): put "
         "train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
         "t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz in data_dir, "
@@ -210,12 +233,10 @@ def fashion_mnist_source(data_dir=None, download=False):
     Raises:
         FileNotFoundError: naming both routes when neither has the data.
     """
-    import tensorflow_datasets as tfds
-
     try:
         tfds.load("fashion_mnist", split="test[:1]", data_dir=data_dir, download=False)
         return "tfds", None
-    except Exception:  # Not prepared (DatasetNotFoundError, AssertionError...).
+    except Exception:  # Not prepared (DatasetNotFoundError, AssertionError...) or no TFDS.
         pass
     folder = find_idx_dir(data_dir)
     if folder is not None:
@@ -251,8 +272,6 @@ def load_fashion_mnist(data_dir=None, download=False, as_numpy=True):
         if as_numpy:
             return tuple(splits)
         return tuple(tf.data.Dataset.from_tensor_slices(s) for s in splits)
-    import tensorflow_datasets as tfds
-
     out = []
     for split in ("train", "test"):
         ds = _tfds_load("fashion_mnist", split, data_dir, download=download)
@@ -283,6 +302,8 @@ def _raw_dataset(name, split, data_dir, manual_dir, download, shuffle_files):
             download,
             shuffle_files=shuffle_files,
         )
+    except ImportError:  # a missing package, not missing data
+        raise
     except Exception as error:  # TFDS raises several types for missing data.
         if isinstance(error, (ValueError, TypeError)) and "split" in str(error).lower():
             raise

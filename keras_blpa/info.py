@@ -12,56 +12,26 @@ import sys
 __all__ = ["collect", "main"]
 
 
-def _jax_facts():
-    import jax
-
-    from keras_blpa import memory
-
-    try:
-        with memory.PeakMemory() as peak:
-            pass
-        stats = f"available on {peak.device} (peak since the process started)"
-    except memory.MemoryStatsUnavailable:
-        stats = "compiled step only (keras_blpa.memory.compiled_step_memory)"
-    return {
-        "jax": jax.__version__,
-        "kernels": "jnp (keras_blpa.jax_ops, compiled by XLA)",
-        "device": f"{jax.devices()[0]} ({jax.devices()[0].device_kind})",
-        "memory_stats": stats,
-    }
-
-
 def collect():
     """The facts printed by `main`, as an ordered dict."""
     import keras
 
     import keras_blpa
+    from keras_blpa import backends
 
     facts = {
         "keras_blpa": keras_blpa.__version__,
-        "keras": f"{keras.__version__} (backend {keras.backend.backend()})",
+        "keras": f"{keras.__version__} (backend {backends.get().NAME})",
     }
-    if keras.backend.backend() == "jax":
-        facts.update(_jax_facts())
-        return facts
-    import tensorflow as tf
-
-    from keras_blpa import memory
-    from keras_blpa import native
-
-    facts["tensorflow"] = tf.__version__
-    facts.update(native.status())
-    try:
-        with memory.PeakMemory() as peak:
-            tf.zeros([256, 256]) + 1.0
-        facts["memory_stats"] = f"available on {peak.device}"
-    except memory.MemoryStatsUnavailable as e:
-        facts["memory_stats"] = f"unavailable: {e}"
+    facts.update(backends.get().facts())
     return facts
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    from keras_blpa import memory
+
+    memory.enable_cpu_statistics()
     facts = collect()
     for name, value in facts.items():
         print(f"{name}: {value}")

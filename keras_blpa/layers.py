@@ -2,25 +2,27 @@
 
 The layers, weights and configs are shared by both backends; `call` is one
 keras.ops implementation, and only the convolution, the compressed training
-step and the residual merge come from the backend's module, side by side:
+step and the residual merge come from the backend (`keras_blpa.backends`),
+which each layer resolves once, when it is made:
 
-* TensorFlow: `keras_blpa.tf_ops`, a ``tf.custom_gradient`` around the native
-  (or pure-TF) kernels, with the executor ordering that keeps the peak low;
-* JAX: `keras_blpa.jax_ops`, a ``jax.custom_vjp`` whose jnp kernels produce the
-  same codes, byte for byte.
+* TensorFlow (`backends/tensorflow`): a ``tf.custom_gradient`` around the
+  native (or pure-TF) fused ops, with the executor ordering that keeps the
+  peak low;
+* JAX (`backends/jax`): a ``jax.custom_vjp`` whose jnp code is the same, byte
+  for byte.
 
-Neither module is imported until a layer runs on its backend, so keras_blpa on
-JAX needs no TensorFlow.
+Making a layer loads no compiled library: the TensorFlow ops are loaded (and
+built, if needed) at the first training step.
 """
-
-import importlib
 
 import keras
 
+from keras_blpa import backends
+from keras_blpa.blocks import PADDINGS
+from keras_blpa.blocks import BlockConfig
+from keras_blpa.blocks import Head
 from keras_blpa.validation import check_bits
 from keras_blpa.validation import check_choice
-from keras_blpa.validation import check_int
-from keras_blpa.validation import check_int_pair
 from keras_blpa.validation import check_number
 from keras_blpa.validation import check_rank4
 
@@ -29,89 +31,10 @@ __all__ = [
     "PADDINGS",
     "QUANTIZATION_MODES",
     "ResidualBuffer",
-    "backend_ops",
-    "check_backend",
     "shortcut_adapter",
 ]
 
 QUANTIZATION_MODES = ("blpa", "naive")
-PADDINGS = ("same", "valid")
-BACKENDS = ("tensorflow", "jax")
-
-
-def check_backend():
-    """Raises ValueError unless Keras runs on TensorFlow or JAX."""
-    name = keras.backend.backend()
-    if name not in BACKENDS:
-        raise ValueError(
-            f"keras_blpa needs one of the Keras backends {BACKENDS}. "
-            f"Received: KERAS_BACKEND={name!r}"
-        )
-
-
-def backend_ops():
-    """The backend's module: `keras_blpa.tf_ops` or `keras_blpa.jax_ops` (imported on first use)."""
-    check_backend()
-    name = "jax_ops" if keras.backend.backend() == "jax" else "tf_ops"
-    return importlib.import_module(f"keras_blpa.{name}")
-
-
-def _head_spec(head, kernel_regularizer):
-    """A standardised conv head: filters, kernel_size, strides, padding, use_bias,
-    explicit_padding (((top, bottom), (left, right)) or None), kernel_regularizer."""
-    if not isinstance(head, dict):
-        raise ValueError(f"Expected each head to be a dict. Received: head={head!r}")
-    known = {
-        "filters", "kernel_size", "strides", "padding", "use_bias",
-        "explicit_padding", "kernel_regularizer",
-    }
-    unknown = sorted(set(head) - known)
-    if unknown:
-        raise ValueError(
-            f"Unknown head keys {unknown}; expected some of {sorted(known)}. "
-            f"Received: head={head!r}"
-        )
-    padding = head.get("padding", "same")
-    padding = check_choice(
-        padding.lower() if isinstance(padding, str) else padding, "padding", PADDINGS
-    )
-    explicit = head.get("explicit_padding")
-    if explicit is not None:
-        try:
-            explicit = tuple(tuple(int(v) for v in pair) for pair in explicit)
-            ok = len(explicit) == 2 and all(
-                len(pair) == 2 and min(pair) >= 0 for pair in explicit
-            )
-        except (TypeError, ValueError):
-            ok = False
-        if not ok or padding != "valid":
-            raise ValueError(
-                "Expected explicit_padding ((top, bottom), (left, right)) of ints >= 0 "
-                f"with padding='valid'. Received: explicit_padding={head['explicit_padding']!r}"
-                f", padding={padding!r}"
-            )
-        if not any(any(pair) for pair in explicit):
-            explicit = None
-    regularizer = head.get("kernel_regularizer", kernel_regularizer)
-    return {
-        "filters": check_int(head.get("filters"), "filters"),
-        "kernel_size": check_int_pair(head.get("kernel_size"), "kernel_size"),
-        "strides": check_int_pair(head.get("strides", 1), "strides"),
-        "padding": padding,
-        "use_bias": bool(head.get("use_bias", False)),
-        "explicit_padding": explicit,
-        "kernel_regularizer": keras.regularizers.get(regularizer),
-    }
-
-
-def _head_output_size(size, k, s, head, axis):
-    if size is None:
-        return None
-    if head["padding"] == "same":
-        return -(-size // s)
-    if head["explicit_padding"] is not None:
-        size += sum(head["explicit_padding"][axis])
-    return (size - k) // s + 1
 
 
 @keras.saving.register_keras_serializable(package="keras_blpa")
@@ -182,7 +105,7 @@ class ApproxConvBlock(keras.layers.Layer):
 
     Example:
     >>> block = ApproxConvBlock(64, 3, bits=4)
-    >>> y = block(tf.random.normal([8, 32, 32, 16]), training=True)
+    >>> y = block(keras.random.normal([8, 32, 32, 16]), training=True)
     >>> two = ApproxConvBlock(heads=[dict(filters=64, kernel_size=1),
     ...                              dict(filters=16, kernel_size=3)])
 
@@ -213,7 +136,7 @@ class ApproxConvBlock(keras.layers.Layer):
         heads=None,
         **kwargs,
     ):
-        check_backend()
+        self._backend = backends.get()
         super().__init__(**kwargs)
         self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
         self._multi = heads is not None
@@ -227,10 +150,10 @@ class ApproxConvBlock(keras.layers.Layer):
                 raise ValueError(
                     f"Expected heads to be a non-empty list of dicts. Received: heads={heads!r}"
                 )
-            self.heads = [_head_spec(h, kernel_regularizer) for h in heads]
+            self.heads = tuple(Head.from_dict(h, kernel_regularizer) for h in heads)
         else:
-            self.heads = [
-                _head_spec(
+            self.heads = (
+                Head.from_dict(
                     dict(
                         filters=filters,
                         kernel_size=kernel_size,
@@ -239,12 +162,11 @@ class ApproxConvBlock(keras.layers.Layer):
                         use_bias=use_bias,
                     ),
                     kernel_regularizer,
-                )
-            ]
+                ),
+            )
         first = self.heads[0]
-        self.filters, self.kernel_size = first["filters"], first["kernel_size"]
-        self.strides, self.padding = first["strides"], first["padding"]
-        self.use_bias = first["use_bias"]
+        self.filters, self.kernel_size = first.filters, first.kernel_size
+        self.strides, self.padding, self.use_bias = first.strides, first.padding, first.use_bias
         self.bits = check_bits(bits, allow_none=True)
         self.quantization = check_choice(
             quantization, "quantization", QUANTIZATION_MODES
@@ -257,8 +179,20 @@ class ApproxConvBlock(keras.layers.Layer):
         self.synchronized = bool(synchronized)
         self.return_activation = bool(return_activation)
         self.center, self.scale = bool(center), bool(scale)
-        # Custom ops cannot be compiled by XLA; the reference and JAX paths can.
-        self.supports_jit = self.bits is None or backend_ops().jit_compatible()
+        # Custom ops cannot be compiled by XLA; the pure-TF and JAX paths can.
+        # (The backend answers without loading anything.)
+        self.supports_jit = self.bits is None or self._backend.jit_compatible()
+
+    def _block_config(self):
+        return BlockConfig(
+            bits=self.bits,
+            epsilon=float(self.epsilon),
+            heads=self.heads,
+            compute_dtype=self.compute_dtype,
+            naive=self.quantization == "naive",
+            with_activation=self.return_activation,
+            synchronized=self.synchronized,
+        )
 
     @property
     def _single_output(self):
@@ -295,49 +229,46 @@ class ApproxConvBlock(keras.layers.Layer):
             self.kernels.append(
                 self.add_weight(
                     name=f"kernel{suffix}",
-                    shape=head["kernel_size"] + (channels, head["filters"]),
+                    shape=head.kernel_size + (channels, head.filters),
                     initializer=self.kernel_initializer,
-                    regularizer=head["kernel_regularizer"],
+                    regularizer=head.kernel_regularizer,
                 )
             )
             self.biases.append(
                 self.add_weight(
-                    name=f"bias{suffix}", shape=(head["filters"],), initializer="zeros"
+                    name=f"bias{suffix}", shape=(head.filters,), initializer="zeros"
                 )
-                if head["use_bias"]
+                if head.use_bias
                 else None
             )
         self.kernel, self.bias = self.kernels[0], self.biases[0]
 
-    def _conv(self, a, kernel, head=0):
-        return backend_ops().conv(a, kernel, self.heads[head])
-
     def _bn_vectors(self, channels):
         """gamma and beta as float32 tensors (ones / zeros without scale / center)."""
-        read = backend_ops().read
+        read = self._backend.read
         gamma = read(self.gamma) if self.scale else keras.ops.ones([channels])
         beta = read(self.beta) if self.center else keras.ops.zeros([channels])
         return gamma, beta
 
     def call(self, inputs, training=None):
         # One call for both backends (keras.ops); only the convolution and the
-        # compressed training step are the backend module's (`backend_ops`).
+        # compressed training step are the backend's.
         x = keras.ops.cast(inputs, "float32")
         gamma, beta = self._bn_vectors(self.moving_mean.shape[0])
-        ops = backend_ops()
+        ops = self._backend
         kernels = [keras.ops.cast(ops.read(k), self.compute_dtype) for k in self.kernels]
         use_batch_stats = bool(training) and self.trainable
         if use_batch_stats:
             # Exact mode differentiates through the statistics like stock Keras;
             # the compressed backward below computes their gradient itself.
             stats_input = x if self.bits is None else keras.ops.stop_gradient(x)
-            # On JAX a distributed model (keras.distribution) computes on one
-            # global, sharded batch: these moments and jax_ops' per-channel sums
-            # are global already (XLA inserts the all-reduces).
+            # Where a distributed batch is one global array (JAX under
+            # keras.distribution), these moments and the backward's per-channel
+            # sums are global already (XLA inserts the all-reduces).
             mean, variance = keras.ops.moments(
                 stats_input,
                 axes=[0, 1, 2],
-                synchronized=self.synchronized and keras.backend.backend() == "tensorflow",
+                synchronized=self.synchronized and ops.EXPLICIT_CROSS_REPLICA,
             )
             self.moving_mean.assign(
                 self.moving_mean * self.momentum + mean * (1.0 - self.momentum)
@@ -351,20 +282,13 @@ class ApproxConvBlock(keras.layers.Layer):
 
         if use_batch_stats and self.bits is not None:
             outs, activation = ops.compressed(
-                x, gamma, beta, mean, variance, kernels,
-                bits=self.bits,
-                epsilon=float(self.epsilon),
-                heads=self.heads,
-                compute_dtype=self.compute_dtype,
-                naive=self.quantization == "naive",
-                with_activation=self.return_activation,
-                synchronized=self.synchronized,
+                x, gamma, beta, mean, variance, kernels, self._block_config()
             )
         else:
             scale = gamma * keras.ops.rsqrt(variance + self.epsilon)
             activation = keras.ops.relu(x * scale + (beta - mean * scale))
             activation = keras.ops.cast(activation, self.compute_dtype)
-            outs = [self._conv(activation, k, i) for i, k in enumerate(kernels)]
+            outs = [ops.conv(activation, k, head) for k, head in zip(kernels, self.heads)]
         outs = [
             o if b is None else o + keras.ops.cast(b, o.dtype)
             for o, b in zip(outs, self.biases)
@@ -377,13 +301,8 @@ class ApproxConvBlock(keras.layers.Layer):
         check_rank4(input_shape, "ApproxConvBlock")
         outs = []
         for head in self.heads:
-            spatial = [
-                _head_output_size(size, k, s, head, axis)
-                for axis, (size, k, s) in enumerate(
-                    zip(input_shape[1:3], head["kernel_size"], head["strides"])
-                )
-            ]
-            outs.append((input_shape[0], *spatial, head["filters"]))
+            spatial = [head.output_size(size, axis) for axis, size in enumerate(input_shape[1:3])]
+            outs.append((input_shape[0], *spatial, head.filters))
         if self._single_output:
             return outs[0]
         return outs + ([tuple(input_shape)] if self.return_activation else [])
@@ -415,15 +334,7 @@ class ApproxConvBlock(keras.layers.Layer):
             }
         )
         if self._multi:
-            config["heads"] = [
-                dict(
-                    head,
-                    kernel_regularizer=keras.regularizers.serialize(
-                        head["kernel_regularizer"]
-                    ),
-                )
-                for head in self.heads
-            ]
+            config["heads"] = [head.get_config() for head in self.heads]
         else:
             config.update(
                 {
@@ -483,7 +394,7 @@ class ResidualBuffer(keras.layers.Layer):
     """
 
     def __init__(self, **kwargs):
-        check_backend()
+        self._backend = backends.get()
         super().__init__(**kwargs)
 
     def _adapter(self, input_shape):
@@ -504,4 +415,4 @@ class ResidualBuffer(keras.layers.Layer):
     def call(self, inputs):
         x, shortcut = inputs
         stride, padding, extra = self._adapter([x.shape, shortcut.shape])
-        return backend_ops().residual_call(x, shortcut, stride, padding, extra)
+        return self._backend.residual_call(x, shortcut, stride, padding, extra)

@@ -12,11 +12,14 @@ always the allocator. On the CPU, TensorFlow uses it only with oneDNN, which is 
 default only on AVX-512-class CPUs, or with ``TF_CPU_ALLOCATOR_USE_BFC=true``;
 elsewhere ``reset_memory_stats('CPU:0')`` raises "Cannot reset memory stats". The
 variable is read when TensorFlow creates its CPU allocator, at the first op, not
-at import. So ``import keras_blpa`` calls `enable_cpu_statistics()`, which sets the
-variable unless the user set it or TensorFlow already ran an op; a process that
-measures must import keras_blpa (or set the variable) before running TensorFlow.
+at import: a process that measures CPU memory calls `enable_cpu_statistics()`
+before running TensorFlow (``import keras_blpa`` changes no setting).
+
+Each backend reads its own allocator (`keras_blpa.backends`); this module is the
+one interface the examples, the benchmark and the tests use.
 
 Example:
+>>> keras_blpa.memory.enable_cpu_statistics()  # before TensorFlow's first op
 >>> with keras_blpa.memory.PeakMemory() as peak:
 ...     model.train_on_batch(x, y)
 >>> peak.peak_mib, peak.resident_mib
@@ -26,6 +29,8 @@ Example:
 import dataclasses
 import os
 import sys
+
+from keras_blpa import backends
 
 __all__ = [
     "BFC_ENV",
@@ -48,8 +53,10 @@ class MemoryStatsUnavailable(RuntimeError):
 def enable_cpu_statistics():
     """Sets TF_CPU_ALLOCATOR_USE_BFC=true unless set already; True if it can still take effect.
 
-    It takes effect only before TensorFlow's first op, so the answer is False
-    once TensorFlow has run (checked through its eager context).
+    Call it before TensorFlow runs its first op in a process that measures CPU
+    memory (the examples, the benchmark and the tests do). It takes effect only
+    then, so the answer is False once TensorFlow has run (checked through its
+    eager context). Nothing else in keras_blpa sets the variable.
     """
     os.environ.setdefault(BFC_ENV, "true")
     tf = sys.modules.get("tensorflow")
@@ -62,36 +69,9 @@ def enable_cpu_statistics():
     return context.context()._context_handle is None  # no op has run yet
 
 
-def _on_jax():
-    import keras
-
-    return keras.backend.backend() == "jax"
-
-
 def device():
     """The device measured: TensorFlow's "GPU:0" if there is one, else "CPU:0"; on JAX the first local device."""
-    if _on_jax():
-        import jax
-
-        return str(jax.local_devices()[0])
-    import tensorflow as tf
-
-    return "GPU:0" if tf.config.list_logical_devices("GPU") else "CPU:0"
-
-
-def _reason(device_name):
-    if device_name.startswith("CPU") and os.environ.get(BFC_ENV, "").lower() not in ("1", "true"):
-        return (
-            f"TensorFlow's CPU allocator keeps no statistics: set {BFC_ENV}=true (or "
-            "import keras_blpa) before TensorFlow runs its first op"
-        )
-    if device_name.startswith("CPU"):
-        return (
-            "TensorFlow's CPU allocator keeps no statistics: it was created before "
-            f"{BFC_ENV}=true was set; import keras_blpa (or set the variable) before "
-            "TensorFlow runs its first op"
-        )
-    return f"TensorFlow keeps no memory statistics for {device_name}"
+    return backends.get().memory_device()
 
 
 class _Mib:
@@ -127,40 +107,15 @@ class PeakMemory(_Mib):
         self.resident_bytes = None
         self.peak_bytes = None
 
-    def _info(self):
-        if self._jax_device is not None:
-            stats = self._jax_device.memory_stats()
-            return {"current": stats["bytes_in_use"], "peak": stats["peak_bytes_in_use"]}
-        import tensorflow as tf
-
-        return tf.config.experimental.get_memory_info(self.device)
-
     def __enter__(self):
-        self._jax_device = None
-        if _on_jax():
-            import jax
-
-            self._jax_device = jax.local_devices()[0]
-            self.device = str(self._jax_device)
-            stats = self._jax_device.memory_stats()
-            if not stats or "peak_bytes_in_use" not in stats:
-                raise MemoryStatsUnavailable(
-                    f"JAX keeps no memory statistics on {self.device}; "
-                    "use keras_blpa.memory.compiled_step_memory(model, x, y)"
-                )
-        else:
-            import tensorflow as tf
-
-            self.device = self.device or device()
-            try:
-                tf.config.experimental.reset_memory_stats(self.device)
-            except (ValueError, RuntimeError, tf.errors.OpError) as e:
-                raise MemoryStatsUnavailable(f"{_reason(self.device)} ({e})") from None
-        self.resident_bytes = self._info()["current"]
+        self._backend = backends.get()
+        self.device = self.device or self._backend.memory_device()
+        self._backend.reset_peak_memory(self.device)
+        self.resident_bytes = self._backend.memory_stats(self.device)["current"]
         return self
 
     def __exit__(self, *exc):
-        self.peak_bytes = self._info()["peak"]
+        self.peak_bytes = self._backend.memory_stats(self.device)["peak"]
         return False
 
 
@@ -195,41 +150,10 @@ def compiled_step_memory(model, x, y=None):
     The step is the model's own ``train_step``, jitted with the state donated as
     ``fit`` does; x and y may be arrays or anything with ``shape`` and ``dtype``
     (e.g. ``jax.ShapeDtypeStruct``), so a batch too large to run can be sized.
+    Returns a `CompiledMemory`.
 
     Raises:
-        ValueError: on another backend, or if the model has not been compiled
-            and run one training step (which builds optimizer and metric state).
+        ValueError: on TensorFlow, or if the model has not been compiled and
+            run one training step (which builds optimizer and metric state).
     """
-    import keras
-
-    if not _on_jax():
-        raise ValueError(
-            "compiled_step_memory needs the JAX backend; on TensorFlow use PeakMemory. "
-            f"Received: KERAS_BACKEND={keras.backend.backend()!r}"
-        )
-    import jax
-
-    optimizer = getattr(model, "optimizer", None)
-    if optimizer is None or not optimizer.built:
-        raise ValueError(
-            "compiled_step_memory needs a compiled model that ran one training step "
-            "(e.g. model.train_on_batch(x[:2], y[:2])), which builds the optimizer "
-            f"and metric state. Received: model={model.name!r} with optimizer={optimizer!r}"
-        )
-    state = tuple(
-        [v.value for v in variables]
-        for variables in (model.trainable_variables, model.non_trainable_variables,
-                          optimizer.variables, model.metrics_variables)
-    )
-    data = jax.tree_util.tree_map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, jax.dtypes.canonicalize_dtype(a.dtype)),
-        (x,) if y is None else (x, y),
-    )
-    step = jax.jit(model.train_step, donate_argnums=0)
-    stats = step.lower(state, data).compile().memory_analysis()
-    return CompiledMemory(
-        argument_bytes=stats.argument_size_in_bytes,
-        output_bytes=stats.output_size_in_bytes,
-        alias_bytes=stats.alias_size_in_bytes,
-        temp_bytes=stats.temp_size_in_bytes,
-    )
+    return backends.get().compiled_step_memory(model, x, y)

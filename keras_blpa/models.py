@@ -31,6 +31,7 @@ Building blocks for benchmarks:
 
 import keras
 
+from keras_blpa import backends
 from keras_blpa import layers as blpa_layers
 from keras_blpa import validation
 
@@ -136,12 +137,13 @@ def _regularizer(weight_decay):
 
 
 def _batch_norm(momentum, synchronized, name):
-    """A stock BatchNormalization. `synchronized` only on TensorFlow: Keras refuses
-    it on JAX, where a distributed model's statistics are global already."""
+    """A stock BatchNormalization. `synchronized` only where the backend needs an
+    explicit all-reduce: Keras refuses it on JAX, where a distributed model's
+    statistics are global already."""
     return keras.layers.BatchNormalization(
         momentum=momentum,
         epsilon=_BN_EPSILON,
-        synchronized=synchronized and keras.backend.backend() == "tensorflow",
+        synchronized=synchronized and backends.get().EXPLICIT_CROSS_REPLICA,
         name=name,
     )
 
@@ -367,12 +369,10 @@ class RecomputeGrad(keras.layers.Layer):
     unit's forward pass is recomputed during backprop. Use as
     ``resnet(..., bits=None, unit_wrapper=RecomputeGrad)``.
 
-    On TensorFlow the unit runs under ``tf.recompute_grad``, whose
-    recomputation updates the BN moving statistics a second time. On JAX it
-    runs as ``block.stateless_call`` under ``jax.checkpoint`` with the unit's
-    variable values as explicit arguments; the new moving statistics are
-    assigned after the checkpointed function returns, so they are updated once,
-    as without the wrapper (and no tracer escapes it under ``jax.jit``).
+    The backend's `recompute_call` runs it: ``tf.recompute_grad`` on TensorFlow
+    (whose recomputation updates the BN moving statistics a second time), and
+    ``jax.checkpoint`` around ``block.stateless_call`` on JAX (statistics
+    updated once).
 
     Args:
         block: a built keras.Model (one residual unit).
@@ -388,31 +388,7 @@ class RecomputeGrad(keras.layers.Layer):
             self.block.build(input_shape)
 
     def call(self, inputs, training=None):
-        block = self.block
-        if keras.backend.backend() == "jax":
-            import jax
-
-            def forward(x, trainable, non_trainable):
-                return block.stateless_call(
-                    trainable, non_trainable, x, training=training
-                )
-
-            outputs, non_trainable = jax.checkpoint(forward)(
-                inputs,
-                [v.value for v in block.trainable_variables],
-                [v.value for v in block.non_trainable_variables],
-            )
-            for variable, value in zip(block.non_trainable_variables, non_trainable):
-                variable.assign(value)
-            return outputs
-
-        import tensorflow as tf
-
-        @tf.recompute_grad
-        def forward(x):
-            return block(x, training=training)
-
-        return forward(inputs)
+        return backends.get().recompute_call(self.block, inputs, training)
 
     def compute_output_shape(self, input_shape):
         return self.block.compute_output_shape(input_shape)
@@ -495,7 +471,7 @@ def resnet(
     >>> model = resnet(164, 10, (32, 32, 3), bits=4)
     >>> baseline = resnet(164, 10, (32, 32, 3), bits=None)
     """
-    blpa_layers.check_backend()
+    backends.check()
     bits = validation.check_bits(bits, allow_none=True)
     blocks, filters, strides = stage_plan(depth, stem)
     validation.check_choice(quantization, "quantization", blpa_layers.QUANTIZATION_MODES)

@@ -1,42 +1,20 @@
-"""Public quantisation API and the dispatch between native and reference kernels.
+"""The K-bit code as a public TensorFlow API: `encode`, `decode`, `native_ops_available`.
 
-`kernels()` returns the object whose functions the layers call: the native op
-library (keras_blpa.native) when it loads, else the pure-TF `reference` module.
-Both expose the same fused functions with the same signatures:
-``bn_relu_encode, decode_relu, bn_grad_reduce, bn_grad_input``.
+The code (bins, shift, packing) is defined in
+`keras_blpa.backends.tensorflow.reference`; the layers use it through their
+backend. Needs TensorFlow (``import keras_blpa`` does not import this module
+on other backends).
 """
 
 import tensorflow as tf
 
-from keras_blpa import native
-from keras_blpa import reference
-from keras_blpa.reference import channel_params
-from keras_blpa.reference import packed_size
-from keras_blpa.validation import VALID_BITS
+from keras_blpa.backends.tensorflow import reference
+from keras_blpa.backends.tensorflow.fused import native_ops_available
+from keras_blpa.codes import VALID_BITS
+from keras_blpa.codes import packed_size
 from keras_blpa.validation import check_bits
 
-__all__ = [
-    "VALID_BITS",
-    "channel_params",
-    "check_bits",
-    "decode",
-    "encode",
-    "kernels",
-    "native_ops_available",
-    "packed_size",
-]
-
-
-
-def native_ops_available():
-    """Whether the compiled ops are loaded and used (False under KERAS_BLPA_PURE_TF=1)."""
-    return native.load() is not None
-
-
-def kernels():
-    """The fused block kernels in use: native ops if loaded, else the TF reference."""
-    ops = native.load()
-    return ops if ops is not None else reference
+__all__ = ["VALID_BITS", "decode", "encode", "native_ops_available", "packed_size"]
 
 
 def encode(y, gamma, beta, bits=4):
@@ -51,7 +29,7 @@ def encode(y, gamma, beta, bits=4):
         uint8 tensor of ``packed_size(tf.size(y), bits)`` bytes.
     """
     bits = check_bits(bits, allow_none=False)
-    p = channel_params(gamma, beta, bits)
+    p = reference.channel_params(gamma, beta, bits)
     return reference.encode(y, p["inv_step"], p["shift"], bits)
 
 
@@ -63,5 +41,5 @@ def decode(packed, shape, gamma, beta, bits=4):
     ``y > 0``.
     """
     bits = check_bits(bits, allow_none=False)
-    p = channel_params(gamma, beta, bits)
+    p = reference.channel_params(gamma, beta, bits)
     return reference.decode(packed, tf.convert_to_tensor(shape), p["step"], p["shift"], bits)

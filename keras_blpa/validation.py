@@ -5,8 +5,9 @@ argument and the value received, in Keras' wording
 ("Expected bits in (2, 4, 8) or None. Received: bits=3").
 """
 
+from keras_blpa.codes import VALID_BITS
+
 __all__ = [
-    "VALID_BITS",
     "check_bits",
     "check_choice",
     "check_int",
@@ -16,7 +17,6 @@ __all__ = [
     "check_shape",
 ]
 
-VALID_BITS = (2, 4, 8)
 
 
 def _is_int(value):

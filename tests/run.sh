@@ -4,7 +4,7 @@
 # runs the whole suite with the native ops required, runs the tests whose
 # figures depend on the CPU again as on an AVX2-only machine (oneDNN off, kernels
 # capped at AVX2), runs the JAX-backend tests (their own venv, tests/run_jax.sh), and
-# proves the newcomer path (fresh venv, plain `pip install .`).
+# proves the newcomer path (fresh venvs, `pip install ".[tensorflow-cpu]"` and ".[jax]").
 # Extra arguments go to the main pytest run.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -122,10 +122,10 @@ def test_synchronized_bn_two_replicas_match_one(bits):
 
 
 ONE_STEP_GRADIENTS = """
-from keras_blpa import quantization, reference
+from keras_blpa.backends.tensorflow import fused, reference
 
 BITS = {bits}
-real = quantization.kernels()
+real = fused.ops()
 stock_relu = keras.layers.ReLU.call
 
 
@@ -185,7 +185,7 @@ with strategy.scope():
 
 def use(codes, masks):
     if BITS is not None:
-        quantization.kernels = lambda: codes
+        fused.ops = lambda: codes
     keras.layers.ReLU.call = lambda layer, inputs: masks.relu(layer, inputs)
 
 

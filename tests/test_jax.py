@@ -1,4 +1,4 @@
-"""The JAX backend (keras_blpa.jax_ops) against the TensorFlow reference and stock Keras.
+"""The JAX backend (keras_blpa.backends.jax) against the TensorFlow reference and stock Keras.
 
 Run with KERAS_BACKEND=jax in an environment with jax, keras and tensorflow
 (tests/run_jax.sh); under any other backend the module is skipped with a reason.
@@ -26,8 +26,11 @@ import tensorflow as tf  # noqa: E402
 
 import keras_blpa  # noqa: E402
 from keras_blpa import ApproxConvBlock, ResidualBuffer  # noqa: E402
-from keras_blpa import jax_ops  # noqa: E402
-from keras_blpa import reference  # noqa: E402
+from keras_blpa.backends.jax import block as jax_ops  # noqa: E402
+from keras_blpa.blocks import BlockConfig  # noqa: E402
+from keras_blpa.blocks import Head  # noqa: E402
+from keras_blpa.codes import packed_size  # noqa: E402
+from keras_blpa.backends.tensorflow import reference  # noqa: E402
 from stacks import residual_stack  # noqa: E402
 from trajectories import assert_same_steps  # noqa: E402
 from trajectories import fit_batch  # noqa: E402
@@ -35,7 +38,12 @@ from trajectories import forced_steps  # noqa: E402
 from trajectories import reference_trajectory  # noqa: E402
 from trajectories import step_errors  # noqa: E402
 
-HEAD = (((1, 1), "same", None),)  # one stride-1 "same" conv head
+
+
+def block_config(bits, strides=(1, 1)):
+    """One 3x3 "same" conv head at `strides`, float32 (the kernel sets the filters)."""
+    head = Head(filters=1, kernel_size=(3, 3), strides=tuple(strides))
+    return BlockConfig(bits=bits, epsilon=1e-3, heads=(head,), compute_dtype="float32")
 
 
 def special_values(rng, shape, bits):
@@ -49,7 +57,7 @@ def special_values(rng, shape, bits):
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("shape", [(3, 5, 7, 6), (1, 1, 3, 5), (2, 4, 4, 8)])
 def test_packed_bytes_identical_to_tf_reference(bits, shape):
-    """Same bytes, vectors and decoded values as keras_blpa.reference, for gamma of
+    """Same bytes, vectors and decoded values as the TensorFlow reference, for gamma of
     both signs, zero and tiny gamma, and odd element counts (padded last byte)."""
     rng = np.random.default_rng(bits + len(shape))
     c = shape[-1]
@@ -65,7 +73,7 @@ def test_packed_bytes_identical_to_tf_reference(bits, shape):
     encode = jax.jit(jax_ops.encode, static_argnums=3)
     packed_jx = np.asarray(encode(y, p_jx["inv_step"], p_jx["shift"], bits))
     assert packed_jx.dtype == np.uint8
-    assert packed_jx.shape == (reference.packed_size(y.size, bits),)
+    assert packed_jx.shape == (packed_size(y.size, bits),)
     np.testing.assert_array_equal(packed_jx, packed_tf)
     # And both agree with a numpy packing of the reference codes.
     codes = reference.encode_codes(y, p_tf["inv_step"], p_tf["shift"], bits).numpy().ravel()
@@ -92,7 +100,7 @@ def test_bn_grad_sums_match_tf_reference(bits):
     p = reference.channel_params(gamma, beta, bits)
     packed = reference.encode(y, p["inv_step"], p["shift"], bits)
     expected = reference.bn_grad_reduce(packed, grad, p["step"], p["shift"], p["gamma"], beta, bits)
-    got = jax_ops.bn_grad_sums(
+    got = jax_ops.bn_grad_reduce(
         jnp.asarray(packed.numpy()), jnp.asarray(grad), p["step"].numpy(),
         p["shift"].numpy(), p["gamma"].numpy(), beta, bits,
     )
@@ -111,7 +119,7 @@ def exact_block(x, gamma, beta, kernel, epsilon=1e-3, strides=(1, 1)):
 
 
 def compressed(bits, strides=(1, 1)):
-    block = jax_ops.compressed_block(bits, 1e-3, ((strides, "same", None),), "float32")
+    block = jax_ops.compressed_block(block_config(bits, strides))
 
     def f(x, gamma, beta, kernel):
         stats = jax.lax.stop_gradient(x)
@@ -172,7 +180,7 @@ def test_residuals_are_codes_vectors_and_kernel():
     [C] vectors and the kernel; no float array of the activation's size."""
     rng = np.random.default_rng(0)
     x, gamma, beta, kernel = block_inputs(rng, shape=(4, 8, 8, 6))
-    block = jax_ops.compressed_block(4, 1e-3, HEAD, "float32")
+    block = jax_ops.compressed_block(block_config(4))
     mean, var = x.mean((0, 1, 2)), x.var((0, 1, 2))
     _, residuals = block.fwd(x.shape, x, gamma, beta, mean, var, kernel)
     leaves = jax.tree_util.tree_leaves(residuals)
@@ -380,6 +388,26 @@ def test_convert_on_jax_keeps_the_forward():
     assert sum(isinstance(l, ApproxConvBlock) for l in converted.layers) > 40
     x = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
     np.testing.assert_allclose(converted(x, training=False), model(x, training=False), rtol=1e-5, atol=1e-6)
+
+
+def test_converted_model_shares_no_array_with_the_original():
+    """fit donates (and deletes) the converted model's buffers; the original must
+    still predict, with its weights unchanged (convert copies them)."""
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((8, 8, 3))
+    x = keras.layers.BatchNormalization()(inp)
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.Conv2D(4, 3, padding="same")(x)
+    model = keras.Model(inp, keras.layers.GlobalAveragePooling2D()(x))
+    before = [np.array(w) for w in model.get_weights()]
+    converted = keras_blpa.convert(model, bits=4)
+    assert sum(isinstance(l, ApproxConvBlock) for l in converted.layers) == 1
+    data = np.random.default_rng(0).normal(size=(8, 8, 8, 3)).astype(np.float32)
+    converted.compile("sgd", "mse")
+    converted.fit(data, np.zeros((8, 4)), epochs=1, verbose=0)
+    assert model.predict(data, verbose=0).shape == (8, 4)
+    for a, b in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(a, b)
 
 
 # ----------------------------------------------------- exact recomputation

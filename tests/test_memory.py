@@ -48,48 +48,55 @@ def peak_bytes(mode, pure_tf, depth=30, channels=64, size=32, batch=64):
 
 
 @pytest.mark.slow
-def test_four_bit_peak_is_at_least_4x_lower_than_stock(kernel_path):
+def test_four_bit_peak_is_at_least_4x_lower_than_stock(ops_path):
     """30 blocks of 64 channels at 32x32, batch 64 (16 MiB per activation)."""
-    pure_tf = kernel_path == "reference"
+    pure_tf = ops_path == "reference"
     stock = peak_bytes("stock", pure_tf)["peak"]
     result = peak_bytes("4", pure_tf)
     assert result["native"] == (not pure_tf)
     ratio = stock / result["peak"]
-    print(f"{kernel_path}: stock {stock / 2**20:.0f} MiB, 4-bit {result['peak'] / 2**20:.0f} MiB, ratio {ratio:.2f}x")
+    print(f"{ops_path}: stock {stock / 2**20:.0f} MiB, 4-bit {result['peak'] / 2**20:.0f} MiB, ratio {ratio:.2f}x")
     assert ratio >= 4.0
 
 
-MEASURE_AFTER_IMPORT = textwrap.dedent(
+MEASURE = textwrap.dedent(
     """
-    import json, sys
-    if sys.argv[1] == "op-first":
-        import tensorflow as tf
-        tf.constant(1.0) + 1.0  # TensorFlow creates its CPU allocator here
+    import json, os, sys
     import keras_blpa
+    set_by_import = "TF_CPU_ALLOCATOR_USE_BFC" in os.environ
     import tensorflow as tf
+    if sys.argv[1] == "op-first":
+        tf.constant(1.0) + 1.0  # TensorFlow creates its CPU allocator here
+    can_take_effect = keras_blpa.memory.enable_cpu_statistics()
+    out = dict(set_by_import=set_by_import, can_take_effect=can_take_effect)
     try:
         with keras_blpa.memory.PeakMemory() as peak:
             x = tf.ones([512, 512]) * 2.0  # 1 MiB
-        print(json.dumps({"peak": peak.peak_bytes - peak.resident_bytes}))
+        out["peak"] = peak.peak_bytes - peak.resident_bytes
     except keras_blpa.memory.MemoryStatsUnavailable as e:
-        print(json.dumps({"error": str(e)}))
+        out["error"] = str(e)
+    print(json.dumps(out))
     """
 )
 
 
-@pytest.mark.parametrize("order", ["import-first", "op-first"])
-def test_import_enables_statistics_without_onednn(order):
-    """As on an AVX2-only CPU: statistics work if keras_blpa comes before TF's first op,
-    else a clear error says why (never a silent nan)."""
+@pytest.mark.parametrize("order", ["enable-first", "op-first"])
+def test_enable_cpu_statistics_without_onednn(order):
+    """As on an AVX2-only CPU: importing keras_blpa changes no setting; statistics
+    work when `enable_cpu_statistics()` comes before TensorFlow's first op, else
+    it says it is too late and PeakMemory's error says why (never a silent nan)."""
     env = {k: v for k, v in os.environ.items() if k != "TF_CPU_ALLOCATOR_USE_BFC"}
     env.update(TF_ENABLE_ONEDNN_OPTS="0", TF_CPP_MIN_LOG_LEVEL="3")
-    out = subprocess.run([sys.executable, "-c", MEASURE_AFTER_IMPORT, order], env=env,
+    out = subprocess.run([sys.executable, "-c", MEASURE, order], env=env,
                          capture_output=True, text=True, timeout=300, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    if order == "import-first":
+    assert result["set_by_import"] is False, result
+    if order == "enable-first":
+        assert result["can_take_effect"] is True
         assert result.get("peak", 0) >= 2**20, result
     else:
-        assert "TF_CPU_ALLOCATOR_USE_BFC" in result["error"], result
+        assert result["can_take_effect"] is False
+        assert "enable_cpu_statistics()" in result["error"], result
         assert "before TensorFlow runs its first op" in result["error"], result
 
 

@@ -6,18 +6,27 @@ import tensorflow as tf
 from hypothesis import given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
-from keras_blpa import quantization, reference
+from keras_blpa import quantization
+from keras_blpa.backends.tensorflow import reference
 
 BITS = (2, 4, 8)
+
+
+def flush(a):
+    """float32 with subnormals flushed to (signed) zero, as TensorFlow's CPU ops
+    compute (flush-to-zero and denormals-are-zero)."""
+    a = np.asarray(a, np.float32)
+    return np.where(np.abs(a) < np.finfo(np.float32).tiny, np.copysign(np.float32(0), a), a)
 
 
 def numpy_codes(y, gamma, beta, bits):
     """Paper formula in numpy: bins 6/2^K of the BN std, ReLU threshold on a bin edge."""
     levels = 2.0**bits
+    gamma, beta = flush(gamma), flush(beta)
     g = np.where(gamma >= 0, np.maximum(gamma, 1e-8), np.minimum(gamma, -1e-8)).astype(np.float32)
     abs_g = np.abs(g)
     inv_step = (np.float32(levels) / (np.float32(6.0) * abs_g)).astype(np.float32)
-    centre = np.floor(beta.astype(np.float32) / abs_g * np.float32(levels / 6.0))
+    centre = np.floor(flush(flush(beta / abs_g) * np.float32(levels / 6.0)))
     shift = np.clip(levels / 2 - centre, 1, levels - 1).astype(np.float32)
     with np.errstate(invalid="ignore", over="ignore"):
         t = np.floor((y * inv_step).astype(np.float32)) + shift

@@ -178,39 +178,19 @@ def resolve(args):
 
 def _accelerator():
     """The backend's first accelerator ("CPU only" if none), e.g. "NVIDIA H100 80GB HBM3"."""
-    import keras
+    from keras_blpa import backends
 
-    if keras.backend.backend() == "jax":
-        import jax
-
-        device = jax.devices()[0]
-        return "CPU only" if device.platform == "cpu" else device.device_kind
-    import tensorflow as tf
-
-    gpus = tf.config.list_physical_devices("GPU")
-    if not gpus:
-        return "CPU only"
-    return tf.config.experimental.get_device_details(gpus[0]).get("device_name", "GPU")
+    return backends.get().accelerator()
 
 
 def _backend_versions():
     """Keras, its backend and the backend's version; on TensorFlow, whether native ops run."""
     import keras
 
-    backend = keras.backend.backend()
-    versions = dict(keras=keras.__version__, backend=backend)
-    if backend == "jax":
-        import jax
+    from keras_blpa import backends
 
-        versions["jax"] = jax.__version__
-    else:
-        import tensorflow as tf
-
-        from keras_blpa import quantization
-
-        versions["tensorflow"] = tf.__version__
-        versions["native_ops"] = quantization.native_ops_available()
-    return versions
+    backend = backends.get()
+    return dict(keras=keras.__version__, backend=backend.NAME, **backend.versions())
 
 
 def _machine():
@@ -291,7 +271,7 @@ def _shape(cfg):
 
 
 def _run_memory(session, cfg):
-    from keras_blpa.benchmark import memory
+    from keras_blpa.benchmark import step_memory
 
     for depth, width in cfg["depths"]:
         for mode in cfg["modes"]:
@@ -301,7 +281,7 @@ def _run_memory(session, cfg):
             ]
             if not todo:
                 continue
-            rows = memory.measure(mode, depth, todo, width, _shape(cfg))
+            rows = step_memory.measure(mode, depth, todo, width, _shape(cfg))
             for r in rows:
                 session.log(f"memory {mode} depth={depth} width={width} batch={r['batch']}: "
                             f"peak {r['peak_mib']} MiB (step {r['step_mib']} MiB)")
@@ -373,7 +353,10 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from keras_blpa import memory
     from keras_blpa.benchmark import report
+
+    memory.enable_cpu_statistics()  # before TensorFlow's first op (trials inherit it)
 
     os.makedirs(args.out, exist_ok=True)
     if args.report_only:

@@ -93,8 +93,8 @@ def bench_kernels(shape, bits_list, reps):
         A list of dicts, one per (path, bits): times in ms, GB/s, the fraction
         of the copy's GB/s, ``packed_bytes`` and ``max_error_steps``.
     """
-    from keras_blpa import native
-    from keras_blpa import reference
+    from keras_blpa.backends.tensorflow import native
+    from keras_blpa.backends.tensorflow import reference
 
     rng = np.random.default_rng(0)
     channels = shape[-1]
@@ -186,7 +186,7 @@ def _step_fn(model, x):
 def bench_block(shape, blocks, reps):
     """Training-step ms of a stack of `blocks` ApproxConvBlock(bits=4) (native
     and pure-TF paths) against the stock BN -> ReLU -> Conv2D stack."""
-    from keras_blpa import native
+    from keras_blpa.backends.tensorflow import native
 
     x = tf.constant(np.random.default_rng(1).normal(size=shape).astype(np.float32))
     fns = {"stock": _step_fn(_model("stock", blocks, shape), x)}
@@ -236,7 +236,7 @@ def main(argv=None):
     validation.check_int(args.blocks, "blocks")
     shape = args.shape
 
-    from keras_blpa import native
+    from keras_blpa.backends.tensorflow import native
 
     ops = native.load()
     info = {

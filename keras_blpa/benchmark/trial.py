@@ -39,10 +39,11 @@ def main(argv=None):
                         help="JAX: the compiled step's budget (TensorFlow: the env limit)")
     args = parser.parse_args(argv)
 
-    import keras
-
+    from keras_blpa import backends
     from keras_blpa import memory
     from keras_blpa.benchmark import modes as modes_lib
+
+    memory.enable_cpu_statistics()
 
     shape = (args.image_size, args.image_size, 3)
     model = modes_lib.compile_model(
@@ -50,7 +51,7 @@ def main(argv=None):
     )
     x, y = modes_lib.random_batch(args.batch, shape, args.num_classes)
     result = {"ok": True, "batch": args.batch}
-    if keras.backend.backend() == "jax":
+    if backends.get().COMPILED_STEP_MEMORY:
         modes_lib.build_state(model, shape, args.num_classes)
         compiled = memory.compiled_step_memory(model, x, y)
         result["peak_mib"] = round(compiled.peak_mib, 2)

@@ -11,7 +11,7 @@ into the repository, which then provides
   :cudart_static  the static CUDA runtime (when a toolkit was found);
   :config.bzl     HAS_CUDA, and NVCC (the nvcc path) for the genrule.
 
-CUDA is used as keras_blpa/native_build.py decides for every build route: when
+CUDA is used as keras_blpa/backends/tensorflow/native_build.py decides for every build route: when
 TensorFlow is a CUDA build and an nvcc of its CUDA major version (CUDA_HOME /
 CUDA_PATH, PATH, /usr/local/cuda) is found with libcudart_static.a, unless
 KERAS_BLPA_CUDA=0.
@@ -38,10 +38,10 @@ def _python(ctx):
     fail("keras_blpa: no Python interpreter found (set PYTHON_BIN_PATH)")
 
 def _find_cuda(ctx, python):
-    # The one CUDA discovery of the project (keras_blpa/native_build.py, also used
+    # The one CUDA discovery of the project (keras_blpa/backends/tensorflow/native_build.py, also used
     # by setup.py and at first use): CUDA kernels only for a CUDA build of
     # TensorFlow, with an nvcc of the same CUDA major version.
-    script = ctx.path(Label("//:setup.py")).dirname.get_child("keras_blpa").get_child("native_build.py")
+    script = ctx.path(Label("//:setup.py")).dirname.get_child("keras_blpa").get_child("backends").get_child("tensorflow").get_child("native_build.py")
     res = ctx.execute([python, str(script), "cuda"], environment = {"TF_CPP_MIN_LOG_LEVEL": "3"})
     if res.return_code != 0:
         fail("keras_blpa: CUDA discovery failed:\n%s" % res.stderr)

@@ -1,8 +1,11 @@
 """Pure-TensorFlow reference of the K-bit activation code.
 
-This module is the oracle the native C++/CUDA ops must match bit for bit, and the
-fallback when they are not available. Everything here also runs under
-`tf.function(jit_compile=True)`.
+This module is the oracle of the native C++/CUDA ops and the fallback when they
+are not available: the codes (`encode`, `bn_relu_encode`) and decoded values
+must match bit for bit; the gradient functions (`bn_grad_reduce`,
+`bn_grad_input`) compute the same quantities with other float formulas and
+summation orders, so the native ones match them to float32 rounding (tested
+with tolerances). Everything here also runs under `tf.function(jit_compile=True)`.
 
 The code (Chakrabarti & Moseley, 2019), per channel c of a batch-normalised
 pre-activation y = gamma * x_hat + beta:
@@ -30,23 +33,17 @@ import tensorflow as tf
 
 from keras_blpa.codes import GAMMA_FLOOR
 from keras_blpa.codes import codes_per_byte
-from keras_blpa.codes import packed_size
-from keras_blpa.validation import VALID_BITS
 
 __all__ = [
-    "GAMMA_FLOOR",
-    "VALID_BITS",
     "bn_grad_input",
     "bn_grad_reduce",
     "bn_relu_encode",
     "channel_params",
-    "codes_per_byte",
     "decode",
     "decode_relu",
     "encode",
     "encode_codes",
     "pack",
-    "packed_size",
     "unpack",
 ]
 

@@ -1,7 +1,7 @@
 """Builds the native op library for the TensorFlow in use, once per user, like a kernel cache.
 
 One implementation for both routes: setup.py calls `build()` at install time when
-TensorFlow is importable there, and `keras_blpa.native` calls `cached_library()` at
+TensorFlow is importable there, and `native` calls `cached_library()` at
 first use otherwise (a plain ``pip install .`` builds in an isolated environment
 without TensorFlow). The cache entry is keyed by everything the binary depends on:
 the TensorFlow version and its compile/link flags (C++ ABI), the CUDA plan, the
@@ -59,7 +59,8 @@ LIBRARY_NAME = "_blpa_ops.so"
 SOURCES_FILE = os.path.join("ops", "bazel", "sources.bzl")
 # Where setup.py puts a copy of the sources inside an installed package.
 PACKAGED_SOURCES = "_native_src"
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+# keras_blpa/ (this file is keras_blpa/backends/tensorflow/native_build.py).
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _log = logging.getLogger("keras_blpa")
 
 
@@ -79,7 +80,7 @@ def env_flag(name):
 
 def source_root():
     """The folder holding ops/ and cc/: the installed copy or the source checkout."""
-    for root in (os.path.join(_PACKAGE_DIR, PACKAGED_SOURCES), os.path.dirname(_PACKAGE_DIR)):
+    for root in (os.path.join(PACKAGE_DIR, PACKAGED_SOURCES), os.path.dirname(PACKAGE_DIR)):
         if os.path.exists(os.path.join(root, SOURCES_FILE)):
             return root
     return None
@@ -357,7 +358,7 @@ def _main(argv):
         logging.basicConfig(level=logging.INFO, format="%(message)s")
         print(json.dumps(build(argv[1])))
     else:
-        print("usage: python -m keras_blpa.native_build cuda | build OUTPUT.so", file=sys.stderr)
+        print("usage: python -m keras_blpa.backends.tensorflow.native_build cuda | build OUTPUT.so", file=sys.stderr)
         return 2
     return 0
 

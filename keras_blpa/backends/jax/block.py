@@ -1,9 +1,7 @@
-"""JAX backend of the layers' training step (the TensorFlow one is `keras_blpa.tf_ops`).
+"""The JAX block: a `jax.custom_vjp` with the code in jnp.
 
-Both modules expose the same functions, which `keras_blpa.layers` calls:
-``read``, ``conv``, ``compressed``, ``residual_call``, ``jit_compatible`` and
-``working_set_factor``. The K-bit code is the one of `keras_blpa.reference`
-(read its docstring: bins, shift, packing order), written with jnp so that XLA
+The K-bit code is the one of `keras_blpa.backends.tensorflow.reference` (read
+its docstring: bins, shift, packing order), written with jnp so that XLA
 fuses it; the compressed block is a `jax.custom_vjp` whose residuals are only
 the packed codes, the per-channel vectors and the kernels. The backward decodes
 the codes, takes the filter and input gradients of the convolutions from the
@@ -21,7 +19,7 @@ from keras_blpa.codes import GAMMA_FLOOR
 from keras_blpa.codes import codes_per_byte
 
 __all__ = [
-    "bn_grad_sums",
+    "bn_grad_reduce",
     "bn_relu_encode",
     "channel_params",
     "compressed",
@@ -31,13 +29,11 @@ __all__ = [
     "decode_relu",
     "encode",
     "encode_codes",
-    "freeze",
-    "jit_compatible",
     "pack",
     "read",
+    "recompute_call",
     "residual_call",
     "unpack",
-    "working_set_factor",
 ]
 
 
@@ -45,7 +41,7 @@ __all__ = [
 
 
 def channel_params(gamma, beta, bits):
-    """Per-channel quantiser vectors (as `reference.channel_params`)."""
+    """Per-channel quantiser vectors (as the TensorFlow `reference.channel_params`)."""
     gamma = jnp.asarray(gamma, jnp.float32)
     beta = jnp.asarray(beta, jnp.float32)
     levels = float(2**bits)
@@ -124,7 +120,7 @@ def bn_relu_encode(x, scale, offset, inv_step, shift, bits):
     return jax.nn.relu(y), encode(y, inv_step, shift, bits)
 
 
-def bn_grad_sums(packed, grad_a, step, shift, gamma, beta, bits):
+def bn_grad_reduce(packed, grad_a, step, shift, gamma, beta, bits):
     """(sum g, sum g * x_hat) per channel, g = grad_a * mask, x_hat from the code."""
     y_dec, mask = decode(packed, grad_a.shape, step, shift, bits)
     g = jnp.where(mask, grad_a.astype(jnp.float32), 0.0)
@@ -137,13 +133,13 @@ def bn_grad_sums(packed, grad_a, step, shift, gamma, beta, bits):
 
 
 def conv(a, kernel, head):
-    """NHWC x HWIO convolution of one head (a `layers._head_spec` dict)."""
-    if head["explicit_padding"] is not None:
-        padding = [tuple(p) for p in head["explicit_padding"]]
+    """NHWC x HWIO convolution of one `blocks.Head`."""
+    if head.explicit_padding is not None:
+        padding = [tuple(p) for p in head.explicit_padding]
     else:
-        padding = head["padding"].upper()
+        padding = head.padding.upper()
     return jax.lax.conv_general_dilated(
-        a, kernel, head["strides"], padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+        a, kernel, head.strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
     )
 
 
@@ -166,56 +162,32 @@ def read(variable):
     return variable.value
 
 
-def jit_compatible():
-    """The JAX step is jnp: always XLA-compiled."""
-    return True
+def compressed(x, gamma, beta, mean, variance, kernels, config):
+    """The TensorFlow block's `compressed` on JAX: (list of head outputs, the activation or None).
 
-
-def working_set_factor():
-    """Full-size float tensors live at once in one block's backward (as the fused native kernels)."""
-    return 3
-
-
-def compressed(x, gamma, beta, mean, variance, kernels, *, bits, epsilon, heads,
-               compute_dtype, naive=False, with_activation=False, synchronized=False):
-    """`tf_ops.compressed` on JAX: (list of head outputs, the activation or None).
-
-    `synchronized` needs no code here: under keras.distribution the block runs on
-    one global (sharded) array, so the statistics and the backward's sums are
-    over the global batch and XLA inserts the all-reduces.
+    ``config.synchronized`` needs no code here: under keras.distribution the
+    block runs on one global (sharded) array, so the statistics and the
+    backward's sums are over the global batch and XLA inserts the all-reduces.
     """
-    block = compressed_block(
-        bits, epsilon, freeze(heads), compute_dtype, naive=naive, with_activation=with_activation
-    )
-    result = block(tuple(x.shape), x, gamma, beta, mean, variance, *kernels)
+    result = compressed_block(config)(tuple(x.shape), x, gamma, beta, mean, variance, *kernels)
     n = len(kernels)
-    return list(result[:n]), (result[-1] if with_activation else None)
-
-
-def freeze(heads):
-    return tuple(
-        (h["strides"], h["padding"], h["explicit_padding"]) for h in heads
-    )
+    return list(result[:n]), (result[-1] if config.with_activation else None)
 
 
 @functools.lru_cache(maxsize=None)
-def compressed_block(bits, epsilon, heads, compute_dtype, naive=False, with_activation=False):
+def compressed_block(config):
     """The compressed training block ``f(x_shape, x, gamma, beta, mean, variance, *kernels)``.
 
     Args:
-        bits: 2, 4 or 8.
-        epsilon: BN epsilon.
-        heads: tuple of (strides, padding, explicit_padding) per conv head.
-        compute_dtype: dtype of the activation and the convolutions.
-        naive: the quantised activation also feeds the forward convolutions.
-        with_activation: also return the BN+ReLU output (last).
+        config: a `keras_blpa.blocks.BlockConfig` (hashable: one function each).
 
     Returns:
         A `jax.custom_vjp` function returning the tuple of head outputs (and the
         activation). Its residuals: packed codes, per-channel vectors, kernels.
         mean and variance get zero gradients (the BN backward includes theirs).
     """
-    specs = [dict(strides=s, padding=p, explicit_padding=e) for s, p, e in heads]
+    bits, epsilon, compute_dtype = config.bits, config.epsilon, config.compute_dtype
+    specs = config.heads
 
     def forward(x, gamma, beta, mean, variance, kernels):
         scale = gamma * jax.lax.rsqrt(variance + epsilon)
@@ -223,11 +195,11 @@ def compressed_block(bits, epsilon, heads, compute_dtype, naive=False, with_acti
         activation, packed = bn_relu_encode(
             x, scale, beta - mean * scale, p["inv_step"], p["shift"], bits
         )
-        if naive:
+        if config.naive:
             activation = decode_relu(packed, x.shape, p["step"], p["shift"], bits)
         activation = activation.astype(compute_dtype)
         outs = tuple(conv(activation, k, h) for k, h in zip(kernels, specs))
-        if with_activation:
+        if config.with_activation:
             outs += (activation,)
         vectors = (p["step"], p["shift"], p["gamma"], p["beta"], scale)
         return outs, (packed, vectors, tuple(kernels))
@@ -243,7 +215,7 @@ def compressed_block(bits, epsilon, heads, compute_dtype, naive=False, with_acti
     def bwd(x_shape, residuals, d_results):
         packed, (step, shift, gamma, beta, scale), kernels = residuals
         d_outs = d_results[: len(kernels)]
-        # Ordering (a) of tf_ops.py: decode only once the gradient has arrived.
+        # Ordering (a) of the TensorFlow block: decode only once the gradient has arrived.
         a_dec = decode_relu(_after(d_outs, packed), x_shape, step, shift, bits).astype(compute_dtype)
         d_kernels, d_a = [], jnp.zeros(x_shape, jnp.float32)
         for kernel, head, d_out in zip(kernels, specs, d_outs):
@@ -251,9 +223,9 @@ def compressed_block(bits, epsilon, heads, compute_dtype, naive=False, with_acti
             d_in, d_kernel = conv_vjp(d_out.astype(compute_dtype))
             d_kernels.append(d_kernel.astype(kernel.dtype))
             d_a = d_a + d_in.astype(jnp.float32)
-        if with_activation:
+        if config.with_activation:
             d_a = d_a + d_results[-1].astype(jnp.float32)
-        sum_g, sum_gx = bn_grad_sums(_after(d_a, packed), d_a, step, shift, gamma, beta, bits)
+        sum_g, sum_gx = bn_grad_reduce(_after(d_a, packed), d_a, step, shift, gamma, beta, bits)
         count = float(np.prod(x_shape[:-1]))
         mean_g, mean_gx = sum_g / count, sum_gx / count
         # d_x = scale * (g - mean_g - x_hat * mean_gx), x_hat = (y_dec - beta) / gamma.
@@ -265,6 +237,27 @@ def compressed_block(bits, epsilon, heads, compute_dtype, naive=False, with_acti
 
     block.defvjp(fwd, bwd)
     return block
+
+
+def recompute_call(block, inputs, training):
+    """`block(inputs)` as ``block.stateless_call`` under ``jax.checkpoint``.
+
+    The unit's variable values are explicit arguments and the new moving
+    statistics are assigned after the checkpointed function returns, so they
+    are updated once, as without the wrapper (and no tracer escapes ``jax.jit``).
+    """
+
+    def forward(x, trainable, non_trainable):
+        return block.stateless_call(trainable, non_trainable, x, training=training)
+
+    outputs, non_trainable = jax.checkpoint(forward)(
+        inputs,
+        [v.value for v in block.trainable_variables],
+        [v.value for v in block.non_trainable_variables],
+    )
+    for variable, value in zip(block.non_trainable_variables, non_trainable):
+        variable.assign(value)
+    return outputs
 
 
 def residual_call(x, shortcut, stride, padding, extra):

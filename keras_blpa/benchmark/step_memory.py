@@ -17,8 +17,7 @@ step at the measured batch is compiled, not run.
 
 import time
 
-import keras
-
+from keras_blpa import backends
 from keras_blpa import memory
 from keras_blpa.benchmark import modes as modes_lib
 
@@ -38,9 +37,9 @@ def step_peak(model, x, y, baseline=0):
     return peak.resident_bytes - baseline, peak.peak_bytes - baseline
 
 
-def _step_memory(model, x, y, baseline, on_jax):
+def _step_memory(model, x, y, baseline, compiled):
     """(resident, peak) bytes of a training step at this batch (see the module docstring)."""
-    if on_jax:
+    if compiled:
         step = memory.compiled_step_memory(model, x, y)
         return step.resident_bytes, step.peak_bytes
     modes_lib.train_step(model, x, y)  # warm-up (and retrace for a new batch)
@@ -60,9 +59,9 @@ def measure(mode, depth, batches, width=1, input_shape=(32, 32, 3), num_classes=
     resident_mib, step_mib (= peak - resident), build and trace/compile
     seconds, and the source of the figures ("allocator" or "xla-compiled").
     """
-    on_jax = keras.backend.backend() == "jax"
+    compiled = backends.get().COMPILED_STEP_MEMORY
     modes_lib.release()
-    baseline = 0 if on_jax else _allocated()
+    baseline = 0 if compiled else _allocated()
     start = time.perf_counter()
     model = modes_lib.compile_model(
         modes_lib.build_model(mode, depth, num_classes, input_shape, width)
@@ -70,12 +69,12 @@ def measure(mode, depth, batches, width=1, input_shape=(32, 32, 3), num_classes=
     params = int(model.count_params())
     built = time.perf_counter()
     rows = []
-    if on_jax:
+    if compiled:
         modes_lib.build_state(model, input_shape, num_classes)
     for batch in batches:
         x, y = modes_lib.random_batch(batch, input_shape, num_classes)
         t0 = time.perf_counter()
-        resident, peak = _step_memory(model, x, y, baseline, on_jax)
+        resident, peak = _step_memory(model, x, y, baseline, compiled)
         warm = time.perf_counter() - t0
         rows.append(
             {
@@ -89,7 +88,7 @@ def measure(mode, depth, batches, width=1, input_shape=(32, 32, 3), num_classes=
                 "step_mib": round((peak - resident) / MIB, 2),
                 "build_s": round(built - start, 2),
                 "warmup_s": round(warm, 2),
-                "source": "xla-compiled" if on_jax else "allocator",
+                "source": "xla-compiled" if compiled else "allocator",
             }
         )
         del x, y

@@ -1,6 +1,6 @@
 """Lazy loader of the compiled quantisation ops (ops/blpa_ops.cc + cc/).
 
-`load()` returns an object exposing the fused kernels of `keras_blpa.reference`
+`load()` returns an object exposing the fused ops of `reference`
 with the same signatures (``bn_relu_encode, decode_relu, bn_grad_reduce,
 bn_grad_input``), backed by the op library, or None when the pure-TF path must
 be used. The library is found, in this order:
@@ -9,7 +9,7 @@ be used. The library is found, in this order:
    ``bazel-bin/_blpa_ops.so``), loaded unless its stamp names another TensorFlow;
 2. ``keras_blpa/_blpa_ops.so`` built by setup.py, if its stamp matches the
    TensorFlow in use and the sources;
-3. the per-user cache (`keras_blpa.native_build`), compiled there at first use
+3. the per-user cache (`native_build`), compiled there at first use
    if needed (``KERAS_BLPA_NATIVE_BUILD=0`` forbids compiling).
 
 ``KERAS_BLPA_PURE_TF=1`` forces the pure-TF path. Any failure (no compiler, no
@@ -21,7 +21,7 @@ import os
 import threading
 import warnings
 
-from keras_blpa import native_build
+from keras_blpa.backends.tensorflow import native_build
 
 __all__ = [
     "BUILD_ENV",
@@ -55,7 +55,7 @@ _OP_FUNCTIONS = (
 
 def packaged_library():
     """Path of the library that setup.py builds into the package."""
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), native_build.LIBRARY_NAME)
+    return os.path.join(native_build.PACKAGE_DIR, native_build.LIBRARY_NAME)
 
 
 def _find_library():
@@ -88,7 +88,7 @@ def pure_tf_forced():
 class NativeOps:
     """The fused block kernels backed by the compiled op library.
 
-    Same functions and signatures as `keras_blpa.reference`; inputs are cast to
+    Same functions and signatures as `reference`; inputs are cast to
     float32 (x, grad_a and the per-channel vectors) as the reference does.
     """
 
@@ -206,6 +206,11 @@ def load():
 def load_error():
     """Why the last load attempt failed (None if it succeeded or never ran)."""
     return _error
+
+
+def load_failed():
+    """Whether `load()` ran and fell back to the pure-TF path (loads nothing)."""
+    return _attempted and _ops is None
 
 
 def status():

@@ -1,9 +1,7 @@
-"""TensorFlow backend of the layers' training step (the JAX one is `keras_blpa.jax_ops`).
+"""The TensorFlow block: a ``tf.custom_gradient`` around the fused ops (`fused.ops()`).
 
-Both modules expose the same functions, which `keras_blpa.layers` calls:
-``read``, ``conv``, ``compressed``, ``residual_call``, ``jit_compatible`` and
-``working_set_factor``. Here the compressed block is a ``tf.custom_gradient``
-around the native (or pure-TF) kernels of `keras_blpa.quantization`.
+The fused ops are the native library's (ops/, cc/) when it loads, else the
+pure-TF `reference`; both have the same functions and signatures.
 
 The compressed backward runs as named steps: decode the code once the incoming
 gradient exists, the filter gradient from the decoded ReLU output
@@ -30,16 +28,9 @@ the block pins the order of a few ops:
 
 import tensorflow as tf
 
-from keras_blpa import quantization as quant
+from keras_blpa.backends.tensorflow import fused
 
-__all__ = [
-    "compressed",
-    "conv",
-    "jit_compatible",
-    "read",
-    "residual_call",
-    "working_set_factor",
-]
+__all__ = ["compressed", "conv", "read", "recompute_call", "residual_call"]
 
 
 def read(variable):
@@ -47,35 +38,20 @@ def read(variable):
     return tf.convert_to_tensor(variable)
 
 
-def jit_compatible():
-    """Whether the compressed step can be XLA-compiled: the native custom ops cannot."""
-    return not quant.native_ops_available()
-
-
-def working_set_factor():
-    """Full-size float tensors live at once in one block's backward.
-
-    The incoming gradient, the decoded activation and the result with the fused
-    native kernels; the pure-TF fallback also materialises the decoded value,
-    the masked gradient and two partial sums.
-    """
-    return 3 if quant.native_ops_available() else 6
-
-
 def _conv_args(head):
-    """Keyword arguments of tf.raw_ops.Conv2D / Conv2DBackprop* for a head."""
-    args = {"strides": (1,) + head["strides"] + (1,)}
-    if head["explicit_padding"] is None:
-        args["padding"] = head["padding"].upper()
+    """Keyword arguments of tf.raw_ops.Conv2D / Conv2DBackprop* for a `blocks.Head`."""
+    args = {"strides": (1,) + head.strides + (1,)}
+    if head.explicit_padding is None:
+        args["padding"] = head.padding.upper()
     else:
-        (top, bottom), (left, right) = head["explicit_padding"]
+        (top, bottom), (left, right) = head.explicit_padding
         args["padding"] = "EXPLICIT"
         args["explicit_paddings"] = [0, 0, top, bottom, left, right, 0, 0]
     return args
 
 
 def conv(a, kernel, head):
-    """NHWC x HWIO convolution of one head (a `layers._head_spec` dict)."""
+    """NHWC x HWIO convolution of one `blocks.Head`."""
     return tf.raw_ops.Conv2D(input=a, filter=kernel, **_conv_args(head))
 
 
@@ -96,8 +72,8 @@ def _cross_replica_sum(values, synchronized):
 class _Code:
     """The packed K-bit code of one block and what decoding it needs."""
 
-    def __init__(self, kernels, packed, shape, params, bits):
-        self.kernels, self.packed, self.shape = kernels, packed, shape
+    def __init__(self, ops, packed, shape, params, bits):
+        self.ops, self.packed, self.shape = ops, packed, shape
         self.params, self.bits = params, bits
 
     def read_after(self, dependencies):
@@ -107,7 +83,7 @@ class _Code:
     def decode_relu(self, dependencies):
         """The decoded ReLU output (float32), computed after `dependencies`."""
         p = self.params
-        return self.kernels.decode_relu(
+        return self.ops.decode_relu(
             self.read_after(dependencies), self.shape, p["step"], p["shift"], self.bits
         )
 
@@ -150,14 +126,14 @@ def _bn_relu_backward(code, d_a, beta, scale, synchronized):
     per-channel sums are all-reduced across replicas when `synchronized`
     (d_gamma and d_beta stay per-replica: the optimizer sums them).
     """
-    p, bits, kernels = code.params, code.bits, code.kernels
-    sum_g, sum_gx = kernels.bn_grad_reduce(
+    p, bits, ops = code.params, code.bits, code.ops
+    sum_g, sum_gx = ops.bn_grad_reduce(
         code.read_after([d_a]), d_a, p["step"], p["shift"], p["gamma"], beta, bits
     )
     d_gamma, d_beta = sum_gx, sum_g
     count = tf.cast(tf.reduce_prod(code.shape[:-1]), tf.float32)
     sum_g, sum_gx, count = _cross_replica_sum([sum_g, sum_gx, count], synchronized)
-    d_x = kernels.bn_grad_input(
+    d_x = ops.bn_grad_input(
         code.read_after([sum_g, sum_gx]),
         d_a,
         p["step"],
@@ -172,38 +148,34 @@ def _bn_relu_backward(code, d_a, beta, scale, synchronized):
     return d_x, d_gamma, d_beta
 
 
-def compressed(x, gamma, beta, mean, variance, kernels, *, bits, epsilon, heads,
-               compute_dtype, naive=False, with_activation=False, synchronized=False):
+def compressed(x, gamma, beta, mean, variance, kernels, config):
     """The training forward of ApproxConvBlock whose backward reads only the packed codes.
 
     Args:
         x: the block input (float32); gamma, beta: BN vectors; mean, variance:
             the batch statistics (their gradients are part of the BN backward).
-        kernels: one kernel per head, in `compute_dtype`.
-        bits, epsilon: code width and BN epsilon.
-        heads: the layer's head specs.
-        naive: the quantised activation also feeds the forward convolutions.
-        with_activation: also return the BN+ReLU output.
-        synchronized: all-reduce the BN backward's per-channel sums across replicas.
+        kernels: one conv kernel per head, in ``config.compute_dtype``.
+        config: a `keras_blpa.blocks.BlockConfig`.
 
     Returns:
         (list of head outputs, the activation or None).
     """
-    ops = quant.kernels()
-    conv_args = [_conv_args(h) for h in heads]
+    ops = fused.ops()
+    bits, epsilon = config.bits, config.epsilon
+    conv_args = [_conv_args(h) for h in config.heads]
     n = len(kernels)
 
     @tf.custom_gradient
     def block(x, gamma, beta, mean, variance, *kernels):
         scale = gamma * tf.math.rsqrt(variance + epsilon)
-        p = quant.channel_params(gamma, beta, bits)
+        p = fused.channel_params(gamma, beta, bits)
         x_shape = tf.shape(x)
         activation, packed = ops.bn_relu_encode(
             x, scale, beta - mean * scale, p["inv_step"], p["shift"], bits
         )
-        if naive:
+        if config.naive:
             activation = ops.decode_relu(packed, x_shape, p["step"], p["shift"], bits)
-        activation = tf.cast(activation, compute_dtype)
+        activation = tf.cast(activation, config.compute_dtype)
         with tf.control_dependencies([packed]):  # ordering (b)
             outs = [
                 tf.raw_ops.Conv2D(input=activation, filter=k, **args)
@@ -214,18 +186,29 @@ def compressed(x, gamma, beta, mean, variance, kernels, *, bits, epsilon, heads,
         def grad(*d_results):
             d_outs = d_results[:n]
             d_kernels, d_a = _conv_backward(code, kernels, d_outs, conv_args)
-            if with_activation:
+            if config.with_activation:
                 d_a += tf.cast(d_results[n], tf.float32)
-            d_x, d_gamma, d_beta = _bn_relu_backward(code, d_a, beta, scale, synchronized)
+            d_x, d_gamma, d_beta = _bn_relu_backward(code, d_a, beta, scale, config.synchronized)
             return (tf.cast(d_x, x.dtype), d_gamma, d_beta, None, None, *d_kernels)
 
         # Ordering (c): return the activation only when the caller uses it.
-        if with_activation:
+        if config.with_activation:
             return (*outs, activation), grad
         return tuple(outs), grad
 
     result = list(block(x, gamma, beta, mean, variance, *kernels))
-    return result[:n], (result[n] if with_activation else None)
+    return result[:n], (result[n] if config.with_activation else None)
+
+
+def recompute_call(block, inputs, training):
+    """`block(inputs)` under ``tf.recompute_grad`` (its recomputation updates the
+    BN moving statistics a second time)."""
+
+    @tf.recompute_grad
+    def forward(x):
+        return block(x, training=training)
+
+    return forward(inputs)
 
 
 def residual_call(x, shortcut, stride, padding, extra):

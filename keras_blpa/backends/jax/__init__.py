@@ -1,0 +1,59 @@
+"""The JAX backend of keras_blpa (implements `keras_blpa.backends.Backend`); no TensorFlow.
+
+* `block`: the compressed block, a ``jax.custom_vjp`` whose residuals are only
+  the packed codes, per-channel vectors and kernels, with the code in jnp
+  (byte for byte the TensorFlow reference's);
+* `memory`: device statistics, XLA's compiled-step memory, ``keras_blpa.info``'s facts.
+"""
+
+from keras_blpa.backends.jax.block import compressed
+from keras_blpa.backends.jax.block import conv
+from keras_blpa.backends.jax.block import read
+from keras_blpa.backends.jax.block import recompute_call
+from keras_blpa.backends.jax.block import residual_call
+from keras_blpa.backends.jax.memory import accelerator
+from keras_blpa.backends.jax.memory import compiled_step_memory
+from keras_blpa.backends.jax.memory import facts
+from keras_blpa.backends.jax.memory import memory_device
+from keras_blpa.backends.jax.memory import memory_stats
+from keras_blpa.backends.jax.memory import reset_peak_memory
+from keras_blpa.backends.jax.memory import versions
+
+NAME = "jax"
+# Under keras.distribution a distributed batch is one global (sharded) array.
+COMPILED_STEP_MEMORY = True
+EXPLICIT_CROSS_REPLICA = False
+
+
+def jit_compatible():
+    """The JAX step is jnp: always XLA-compiled."""
+    return True
+
+
+def working_set_factor():
+    """Full-size float tensors alive at once in one block's backward: taken to be the
+    fused native ops' 3 (the incoming gradient, the decoded activation, the
+    result); XLA's buffer assignment decides, and `memory_report` uses this
+    only for its transient estimate."""
+    return 3
+
+
+__all__ = [
+    "COMPILED_STEP_MEMORY",
+    "EXPLICIT_CROSS_REPLICA",
+    "NAME",
+    "accelerator",
+    "compiled_step_memory",
+    "compressed",
+    "conv",
+    "facts",
+    "jit_compatible",
+    "memory_device",
+    "memory_stats",
+    "read",
+    "recompute_call",
+    "reset_peak_memory",
+    "residual_call",
+    "versions",
+    "working_set_factor",
+]
