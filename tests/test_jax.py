@@ -175,6 +175,26 @@ def test_custom_vjp_gradients_against_exact_jax_grad(bits, strides):
         assert 1 - cos <= (3 / 2**bits) ** 2
 
 
+@pytest.mark.parametrize("channels", [16, 64])
+def test_working_set_factor_is_what_xla_assigns(channels):
+    """One block's compiled gradient: XLA's temporaries are about
+    `working_set_factor()` float tensors of the block input's size (the report's
+    transient estimate rests on it)."""
+    shape = (32, 32, 32, channels)
+    block = jax_ops.compressed_block(block_config(4))
+
+    def loss(x, gamma, beta, kernel):
+        mean, var = jnp.mean(x, (0, 1, 2)), jnp.var(x, (0, 1, 2))
+        return jnp.sum(block(shape, x, gamma, beta, mean, var, kernel)[0] ** 2)
+
+    specs = [jax.ShapeDtypeStruct(s, jnp.float32)
+             for s in (shape, (channels,), (channels,), (3, 3, channels, channels))]
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
+    temp = grad.lower(*specs).compile().memory_analysis().temp_size_in_bytes
+    factor = keras_blpa.backends.get().working_set_factor()
+    assert factor - 0.5 <= temp / (np.prod(shape) * 4) <= factor + 0.5
+
+
 def test_residuals_are_codes_vectors_and_kernel():
     """What the backward keeps: the packed 4-bit codes (1/8 of the float32 input),
     [C] vectors and the kernel; no float array of the activation's size."""
