@@ -22,6 +22,7 @@
 #include <stdint.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cstring>
 #include <vector>
 
@@ -65,19 +66,33 @@ inline CpuLevel detected_cpu_level() {
 #endif
 }
 
-// The detected level capped by `cap`: "avx" -> baseline, "avx2" -> at most
-// AVX2; nullptr or any other name (e.g. "avx512") -> no cap.
+// Whether `s` is the lowercase `name` in any case.
+inline bool is_name(const char* s, const char* name) {
+  while (*name != '\0' && std::tolower(static_cast<unsigned char>(*s)) == *name) ++s, ++name;
+  return *s == '\0' && *name == '\0';
+}
+
+// The detected level capped by `cap`, in any case: "avx" -> baseline, "avx2"
+// -> at most AVX2; nullptr or any other name (e.g. "avx512") -> no cap (the
+// Python loader warns about names other than avx, avx2 and avx512).
 inline CpuLevel usable_cpu_level(const char* cap) {
   CpuLevel l = detected_cpu_level();
   if (cap != nullptr) {
-    if (std::strcmp(cap, "avx") == 0) l = kBaseline;
-    if (std::strcmp(cap, "avx2") == 0 && l > kAvx2) l = kAvx2;
+    if (is_name(cap, "avx")) l = kBaseline;
+    if (is_name(cap, "avx2") && l > kAvx2) l = kAvx2;
   }
   return l;
 }
 
+// The name `usable_cpu_level` takes for each level: the baseline is "avx" in
+// a build with AVX (-mavx, HOST_COPTS on x86), "baseline" elsewhere.
 inline const char* cpu_level_name(int level) {
-  return level == kAvx512 ? "avx512" : level == kAvx2 ? "avx2" : "baseline";
+#if defined(__AVX__)
+  const char* baseline = "avx";
+#else
+  const char* baseline = "baseline";
+#endif
+  return level == kAvx512 ? "avx512" : level == kAvx2 ? "avx2" : baseline;
 }
 
 // ---------------------------------------------------------------------------

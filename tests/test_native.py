@@ -7,6 +7,7 @@ building the library).
 
 import json
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -24,6 +25,9 @@ from keras_blpa.backends.tensorflow import reference
 from keras_blpa.codes import packed_size
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+X86 = platform.machine().lower() in ("x86_64", "amd64")
+# What the CPU kernels report: the names KERAS_BLPA_CPU_ISA takes on x86, else "baseline".
+ISA_NAMES = native.CPU_ISA_LEVELS if X86 else ("baseline",)
 
 
 def _require_native():
@@ -447,7 +451,7 @@ def test_cache_builds_once_for_parallel_processes(tmp_path):
     assert all(p.returncode == 0 for p in procs), [r[1][-2000:] for r in results]
     outs = [json.loads(out.strip().splitlines()[-1]) for out, _ in results]
     assert outs[0]["path"] == outs[1]["path"]
-    assert outs[0]["isa"] in ("baseline", "avx2", "avx512")
+    assert outs[0]["isa"] in ISA_NAMES
     compiles = sum(err.count("compiling the native ops") for _, err in results)
     assert compiles == 1, [err[-2000:] for _, err in results]
     entries = [p for p in os.listdir(tmp_path) if p.startswith("ops-")]
@@ -480,6 +484,173 @@ def test_failed_compile_is_remembered_with_its_output(tmp_path, monkeypatch):
         native_build.cached_library()
     with pytest.raises(native_build.BuildError, match="delete .*build-error.txt to try again"):
         native_build.cached_library()
+
+
+# ---------------------------------------------------------------------------
+# Faults: a damaged or read-only cache, a killed compiler, a bad CPU_ISA value.
+# Loads run in a fresh interpreter, where a crash (SIGBUS) shows as its return code.
+
+LOAD_STATUS = """
+import json, sys
+from keras_blpa.backends.tensorflow import native
+native.packaged_library = lambda: sys.argv[1]
+print(json.dumps(native.status()))
+"""
+NO_PACKAGED = "/nonexistent/_blpa_ops.so"
+
+
+def _python(args, env):
+    """A fresh interpreter running `args`, which must exit 0; None in `env` unsets."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", native.LIBRARY_ENV: None,
+           native.PURE_TF_ENV: None, **env}
+    out = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
+                         env={k: v for k, v in env.items() if v is not None}, timeout=600)
+    assert out.returncode == 0, f"exit {out.returncode}: {out.stderr[-2000:]}"
+    return out
+
+
+def _facts(out):
+    """What `python -m keras_blpa.info` or LOAD_STATUS printed, as a dict."""
+    lines = out.stdout.strip().splitlines()
+    if lines and lines[-1].startswith("{"):
+        return json.loads(lines[-1])
+    return dict(line.split(": ", 1) for line in out.stdout.splitlines() if ": " in line)
+
+
+@pytest.fixture(scope="module")
+def built_cache(tmp_path_factory):
+    """(cache, library's path in it): a cache with one entry, compiled once for the tests to copy."""
+    cache = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KERAS_BLPA_CACHE", str(cache))
+        try:
+            library = native_build.cached_library()
+        except native_build.BuildError as e:
+            if _require_native():
+                pytest.fail(str(e))
+            pytest.skip(str(e))
+    return cache, os.path.relpath(library, cache)
+
+
+def _cache_copy(built_cache, tmp_path):
+    """(cache, library) of a copy of `built_cache` in tmp_path, to damage."""
+    cache, rel = built_cache
+    shutil.copytree(cache, tmp_path / "cache")
+    return tmp_path / "cache", tmp_path / "cache" / rel
+
+
+def _truncate(library):
+    library.write_bytes(library.read_bytes()[: library.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("damage", ["truncated", "zero-filled"])
+def test_damaged_cache_entry_is_rebuilt(built_cache, tmp_path, damage):
+    """A library cut short (SIGBUS when mapped) or zero-filled (power loss) beside a
+    valid stamp fails its stamp's size or sha256: rebuilt in place, then loaded."""
+    cache, library = _cache_copy(built_cache, tmp_path)
+    if damage == "truncated":
+        _truncate(library)
+    else:
+        library.write_bytes(bytes(library.stat().st_size))
+    out = _python(["-c", LOAD_STATUS, NO_PACKAGED], {"KERAS_BLPA_CACHE": str(cache)})
+    status = _facts(out)
+    assert status["kernels"] == "native" and status["library"] == str(library), status
+    assert out.stderr.count("compiling the native ops") == 1, out.stderr[-2000:]
+    assert "rebuilding: the cached library is " in out.stderr
+    assert native_build.library_problem(str(library)) is None
+    assert not list(library.parent.glob("*.tmp"))  # written beside, then renamed
+
+
+@pytest.mark.parametrize("route", ["override", "override without stamp", "packaged"])
+def test_damaged_library_not_ours_is_refused(built_cache, tmp_path, route):
+    """A truncated KERAS_BLPA_OPS_LIBRARY or packaged library, not ours to rebuild, is
+    refused with one warning naming it and what to do; the pure-TF path runs."""
+    _, library = _cache_copy(built_cache, tmp_path)
+    _truncate(library)
+    if route == "override without stamp":  # a Bazel build: its ELF segments are checked
+        os.remove(native_build.stamp_path(str(library)))
+    env = {"KERAS_BLPA_CACHE": str(tmp_path / "unused")}
+    if route == "packaged":
+        out = _python(["-c", LOAD_STATUS, str(library)], env)
+        remedy = f"reinstall keras_blpa, or delete {library} and "
+    else:
+        out = _python(["-m", "keras_blpa.info"], {**env, native.LIBRARY_ENV: str(library)})
+        remedy = f"rebuild {library}, or unset {native.LIBRARY_ENV}"
+    assert _facts(out)["kernels"] == "pure-TF"
+    warned = [line for line in out.stderr.splitlines() if "RuntimeWarning" in line]
+    assert len(warned) == 1, out.stderr[-2000:]
+    assert f"{library} not loaded: truncated" in warned[0] and remedy in warned[0], warned
+    assert "compiling" not in out.stderr
+
+
+def test_read_only_cache_with_a_valid_entry_is_used(built_cache, tmp_path):
+    """A valid entry is loaded without taking its lock. The cache is made read-only
+    (chmod), and, since root writes through that, opening build.lock is made to fail
+    too: build.lock is replaced by a directory."""
+    cache, library = _cache_copy(built_cache, tmp_path)
+    lock = library.parent / "build.lock"
+    lock.unlink(missing_ok=True)
+    lock.mkdir()
+    folders = [cache, library.parent]
+    for folder in folders:
+        folder.chmod(0o555)
+    try:
+        out = _python(["-c", LOAD_STATUS, NO_PACKAGED], {"KERAS_BLPA_CACHE": str(cache)})
+    finally:
+        for folder in folders:
+            folder.chmod(0o755)
+    status = _facts(out)
+    assert status["kernels"] == "native" and status["library"] == str(library), status
+    assert status["origin"] == "per-user cache" and "compiling" not in out.stderr
+
+
+@pytest.mark.parametrize("killed", ["compiler", "cc1plus under g++"])
+def test_compiler_killed_by_a_signal_is_retried_not_remembered(tmp_path, monkeypatch, killed):
+    """A compiler killed by a signal (e.g. SIGKILL from the out-of-memory killer) made
+    no compile error: nothing is recorded, the next use compiles again. Either the
+    compiler dies (a negative return code) or g++'s cc1plus does (g++ exits 1)."""
+    calls = tmp_path / "calls"
+    script = tmp_path / "killed"
+    if killed == "compiler":
+        script.write_text(f'#!/bin/sh\n[ "$1" = --version ] && exit 0\necho >> {calls}\n'
+                          "kill -KILL $$\n")
+        cxx = str(script)
+    else:
+        if shutil.which("g++") is None:
+            pytest.skip("no g++")
+        script.write_text(f'#!/bin/sh\ncase "$1" in *cc1plus) echo >> {calls}; kill -KILL $$;; '
+                          'esac\nexec "$@"\n')
+        cxx = f"g++ -wrapper {script}"
+    script.chmod(0o755)
+    monkeypatch.setenv("KERAS_BLPA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CXX", cxx)
+    for attempt in (1, 2):
+        with pytest.raises(native_build.BuildError, match="killed by (signal 9|SIGKILL)") as e:
+            native_build.cached_library()
+        assert "build-error.txt" not in str(e.value)
+        assert calls.read_text().count("\n") == attempt
+    assert not list((tmp_path / "cache").glob("*/build-error.txt"))
+
+
+@pytest.mark.skipif(not X86, reason="the CPU levels are x86's")
+def test_cpu_isa_cap_takes_any_case_and_warns_on_other_values(ops):
+    """KERAS_BLPA_CPU_ISA takes avx, avx2 or avx512 in any case, and info reports the
+    level by that name; another value runs uncapped with one warning naming it."""
+    levels = native.CPU_ISA_LEVELS
+
+    def run(value):
+        out = _python(["-m", "keras_blpa.info"],
+                      {native.LIBRARY_ENV: ops.path, native.CPU_ISA_ENV: value})
+        facts = _facts(out)
+        assert facts["kernels"] == "native", facts
+        warned = out.stderr.count(f"{native.CPU_ISA_ENV}={value!r} is not one of avx, avx2, avx512")
+        return facts["cpu_isa"], warned
+
+    best, _ = run(None)
+    assert best in levels
+    capped = {"AVX2": levels[min(levels.index(best), 1)], "Avx": "avx", "sse": best, "avx1024": best}
+    for value, want in capped.items():
+        assert run(value) == (want, int(value.lower() not in levels)), value
 
 
 def test_build_can_be_forbidden(fresh_loader, tmp_path):
@@ -515,7 +686,7 @@ def test_info_entry_point_names_the_path_in_use():
     assert facts["memory_stats"].startswith("available on")
     if facts["kernels"] == "native":
         assert os.path.exists(facts["library"])
-        assert facts["cpu_isa"] in ("baseline", "avx2", "avx512")
+        assert facts["cpu_isa"] in ISA_NAMES
     else:
         assert not _require_native(), facts
     env.update(KERAS_BLPA_PURE_TF="1")

@@ -12,9 +12,16 @@ be used. The library is found, in this order:
 3. the per-user cache (`native_build`), compiled there at first use
    if needed (``KERAS_BLPA_NATIVE_BUILD=0`` forbids compiling).
 
+A library whose stamp records a size and sha256 is loaded only if it matches
+them (and one without, only if no segment lies past its end), since a truncated
+library would kill the process with SIGBUS: a damaged cache entry is rebuilt;
+the library of 1. or 2. is refused, with what to do.
+
 ``KERAS_BLPA_PURE_TF=1`` forces the pure-TF path. Any failure (no compiler, no
 sources, a library that does not load) gives ONE warning per process with the
 reason, then the pure-TF path; `status()` says which path is in use and why.
+``KERAS_BLPA_CPU_ISA`` (avx, avx2 or avx512, any case) caps the instruction set
+of the CPU kernels; another value is ignored with a warning.
 """
 
 import os
@@ -25,6 +32,8 @@ from keras_blpa.backends.tensorflow import native_build
 
 __all__ = [
     "BUILD_ENV",
+    "CPU_ISA_ENV",
+    "CPU_ISA_LEVELS",
     "LIBRARY_ENV",
     "NativeOps",
     "PURE_TF_ENV",
@@ -38,6 +47,9 @@ __all__ = [
 PURE_TF_ENV = "KERAS_BLPA_PURE_TF"
 LIBRARY_ENV = "KERAS_BLPA_OPS_LIBRARY"
 BUILD_ENV = "KERAS_BLPA_NATIVE_BUILD"
+CPU_ISA_ENV = "KERAS_BLPA_CPU_ISA"
+# The caps cc/blpa_cpu.h accepts (usable_cpu_level), lowest first.
+CPU_ISA_LEVELS = ("avx", "avx2", "avx512")
 
 _lock = threading.Lock()
 _attempted = False
@@ -59,7 +71,10 @@ def packaged_library():
 
 
 def _find_library():
-    """(path, origin) of the library to load, building it into the cache if needed."""
+    """(path, origin, remedy) of the library to load, building it into the cache if needed.
+
+    The remedy says what to do if the library is damaged or does not load.
+    """
     tf_info = native_build.tensorflow_info()
     override = os.environ.get(LIBRARY_ENV)
     if override:
@@ -69,15 +84,19 @@ def _find_library():
                 f"{override} was built for TensorFlow {stamp.get('tensorflow')}, "
                 f"not {tf_info['version']}"
             )
-        return override, f"{LIBRARY_ENV}"
+        return override, LIBRARY_ENV, f"rebuild {override}, or unset {LIBRARY_ENV}"
     packaged = packaged_library()
     if native_build.matches(packaged, tf_info):
-        return packaged, "built at install time"
+        return packaged, "built at install time", (
+            f"reinstall keras_blpa, or delete {packaged} and "
+            f"{native_build.stamp_path(packaged)} to compile it into the per-user cache at first use"
+        )
     if native_build.env_flag(BUILD_ENV) is False:
         raise RuntimeError(
             f"no library built for TensorFlow {tf_info['version']} and {BUILD_ENV}=0"
         )
-    return native_build.cached_library(tf_info), "per-user cache"
+    library = native_build.cached_library(tf_info)
+    return library, "per-user cache", f"delete {os.path.dirname(library)} to rebuild it"
 
 
 def pure_tf_forced():
@@ -100,7 +119,7 @@ class NativeOps:
         return f"NativeOps({self.path!r})"
 
     def cpu_isa(self):
-        """The instruction set the CPU kernels run with (avx512, avx2 or baseline)."""
+        """The instruction set the CPU kernels run with: avx512, avx2, avx (baseline off x86)."""
         return self._module.blpa_cpu_isa().numpy().decode()
 
     def bn_relu_encode(self, x, scale, offset, inv_step, shift, bits):
@@ -170,11 +189,27 @@ def _load_library(path):
 
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: file not found")
+    problem = native_build.library_problem(path)
+    if problem:
+        raise RuntimeError(f"{path} not loaded: {problem}")
     module = tf.load_op_library(path)
     missing = [name for name in _OP_FUNCTIONS if not hasattr(module, name)]
     if missing:
         raise RuntimeError(f"library does not define {', '.join(missing)}")
     return NativeOps(module, path)
+
+
+def _check_cpu_isa_cap():
+    """Warns if KERAS_BLPA_CPU_ISA names no level, which the CPU kernels then ignore."""
+    value = os.environ.get(CPU_ISA_ENV)
+    if value and value.lower() not in CPU_ISA_LEVELS:
+        warnings.warn(
+            f"keras_blpa: {CPU_ISA_ENV}={value!r} is not one of {', '.join(CPU_ISA_LEVELS)} "
+            "(any case), so it is ignored: the CPU kernels run at the best level this CPU "
+            "supports",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def load():
@@ -186,12 +221,13 @@ def load():
         return _ops
     with _lock:
         if not _attempted:
+            remedy = None
             try:
-                path, _origin = _find_library()
+                path, _origin, remedy = _find_library()
                 _ops = _load_library(path)
             except Exception as e:  # noqa: BLE001 - any failure means fallback
                 _ops = None
-                _error = f"{type(e).__name__}: {e}"
+                _error = f"{type(e).__name__}: {e}" + (f"; {remedy}" if remedy else "")
                 warnings.warn(
                     "keras_blpa: native ops unavailable "
                     f"({_error}); using the pure-TensorFlow reference kernels "
@@ -199,6 +235,8 @@ def load():
                     RuntimeWarning,
                     stacklevel=2,
                 )
+            else:
+                _check_cpu_isa_cap()
             _attempted = True
     return _ops
 

@@ -7,11 +7,20 @@ without TensorFlow). The cache entry is keyed by everything the binary depends o
 the TensorFlow version and its compile/link flags (C++ ABI), the CUDA plan, the
 source files' contents, the compiler and the machine. A library built for another
 TensorFlow is never loaded. Parallel processes (multi-worker training, benchmark
-trials, pytest) take a file lock, so one builds and the others wait for it.
+trials, pytest) take a file lock, so one builds and the others wait for it; a valid
+entry is used without the lock, so a read-only cache works.
+
+The library and its stamp are each written to a temporary file beside them,
+fsynced and renamed, and the stamp records the library's size and sha256: an
+entry that does not match them (a file truncated or zeroed by a crash) is
+rebuilt, never loaded, since mapping a truncated library kills the process with
+SIGBUS. A failed compile is recorded in the entry's ``build-error.txt`` and not
+retried until that file is deleted; a compiler killed by a signal (e.g. out of
+memory) is not a compile error and is retried at the next use.
 
 The CPU kernels are compiled for AVX, AVX2 and AVX-512 in the same binary and the
-best level the CPU supports is chosen at run time (``KERAS_BLPA_CPU_ISA`` caps it),
-so one cache entry serves every x86-64 CPU.
+best level the CPU supports is chosen at run time (``KERAS_BLPA_CPU_ISA=avx|avx2``,
+any case, caps it), so one cache entry serves every x86-64 CPU.
 
 CUDA kernels are built only when the installed TensorFlow is a CUDA build and an
 nvcc of the same CUDA major version is found: the library then links that
@@ -37,6 +46,8 @@ import platform
 import re
 import shlex
 import shutil
+import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -49,6 +60,7 @@ __all__ = [
     "cached_library",
     "cuda_plan",
     "find_cuda",
+    "library_problem",
     "read_stamp",
     "source_root",
     "sources",
@@ -66,6 +78,14 @@ _log = logging.getLogger("keras_blpa")
 
 class BuildError(RuntimeError):
     """The op library cannot be built here; the message says what is missing."""
+
+
+class _CompilerKilled(BuildError):
+    """The compiler was killed by a signal (e.g. out of memory): not the sources' fault."""
+
+
+# What gcc's driver prints (exit 1) when cc1plus, not the driver, gets SIGKILL.
+_GCC_KILLED = "Killed signal terminated program"
 
 
 def env_flag(name):
@@ -223,14 +243,88 @@ def read_stamp(library):
         return None
 
 
+def _sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def _elf_problem(library):
+    """Why the dynamic loader would fault on `library` (an ELF64 file cut short), or None.
+
+    Files that are not ELF64 are left to the loader, which rejects them with an error.
+    """
+    with open(library, "rb") as f:
+        data = f.read()
+    if data[:5] != b"\x7fELF\x02":
+        return None
+    order = "<" if data[5:6] == b"\x01" else ">"
+    try:
+        (phoff,) = struct.unpack_from(order + "Q", data, 32)
+        phentsize, phnum = struct.unpack_from(order + "HH", data, 54)
+        headers = [struct.unpack_from(order + "IIQQQQ", data, phoff + i * phentsize)
+                   for i in range(phnum)]
+    except struct.error:
+        return f"truncated: {len(data)} bytes, its program headers are cut off"
+    end = max((h[2] + h[5] for h in headers if h[0] == 1), default=0)  # PT_LOAD offset + size
+    if end > len(data):
+        return f"truncated: {len(data)} bytes, its segments end at byte {end}"
+    return None
+
+
+def library_problem(library):
+    """Why `library` must not be loaded, or None.
+
+    A library whose stamp records a size and sha256 must match them. One without
+    (a Bazel build, an older stamp) must hold every segment the dynamic loader maps:
+    mapping past the end of a truncated file kills the process with SIGBUS.
+    """
+    stamp = read_stamp(library) or {}
+    if "sha256" not in stamp:
+        return _elf_problem(library)
+    size = os.path.getsize(library)
+    if size != stamp["size"]:
+        return f"truncated or altered: {size} bytes, its stamp records {stamp['size']}"
+    if _sha256(library) != stamp["sha256"]:
+        return "altered: its sha256 is not the one its stamp records"
+    return None
+
+
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _replacing(path):
+    """A temporary path beside `path`; what is written there is fsynced and renamed to `path`."""
+    partial = f"{path}.{os.getpid()}.tmp"
+    try:
+        yield partial
+        _fsync(partial)
+        os.replace(partial, path)
+        _fsync(os.path.dirname(path))
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(partial)
+
+
 def _run(cmd, cwd, log):
     log(" ".join(shlex.quote(c) for c in cmd))
     result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
-    if result.returncode:
-        raise BuildError(
-            f"`{os.path.basename(cmd[0])}` failed (exit {result.returncode}):\n"
-            + (result.stderr or result.stdout)[-4000:]
+    output = (result.stderr or result.stdout)[-4000:]
+    name = os.path.basename(cmd[0])
+    if result.returncode < 0 or _GCC_KILLED in output:
+        how = (f"signal {-result.returncode} ({signal.strsignal(-result.returncode)})"
+               if result.returncode < 0 else "SIGKILL")
+        raise _CompilerKilled(
+            f"`{name}` was killed by {how}, e.g. out of memory: not a compile error, "
+            f"so the next use compiles again:\n{output}"
         )
+    if result.returncode:
+        raise BuildError(f"`{name}` failed (exit {result.returncode}):\n{output}")
 
 
 def build(output, root=None, tf_info=None, log=None):
@@ -265,22 +359,22 @@ def build(output, root=None, tf_info=None, log=None):
         copts = src["HOST_COPTS"]
         if platform.machine().lower() not in ("x86_64", "amd64"):
             copts = [c for c in copts if not c.startswith("-mavx")]
-        partial = os.path.join(tmp, LIBRARY_NAME)
-        _run([*cxx, "-shared", "-fPIC", *copts, "-w", *defines, "-I", root,
-              *tf_info["cflags"], *src["OP_SOURCES"], *objects, "-o", partial,
-              *tf_info["lflags"], *cuda_link], root, log)
-        stamp = {
-            "key": build_key(root, tf_info, toolkit),
-            "tensorflow": tf_info["version"],
-            "cuda": toolkit and toolkit["version"],
-            "cuda_reason": cuda_reason,
-        }
-        # Library first, then its stamp, each by an atomic rename.
-        shutil.move(partial, output + ".tmp")
-        os.replace(output + ".tmp", output)
-        with open(stamp_path(output) + ".tmp", "w", encoding="utf-8") as f:
-            json.dump(stamp, f, indent=1)
-        os.replace(stamp_path(output) + ".tmp", stamp_path(output))
+        # Library first, then its stamp, each complete on disk before its rename.
+        with _replacing(output) as partial:
+            _run([*cxx, "-shared", "-fPIC", *copts, "-w", *defines, "-I", root,
+                  *tf_info["cflags"], *src["OP_SOURCES"], *objects, "-o", partial,
+                  *tf_info["lflags"], *cuda_link], root, log)
+            size, sha256 = os.path.getsize(partial), _sha256(partial)
+    stamp = {
+        "key": build_key(root, tf_info, toolkit),
+        "tensorflow": tf_info["version"],
+        "cuda": toolkit and toolkit["version"],
+        "cuda_reason": cuda_reason,
+        "size": size,
+        "sha256": sha256,
+    }
+    with _replacing(stamp_path(output)) as partial, open(partial, "w", encoding="utf-8") as f:
+        json.dump(stamp, f, indent=1)
     return stamp
 
 
@@ -317,6 +411,17 @@ def matches(library, tf_info, root=None):
     return stamp.get("key") == build_key(root, tf_info, toolkit)
 
 
+def _build_reason(library):
+    """Why the cache entry must be built, for the compile message; None if it can be loaded."""
+    stamp = read_stamp(library)
+    if stamp is None or not os.path.exists(library):
+        return "first use only"
+    if "sha256" not in stamp:
+        return "rebuilding: the stamp, from an older keras_blpa, has no sha256 to check"
+    problem = library_problem(library)
+    return problem and f"rebuilding: the cached library is {problem}"
+
+
 def cached_library(tf_info=None, log=None):
     """Path of a library built for this TensorFlow, building it (once, locked) if needed."""
     root = source_root()
@@ -328,18 +433,23 @@ def cached_library(tf_info=None, log=None):
     folder = os.path.join(cache_dir(), f"ops-{key}")
     library = os.path.join(folder, LIBRARY_NAME)
     failure = os.path.join(folder, "build-error.txt")
+    if _build_reason(library) is None:  # no lock needed: a read-only cache works
+        return library
     os.makedirs(folder, exist_ok=True)
     with _file_lock(os.path.join(folder, "build.lock")):
-        if not (read_stamp(library) and os.path.exists(library)):
+        reason = _build_reason(library)  # None if another process built it meanwhile
+        if reason is not None:
             if os.path.exists(failure):  # the same build failed before: do not retry each time
                 with open(failure, encoding="utf-8") as f:
                     raise BuildError(f"{f.read()}\n(delete {failure} to try again)")
             (log or _log.warning)(
                 f"keras_blpa: compiling the native ops for TensorFlow {tf_info['version']} "
-                f"into {folder} (first use only)"
+                f"into {folder} ({reason})"
             )
             try:
                 build(library, root, tf_info, log=_log.info)
+            except _CompilerKilled:
+                raise  # not the sources' fault: try again next time
             except BuildError as e:
                 if shutil.which(_compiler()[0]) is None:
                     raise  # cheap to find out again, and fixed by installing one
