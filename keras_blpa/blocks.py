@@ -16,13 +16,21 @@ from keras_blpa.validation import check_choice
 from keras_blpa.validation import check_int
 from keras_blpa.validation import check_int_pair
 
-__all__ = ["BlockConfig", "Head", "PADDINGS"]
+__all__ = ["BlockConfig", "Head", "PADDINGS", "WEIGHT_OPTIONS", "option_module"]
 
 PADDINGS = ("same", "valid")
+# Per-head weight options (Conv2D's names); the block's own arguments are their defaults.
+WEIGHT_OPTIONS = (
+    "kernel_regularizer", "kernel_constraint", "bias_regularizer", "bias_constraint",
+)
 _HEAD_KEYS = (
     "filters", "kernel_size", "strides", "padding", "use_bias", "explicit_padding",
-    "kernel_regularizer",
-)
+) + WEIGHT_OPTIONS
+
+
+def option_module(name):
+    """The keras module (regularizers or constraints) that gets and serialises option `name`."""
+    return keras.regularizers if name.endswith("regularizer") else keras.constraints
 
 
 def _check_explicit_padding(explicit, padding, received):
@@ -48,6 +56,8 @@ class Head:
 
     ``explicit_padding`` (with padding "valid") is a folded ZeroPadding2D:
     ``((top, bottom), (left, right))`` zeros added before the convolution.
+    The `WEIGHT_OPTIONS` are the regularizers and constraints of its kernel and
+    bias, as Conv2D's.
     """
 
     filters: int
@@ -57,10 +67,17 @@ class Head:
     use_bias: bool = False
     explicit_padding: Optional[tuple] = None
     kernel_regularizer: Any = dataclasses.field(default=None, compare=False)
+    kernel_constraint: Any = dataclasses.field(default=None, compare=False)
+    bias_regularizer: Any = dataclasses.field(default=None, compare=False)
+    bias_constraint: Any = dataclasses.field(default=None, compare=False)
 
     @classmethod
-    def from_dict(cls, head, kernel_regularizer=None):
-        """A validated Head from a user's dict (`kernel_regularizer` is the default)."""
+    def from_dict(cls, head, defaults=None):
+        """A validated Head from a user's dict.
+
+        `defaults` ({`WEIGHT_OPTIONS` name: value}, the block's arguments) fill
+        the weight options the dict leaves out.
+        """
         if not isinstance(head, dict):
             raise ValueError(f"Expected each head to be a dict. Received: head={head!r}")
         unknown = sorted(set(head) - set(_HEAD_KEYS))
@@ -82,15 +99,17 @@ class Head:
             explicit_padding=_check_explicit_padding(
                 head.get("explicit_padding"), padding, head.get("explicit_padding")
             ),
-            kernel_regularizer=keras.regularizers.get(
-                head.get("kernel_regularizer", kernel_regularizer)
-            ),
+            **{
+                name: option_module(name).get(head.get(name, (defaults or {}).get(name)))
+                for name in WEIGHT_OPTIONS
+            },
         )
 
     def get_config(self):
-        """The dict `from_dict` reads back (regularizer serialised)."""
+        """The dict `from_dict` reads back (regularizers and constraints serialised)."""
         config = {k: getattr(self, k) for k in _HEAD_KEYS}
-        config["kernel_regularizer"] = keras.regularizers.serialize(self.kernel_regularizer)
+        for name in WEIGHT_OPTIONS:
+            config[name] = option_module(name).serialize(config[name])
         return config
 
     def output_size(self, size, axis):
@@ -127,3 +146,12 @@ class BlockConfig:
     naive: bool = False
     with_activation: bool = False
     synchronized: bool = False
+
+    def second_order_error(self):
+        """The ValueError for differentiating the compressed backward again."""
+        return ValueError(
+            "ApproxConvBlock's compressed backward has no second derivative (it is "
+            "computed from the K-bit code, not from the activation): for a gradient "
+            "of a gradient, e.g. a gradient penalty, build the block with bits=None. "
+            f"Received: bits={self.bits}"
+        )

@@ -76,6 +76,9 @@ _KEEPS_INPUT_AND_OUTPUT = (
     keras.layers.GlobalMaxPooling1D,
     keras.layers.GlobalMaxPooling2D,
 )
+# Why an activity regularizer on the BN output, the activation or its padding
+# stops a conversion: the block keeps only the code of these tensors.
+_ACTIVITY_REASON = "its gradient needs the float tensor, which the block does not keep"
 # Activations whose gradient reads their output (TensorFlow's registered grads).
 _OUTPUT_GRAD_ACTIVATIONS = ("relu", "sigmoid", "tanh", "softmax", "exponential")
 
@@ -170,32 +173,38 @@ def _bn_problem(node):
         return f"BatchNormalization axis={bn.axis} (needs channels last)"
     if getattr(bn, "renorm", False):
         return "BatchNormalization with renorm"
-    for attr in ("gamma_regularizer", "beta_regularizer", "gamma_constraint", "beta_constraint"):
-        if getattr(bn, attr, None) is not None:
-            return f"BatchNormalization with {attr}"
+    if bn.activity_regularizer is not None:
+        return f"BatchNormalization with an activity_regularizer ({_ACTIVITY_REASON})"
     if not _single_call(bn):
         return "BatchNormalization layer shared by several calls"
     return None
 
 
-def _conv_problem(node, relu_out, bn, after_pad=False):
-    """Why this Conv2D cannot be a head of the block (None if it can)."""
+def _conv_problem(node, relu_out, bn, pad=None):
+    """Why this Conv2D (after the ZeroPadding2D node `pad`, if given) cannot be a
+    head of the block (None if it can)."""
     conv = node.operation
     if type(conv) is not keras.layers.Conv2D:
         return f"{_describe(node)} is not a Conv2D"
     if len(node.input_tensors) != 1 or node.input_tensors[0] is not relu_out:
         return f"{_describe(node)} has other inputs"
+    if pad is not None and pad.operation.activity_regularizer is not None:
+        return (
+            f"{_describe(pad)} before {_describe(node)} has an activity_regularizer "
+            f"({_ACTIVITY_REASON})"
+        )
     checks = [
         (conv.data_format != "channels_last", "data_format channels_first"),
         (tuple(conv.dilation_rate) != (1, 1), f"dilation_rate={conv.dilation_rate}"),
         (conv.groups != 1, f"groups={conv.groups}"),
         (conv.activation is not keras.activations.linear, "an activation"),
-        (conv.bias_regularizer is not None, "a bias_regularizer"),
-        (conv.activity_regularizer is not None, "an activity_regularizer"),
-        (conv.kernel_constraint is not None or conv.bias_constraint is not None, "a constraint"),
+        (
+            conv.activity_regularizer is not None,
+            "an activity_regularizer (the block's outputs carry none)",
+        ),
         (getattr(conv, "lora_enabled", False), "LoRA enabled"),
         (not _single_call(conv), "several calls (shared layer)"),
-        (after_pad and conv.padding != "valid", "padding='same' after a ZeroPadding2D"),
+        (pad is not None and conv.padding != "valid", "padding='same' after a ZeroPadding2D"),
         (conv.dtype_policy.name != bn.dtype_policy.name, "a dtype policy other than the BatchNormalization's"),
         (conv.trainable != bn.trainable, "a trainable flag other than the BatchNormalization's"),
     ]
@@ -243,15 +252,15 @@ def _find_chain(graph, node, rejected):
         return None, "its ReLU layer is shared by several calls"
     if relu.operation.dtype_policy.name != bn.dtype_policy.name:
         return None, "its ReLU has another dtype policy"
+    if relu.operation.activity_regularizer is not None:
+        return None, f"its ReLU has an activity_regularizer ({_ACTIVITY_REASON})"
     activation = relu.outputs[0]
     heads, others, reasons = [], [], []
     for user in graph.users(activation):
         layer = user.operation
         if type(layer) is keras.layers.ZeroPadding2D and layer.data_format == "channels_last":
             convs = graph.users(user.outputs[0])
-            problems = [
-                _conv_problem(c, user.outputs[0], bn, after_pad=True) for c in convs
-            ]
+            problems = [_conv_problem(c, user.outputs[0], bn, pad=user) for c in convs]
             if convs and id(user.outputs[0]) not in graph.output_ids and not any(problems) and _single_call(layer):
                 heads += [(c, user) for c in convs]
                 continue
@@ -481,6 +490,9 @@ def _make_block(chain, bits, quantization):
             use_bias=conv.use_bias,
             explicit_padding=None if pad is None else pad.operation.padding,
             kernel_regularizer=conv.kernel_regularizer,
+            kernel_constraint=conv.kernel_constraint,
+            bias_regularizer=conv.bias_regularizer,
+            bias_constraint=conv.bias_constraint,
         )
         for conv, (_, pad) in zip(convs, chain.heads)
     ]
@@ -494,23 +506,20 @@ def _make_block(chain, bits, quantization):
         synchronized=bool(getattr(bn, "synchronized", False)),
         gamma_initializer=bn.gamma_initializer,
         beta_initializer=bn.beta_initializer,
+        gamma_regularizer=bn.gamma_regularizer,
+        beta_regularizer=bn.beta_regularizer,
+        gamma_constraint=bn.gamma_constraint,
+        beta_constraint=bn.beta_constraint,
         kernel_initializer=convs[0].kernel_initializer,
         return_activation=chain.return_activation,
+        data_format="channels_last",  # the only layout converted, whatever the Keras config
         trainable=bn.trainable,
         dtype=bn.dtype_policy,
         name=chain.name,
     )
     if len(heads) == 1 and heads[0]["explicit_padding"] is None:
-        head = heads[0]
-        return blpa_layers.ApproxConvBlock(
-            head["filters"],
-            head["kernel_size"],
-            strides=head["strides"],
-            padding=head["padding"],
-            use_bias=head["use_bias"],
-            kernel_regularizer=head["kernel_regularizer"],
-            **common,
-        )
+        head = {k: v for k, v in heads[0].items() if k != "explicit_padding"}
+        return blpa_layers.ApproxConvBlock(**head, **common)
     return blpa_layers.ApproxConvBlock(heads=heads, **common)
 
 
@@ -534,12 +543,9 @@ def _copy_block_weights(chain, block):
 def _rebuild(graph, chains, bits, quantization):
     fn = graph.fn
     tensors = {}
-    new_inputs = []
     for t in fn.inputs:
         layer = t._keras_history[0]
-        new = keras.Input(batch_shape=t.shape, dtype=t.dtype, name=layer.name)
-        tensors[id(t)] = new
-        new_inputs.append(new)
+        tensors[id(t)] = keras.Input(batch_shape=t.shape, dtype=t.dtype, name=layer.name)
     starts = {id(c.bn): c for c in chains}
     skip = {id(n) for c in chains for n in c.nodes if n is not c.bn}
     clones = {}
@@ -567,12 +573,11 @@ def _rebuild(graph, chains, bits, quantization):
             tensors[id(t)] = new
         if first and isinstance(op, keras.layers.Layer):
             new_op.set_weights(op.get_weights())
-    outputs = [tensors[id(t)] for t in fn.outputs]
-    return keras.Model(
-        new_inputs[0] if len(new_inputs) == 1 else new_inputs,
-        outputs[0] if len(outputs) == 1 else outputs,
-        name=fn.name,
-    )
+    # The model's own structure of inputs and outputs (a dict, a list, one tensor).
+    def new(structure):
+        return keras.tree.map_structure(lambda t: tensors[id(t)], structure)
+
+    return keras.Model(new(fn.input), new(fn.output), name=fn.name)
 
 
 # ------------------------------------------------------------------- public

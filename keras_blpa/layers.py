@@ -19,8 +19,10 @@ import keras
 
 from keras_blpa import backends
 from keras_blpa.blocks import PADDINGS
+from keras_blpa.blocks import WEIGHT_OPTIONS
 from keras_blpa.blocks import BlockConfig
 from keras_blpa.blocks import Head
+from keras_blpa.blocks import option_module
 from keras_blpa.validation import check_bits
 from keras_blpa.validation import check_choice
 from keras_blpa.validation import check_number
@@ -28,6 +30,7 @@ from keras_blpa.validation import check_rank4
 
 __all__ = [
     "ApproxConvBlock",
+    "DATA_FORMATS",
     "PADDINGS",
     "QUANTIZATION_MODES",
     "ResidualBuffer",
@@ -35,6 +38,33 @@ __all__ = [
 ]
 
 QUANTIZATION_MODES = ("blpa", "naive")
+DATA_FORMATS = ("channels_last", "channels_first")
+_BN_OPTIONS = ("gamma_regularizer", "beta_regularizer", "gamma_constraint", "beta_constraint")
+# Axis orders from a layer's data format to NHWC (the backends' layout) and back.
+_TO_NHWC = {"channels_last": None, "channels_first": (0, 2, 3, 1)}
+_FROM_NHWC = {"channels_last": None, "channels_first": (0, 3, 1, 2)}
+
+
+def _data_format(data_format):
+    """`data_format` checked; None: keras.config.image_data_format(), as in Keras layers."""
+    if data_format is None:
+        return keras.config.image_data_format()
+    standard = data_format.lower() if isinstance(data_format, str) else None
+    if standard not in DATA_FORMATS:
+        raise ValueError(
+            f"Expected data_format in {DATA_FORMATS} or None. "
+            f"Received: data_format={data_format!r}"
+        )
+    return standard
+
+
+def _permute(value, order):
+    """A 4D tensor, or a shape tuple, with its axes in `order` (None: unchanged)."""
+    if order is None:
+        return value
+    if isinstance(value, tuple):
+        return tuple(value[i] for i in order)
+    return keras.ops.transpose(value, order)
 
 
 @keras.saving.register_keras_serializable(package="keras_blpa")
@@ -65,8 +95,12 @@ class ApproxConvBlock(keras.layers.Layer):
             (stock) backward. Defaults to 4.
         momentum, epsilon: as in keras.layers.BatchNormalization.
         use_bias: whether the convolution adds a bias. Defaults to False.
-        kernel_initializer, kernel_regularizer: for the convolution kernel(s).
-        gamma_initializer, beta_initializer: for the BN scale and shift.
+        kernel_initializer, kernel_regularizer, kernel_constraint: for the
+            convolution kernel(s).
+        bias_regularizer, bias_constraint: for the convolution bias(es).
+        gamma_initializer, beta_initializer, gamma_regularizer,
+            beta_regularizer, gamma_constraint, beta_constraint: for the BN
+            scale and shift, as in keras.layers.BatchNormalization.
         quantization: "blpa" (exact forward, approximate backward) or "naive"
             (the paper's baseline: the quantised activation also feeds the
             forward convolution, so errors compound across layers).
@@ -85,13 +119,19 @@ class ApproxConvBlock(keras.layers.Layer):
             ``kernel_size``, ``strides`` (1), ``padding`` ("same"),
             ``use_bias`` (False), ``explicit_padding`` (None, or
             ``((top, bottom), (left, right))`` zeros added before a "valid"
-            conv, i.e. a folded ZeroPadding2D) and ``kernel_regularizer``.
-            Weights: ``kernel`` / ``bias`` for the first head, ``kernel_{i}`` /
-            ``bias_{i}`` for head i.
+            conv, i.e. a folded ZeroPadding2D) and ``kernel_regularizer``,
+            ``kernel_constraint``, ``bias_regularizer``, ``bias_constraint``
+            (default: the block's). Weights: ``kernel`` / ``bias`` for the
+            first head, ``kernel_{i}`` / ``bias_{i}`` for head i.
+        data_format: "channels_last" (NHWC) or "channels_first" (NCHW);
+            None: ``keras.config.image_data_format()``. The kernels are HWIO
+            either way, as Conv2D's; channels_first inputs and outputs are
+            transposed around the NHWC computation.
         **kwargs: keras.layers.Layer arguments (name, dtype, ...).
 
     Call arguments:
-        inputs: 4D tensor (batch, height, width, channels).
+        inputs: 4D tensor, (batch, height, width, channels) or with
+            channels_first (batch, channels, height, width).
         training: whether to use batch statistics (and store codes).
 
     Returns:
@@ -99,9 +139,16 @@ class ApproxConvBlock(keras.layers.Layer):
         ``return_activation=True``, the list of head outputs followed by the
         activation if returned.
 
+    Dtype policies: the BN statistics are computed in float32 (float64
+    under a float64 policy), as keras.layers.BatchNormalization does; the
+    activation and the convolutions in the compute dtype. The K-bit code and
+    the compressed backward are float32 under every policy.
+
     Raises:
-        ValueError: for bad arguments, a non-4D input or a backend other than
-            TensorFlow and JAX.
+        ValueError: for bad arguments, a non-4D input, an input too small for
+            a "valid" kernel, a backend other than TensorFlow and JAX, and,
+            from the backward, a second derivative of the compressed backward
+            (use ``bits=None``).
 
     Example:
     >>> block = ApproxConvBlock(64, 3, bits=4)
@@ -134,11 +181,32 @@ class ApproxConvBlock(keras.layers.Layer):
         center=True,
         scale=True,
         heads=None,
+        data_format=None,
+        gamma_regularizer=None,
+        beta_regularizer=None,
+        gamma_constraint=None,
+        beta_constraint=None,
+        kernel_constraint=None,
+        bias_regularizer=None,
+        bias_constraint=None,
         **kwargs,
     ):
         self._backend = backends.get()
         super().__init__(**kwargs)
-        self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
+        options = dict(
+            kernel_regularizer=kernel_regularizer,
+            kernel_constraint=kernel_constraint,
+            bias_regularizer=bias_regularizer,
+            bias_constraint=bias_constraint,
+            gamma_regularizer=gamma_regularizer,
+            beta_regularizer=beta_regularizer,
+            gamma_constraint=gamma_constraint,
+            beta_constraint=beta_constraint,
+        )
+        for name, value in options.items():
+            setattr(self, name, option_module(name).get(value))
+        head_defaults = {name: getattr(self, name) for name in WEIGHT_OPTIONS}
+        self.data_format = _data_format(data_format)
         self._multi = heads is not None
         if self._multi:
             if filters is not None or kernel_size is not None:
@@ -150,7 +218,7 @@ class ApproxConvBlock(keras.layers.Layer):
                 raise ValueError(
                     f"Expected heads to be a non-empty list of dicts. Received: heads={heads!r}"
                 )
-            self.heads = tuple(Head.from_dict(h, kernel_regularizer) for h in heads)
+            self.heads = tuple(Head.from_dict(h, head_defaults) for h in heads)
         else:
             self.heads = (
                 Head.from_dict(
@@ -161,7 +229,7 @@ class ApproxConvBlock(keras.layers.Layer):
                         padding=padding,
                         use_bias=use_bias,
                     ),
-                    kernel_regularizer,
+                    head_defaults,
                 ),
             )
         first = self.heads[0]
@@ -198,24 +266,57 @@ class ApproxConvBlock(keras.layers.Layer):
     def _single_output(self):
         return len(self.heads) == 1 and not self.return_activation
 
+    def _head_shapes(self, input_shape):
+        """Each head's NHWC output shape for `input_shape` (in the layer's data format).
+
+        Raises a ValueError where a "valid" kernel does not fit the input (an
+        empty output), as Conv2D does.
+        """
+        shape = _permute(tuple(input_shape), _TO_NHWC[self.data_format])
+        outs = []
+        for head in self.heads:
+            spatial = [head.output_size(size, axis) for axis, size in enumerate(shape[1:3])]
+            if any(size is not None and size < 1 for size in spatial):
+                padded = "" if head.explicit_padding is None else (
+                    f", explicit_padding={head.explicit_padding}"
+                )
+                raise ValueError(
+                    f"ApproxConvBlock's {head.kernel_size} kernel (padding={head.padding!r}"
+                    f"{padded}, strides={head.strides}) does not fit the input's spatial "
+                    f"size {shape[1:3]}: the output would be empty. Received: "
+                    f"input_shape={tuple(input_shape)}, kernel_size={head.kernel_size}"
+                )
+            outs.append((shape[0], *spatial, head.filters))
+        return outs
+
     def build(self, input_shape):
         check_rank4(input_shape, "ApproxConvBlock")
-        channels = input_shape[-1]
+        axis = -1 if self.data_format == "channels_last" else 1
+        channels = input_shape[axis]
         if channels is None:
             raise ValueError(
                 "ApproxConvBlock needs a known channel count. "
                 f"Received: input_shape={tuple(input_shape)}"
             )
-        self.input_spec = keras.layers.InputSpec(ndim=4, axes={-1: channels})
+        self._head_shapes(input_shape)
+        self.input_spec = keras.layers.InputSpec(ndim=4, axes={axis: channels})
         vector = dict(shape=(channels,), autocast=False)
         self.gamma = self.beta = None
         if self.scale:
             self.gamma = self.add_weight(
-                name="gamma", initializer=self.gamma_initializer, **vector
+                name="gamma",
+                initializer=self.gamma_initializer,
+                regularizer=self.gamma_regularizer,
+                constraint=self.gamma_constraint,
+                **vector,
             )
         if self.center:
             self.beta = self.add_weight(
-                name="beta", initializer=self.beta_initializer, **vector
+                name="beta",
+                initializer=self.beta_initializer,
+                regularizer=self.beta_regularizer,
+                constraint=self.beta_constraint,
+                **vector,
             )
         self.moving_mean = self.add_weight(
             name="moving_mean", initializer="zeros", trainable=False, **vector
@@ -232,29 +333,42 @@ class ApproxConvBlock(keras.layers.Layer):
                     shape=head.kernel_size + (channels, head.filters),
                     initializer=self.kernel_initializer,
                     regularizer=head.kernel_regularizer,
+                    constraint=head.kernel_constraint,
                 )
             )
             self.biases.append(
                 self.add_weight(
-                    name=f"bias{suffix}", shape=(head.filters,), initializer="zeros"
+                    name=f"bias{suffix}",
+                    shape=(head.filters,),
+                    initializer="zeros",
+                    regularizer=head.bias_regularizer,
+                    constraint=head.bias_constraint,
                 )
                 if head.use_bias
                 else None
             )
         self.kernel, self.bias = self.kernels[0], self.biases[0]
 
-    def _bn_vectors(self, channels):
-        """gamma and beta as float32 tensors (ones / zeros without scale / center)."""
-        read = self._backend.read
-        gamma = read(self.gamma) if self.scale else keras.ops.ones([channels])
-        beta = read(self.beta) if self.center else keras.ops.zeros([channels])
-        return gamma, beta
+    def _bn_vectors(self, dtype):
+        """gamma, beta, moving mean and variance as `dtype` tensors (gamma ones /
+        beta zeros without scale / center)."""
+
+        def read(variable):
+            return keras.ops.cast(self._backend.read(variable), dtype)
+
+        channels = self.moving_mean.shape[0]
+        gamma = read(self.gamma) if self.scale else keras.ops.ones([channels], dtype)
+        beta = read(self.beta) if self.center else keras.ops.zeros([channels], dtype)
+        return gamma, beta, read(self.moving_mean), read(self.moving_variance)
 
     def call(self, inputs, training=None):
         # One call for both backends (keras.ops); only the convolution and the
         # compressed training step are the backend's.
-        x = keras.ops.cast(inputs, "float32")
-        gamma, beta = self._bn_vectors(self.moving_mean.shape[0])
+        self._head_shapes(inputs.shape)  # input sizes known only now (eager, or a static graph)
+        # BatchNormalization's statistics dtype: float32, float64 under a float64 policy.
+        dtype = keras.backend.result_type(self.compute_dtype, "float32")
+        x = keras.ops.cast(_permute(inputs, _TO_NHWC[self.data_format]), dtype)
+        gamma, beta, moving_mean, moving_variance = self._bn_vectors(dtype)
         ops = self._backend
         kernels = [keras.ops.cast(ops.read(k), self.compute_dtype) for k in self.kernels]
         use_batch_stats = bool(training) and self.trainable
@@ -271,19 +385,19 @@ class ApproxConvBlock(keras.layers.Layer):
                 synchronized=self.synchronized and ops.EXPLICIT_CROSS_REPLICA,
             )
             self.moving_mean.assign(
-                self.moving_mean * self.momentum + mean * (1.0 - self.momentum)
+                moving_mean * self.momentum + mean * (1.0 - self.momentum)
             )
             self.moving_variance.assign(
-                self.moving_variance * self.momentum
-                + variance * (1.0 - self.momentum)
+                moving_variance * self.momentum + variance * (1.0 - self.momentum)
             )
         else:
-            mean, variance = ops.read(self.moving_mean), ops.read(self.moving_variance)
+            mean, variance = moving_mean, moving_variance
 
         if use_batch_stats and self.bits is not None:
-            outs, activation = ops.compressed(
-                x, gamma, beta, mean, variance, kernels, self._block_config()
-            )
+            # The code and the fused kernels are float32 (casts are no-ops but
+            # under a float64 policy; autodiff casts their gradients back).
+            vectors = [keras.ops.cast(v, "float32") for v in (x, gamma, beta, mean, variance)]
+            outs, activation = ops.compressed(*vectors, kernels, self._block_config())
         else:
             scale = gamma * keras.ops.rsqrt(variance + self.epsilon)
             activation = keras.ops.relu(x * scale + (beta - mean * scale))
@@ -293,16 +407,14 @@ class ApproxConvBlock(keras.layers.Layer):
             o if b is None else o + keras.ops.cast(b, o.dtype)
             for o, b in zip(outs, self.biases)
         ]
-        if self._single_output:
-            return outs[0]
-        return outs + ([activation] if self.return_activation else [])
+        outs += [activation] if self.return_activation else []
+        outs = [_permute(o, _FROM_NHWC[self.data_format]) for o in outs]
+        return outs[0] if self._single_output else outs
 
     def compute_output_shape(self, input_shape):
         check_rank4(input_shape, "ApproxConvBlock")
-        outs = []
-        for head in self.heads:
-            spatial = [head.output_size(size, axis) for axis, size in enumerate(input_shape[1:3])]
-            outs.append((input_shape[0], *spatial, head.filters))
+        order = _FROM_NHWC[self.data_format]
+        outs = [_permute(shape, order) for shape in self._head_shapes(input_shape)]
         if self._single_output:
             return outs[0]
         return outs + ([tuple(input_shape)] if self.return_activation else [])
@@ -317,9 +429,6 @@ class ApproxConvBlock(keras.layers.Layer):
                 "kernel_initializer": keras.initializers.serialize(
                     self.kernel_initializer
                 ),
-                "kernel_regularizer": keras.regularizers.serialize(
-                    self.kernel_regularizer
-                ),
                 "gamma_initializer": keras.initializers.serialize(
                     self.gamma_initializer
                 ),
@@ -331,6 +440,13 @@ class ApproxConvBlock(keras.layers.Layer):
                 "return_activation": self.return_activation,
                 "center": self.center,
                 "scale": self.scale,
+                "data_format": self.data_format,
+            }
+        )
+        config.update(
+            {
+                name: option_module(name).serialize(getattr(self, name))
+                for name in WEIGHT_OPTIONS + _BN_OPTIONS
             }
         )
         if self._multi:
@@ -347,25 +463,38 @@ class ApproxConvBlock(keras.layers.Layer):
             )
         return config
 
+    @classmethod
+    def from_config(cls, config):
+        # Configs saved before data_format existed (0.1.0) are channels_last.
+        return super().from_config({"data_format": "channels_last", **config})
 
-def shortcut_adapter(x_shape, shortcut_shape):
+
+def shortcut_adapter(x_shape, shortcut_shape, data_format="channels_last"):
     """(pool stride, pool padding, channels to add) that map the shortcut onto x.
 
     The paper's parameter-free shortcut: average-pool by the stride, zero-pad the
-    extra channels. Raises ValueError when no such mapping exists.
+    extra channels. Raises ValueError when no such mapping exists or the sizes
+    are unknown.
     """
+    received = f"input shape={tuple(x_shape)}, shortcut shape={tuple(shortcut_shape)}"
+
     def fail():
         return ValueError(
             "ResidualBuffer cannot map the shortcut onto the input without "
             "parameters (needs the same or an integer-stride smaller spatial size "
-            "and no fewer channels). Received: "
-            f"input shape={tuple(x_shape)}, shortcut shape={tuple(shortcut_shape)}"
+            f"and no fewer channels). Received: {received}"
         )
 
     if len(x_shape) != 4 or len(shortcut_shape) != 4:
         raise fail()
-    (h, w, c), (hs, ws, cs) = x_shape[1:], shortcut_shape[1:]
-    if None in (h, w, c, hs, ws, cs) or cs > c:
+    order = _TO_NHWC[data_format]
+    (h, w, c), (hs, ws, cs) = (_permute(tuple(s), order)[1:] for s in (x_shape, shortcut_shape))
+    if None in (h, w, c, hs, ws, cs):
+        raise ValueError(
+            "ResidualBuffer needs known spatial sizes and channel counts: its "
+            f"parameter-free shortcut is sized from them when it is built. Received: {received}"
+        )
+    if cs > c:
         raise fail()
     stride = max(1, -(-hs // h))
     for padding, size in (("SAME", lambda n: -(-n // stride)), ("VALID", lambda n: n // stride)):
@@ -386,16 +515,22 @@ class ResidualBuffer(keras.layers.Layer):
     (before its BN+ReLU) or, with ``ApproxConvBlock(..., return_activation=True)``,
     the block's BN+ReLU output.
 
+    Args:
+        data_format: "channels_last" or "channels_first"; None:
+            ``keras.config.image_data_format()``.
+        **kwargs: keras.layers.Layer arguments (name, dtype, ...).
+
     Call arguments:
-        inputs: ``[x, shortcut]``, 4D tensors.
+        inputs: ``[x, shortcut]``, 4D tensors with known sizes.
 
     Example:
     >>> y = ResidualBuffer()([block_output, block_input])
     """
 
-    def __init__(self, **kwargs):
+    def __init__(self, data_format=None, **kwargs):
         self._backend = backends.get()
         super().__init__(**kwargs)
+        self.data_format = _data_format(data_format)
 
     def _adapter(self, input_shape):
         if not isinstance(input_shape, (list, tuple)) or len(input_shape) != 2:
@@ -403,7 +538,7 @@ class ResidualBuffer(keras.layers.Layer):
                 "ResidualBuffer expects a list [x, shortcut]. "
                 f"Received: input_shape={input_shape!r}"
             )
-        return shortcut_adapter(tuple(input_shape[0]), tuple(input_shape[1]))
+        return shortcut_adapter(tuple(input_shape[0]), tuple(input_shape[1]), self.data_format)
 
     def build(self, input_shape):
         self._adapter(input_shape)
@@ -415,4 +550,14 @@ class ResidualBuffer(keras.layers.Layer):
     def call(self, inputs):
         x, shortcut = inputs
         stride, padding, extra = self._adapter([x.shape, shortcut.shape])
-        return self._backend.residual_call(x, shortcut, stride, padding, extra)
+        x, shortcut = (_permute(t, _TO_NHWC[self.data_format]) for t in (x, shortcut))
+        out = self._backend.residual_call(x, shortcut, stride, padding, extra)
+        return _permute(out, _FROM_NHWC[self.data_format])
+
+    def get_config(self):
+        return {**super().get_config(), "data_format": self.data_format}
+
+    @classmethod
+    def from_config(cls, config):
+        # Configs saved before data_format existed (0.1.0) are channels_last.
+        return super().from_config({"data_format": "channels_last", **config})

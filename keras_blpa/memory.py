@@ -77,13 +77,22 @@ def device():
 class _Mib:
     """``peak_mib`` and ``resident_mib`` from the byte counts."""
 
+    def _mib(self, name):
+        value = getattr(self, name)
+        if value is None:
+            raise ValueError(
+                f"{type(self).__name__} has no {name} yet: read it after the `with` "
+                f"block that measures it. Received: {name}=None"
+            )
+        return value / MIB
+
     @property
     def peak_mib(self):
-        return self.peak_bytes / MIB
+        return self._mib("peak_bytes")
 
     @property
     def resident_mib(self):
-        return self.resident_bytes / MIB
+        return self._mib("resident_bytes")
 
 
 class PeakMemory(_Mib):
@@ -93,6 +102,10 @@ class PeakMemory(_Mib):
     started: weights, optimizer state, inputs), ``peak_bytes`` (highest
     allocation in the block, resident included), and the same in MiB.
 
+    Blocks nest: entering one resets the allocator's peak, so it first hands
+    the peak so far to the blocks around it, and each block's peak is the
+    highest of those and its own final reading.
+
     On JAX the device's peak cannot be reset: ``peak_bytes`` is the highest
     allocation since the process started, the block's own peak when the block
     allocates the most (as a training step after model building does). JAX's
@@ -100,7 +113,11 @@ class PeakMemory(_Mib):
 
     Raises:
         MemoryStatsUnavailable: on entering, if the allocator keeps no statistics.
+        ValueError: reading ``peak_mib`` or ``resident_mib`` before the block
+            has measured them.
     """
+
+    _open = []  # the blocks entered and not yet left, outermost first
 
     def __init__(self, device_name=None):
         self.device = device_name
@@ -110,12 +127,21 @@ class PeakMemory(_Mib):
     def __enter__(self):
         self._backend = backends.get()
         self.device = self.device or self._backend.memory_device()
+        outer = [block for block in PeakMemory._open if block.device == self.device]
+        if outer:
+            peak = self._backend.memory_stats(self.device)["peak"]
+            for block in outer:
+                block._inner_peak = max(block._inner_peak, peak)
         self._backend.reset_peak_memory(self.device)
         self.resident_bytes = self._backend.memory_stats(self.device)["current"]
+        self._inner_peak = 0  # the highest peak that inner blocks' resets cleared
+        PeakMemory._open.append(self)
         return self
 
     def __exit__(self, *exc):
-        self.peak_bytes = self._backend.memory_stats(self.device)["peak"]
+        PeakMemory._open.remove(self)
+        peak = self._backend.memory_stats(self.device)["peak"]
+        self.peak_bytes = max(self._inner_peak, peak)
         return False
 
 

@@ -75,6 +75,9 @@ PRESETS = {
         depth=152, num_classes=1000, input_shape=(224, 224, 3), stem="imagenet"
     ),
 }
+# Every layer is channels last: input_shape is (height, width, channels)
+# whatever keras.config.image_data_format() says.
+_DATA_FORMAT = "channels_last"
 # BatchNormalization settings shared by both builds (ApproxConvBlock defaults).
 _BN_MOMENTUM = 0.99
 _BN_EPSILON = 1e-3
@@ -192,6 +195,7 @@ def apply_conv_unit(
             quantization=quantization,
             synchronized=synchronized,
             return_activation=return_activation,
+            data_format=_DATA_FORMAT,
             name=name,
         )(x)
         return tuple(out) if return_activation else out
@@ -205,6 +209,7 @@ def apply_conv_unit(
         use_bias=False,
         kernel_initializer="he_normal",
         kernel_regularizer=kernel_regularizer,
+        data_format=_DATA_FORMAT,
         name=name,
     )(a)
     return (out, a) if return_activation else out
@@ -219,20 +224,24 @@ def apply_shortcut_merge(x, shortcut, bits=4, name=None):
     (``{name}_pad*``) and Add (`name`).
     """
     if bits is not None:
-        return blpa_layers.ResidualBuffer(name=name)([x, shortcut])
+        return blpa_layers.ResidualBuffer(data_format=_DATA_FORMAT, name=name)([x, shortcut])
     stride, padding, extra = blpa_layers.shortcut_adapter(
         tuple(x.shape), tuple(shortcut.shape)
     )
     s = shortcut
     if stride > 1:
         s = keras.layers.AveragePooling2D(
-            stride, stride, padding=padding.lower(), name=f"{name}_pool"
+            stride,
+            stride,
+            padding=padding.lower(),
+            data_format=_DATA_FORMAT,
+            name=f"{name}_pool",
         )(s)
     if extra:
         h, w, c = s.shape[1:]
         s = keras.layers.Reshape((h, w, c, 1), name=f"{name}_pad_expand")(s)
         s = keras.layers.ZeroPadding3D(
-            ((0, 0), (0, 0), (0, extra)), name=f"{name}_pad"
+            ((0, 0), (0, 0), (0, extra)), data_format=_DATA_FORMAT, name=f"{name}_pad"
         )(s)
         s = keras.layers.Reshape((h, w, c + extra), name=f"{name}_pad_squeeze")(s)
     return keras.layers.Add(name=name)([x, s])
@@ -292,10 +301,13 @@ def apply_stem(x, filters, stem="cifar", kernel_regularizer=None):
         use_bias=False,
         kernel_initializer="he_normal",
         kernel_regularizer=kernel_regularizer,
+        data_format=_DATA_FORMAT,
         name="stem_conv",
     )(x)
     if imagenet:
-        x = keras.layers.MaxPooling2D(3, 2, padding="same", name="stem_pool")(x)
+        x = keras.layers.MaxPooling2D(
+            3, 2, padding="same", data_format=_DATA_FORMAT, name="stem_pool"
+        )(x)
     return x
 
 
@@ -351,7 +363,7 @@ def apply_head(
     and the float32 dense classifier ``predictions``; stock layers in every build."""
     x = _batch_norm(bn_momentum, synchronized, "final_bn")(x)
     x = keras.layers.ReLU(name="final_relu")(x)
-    x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    x = keras.layers.GlobalAveragePooling2D(data_format=_DATA_FORMAT, name="avg_pool")(x)
     return keras.layers.Dense(
         num_classes,
         activation=classifier_activation,
@@ -441,7 +453,8 @@ def resnet(
         depth: 9n + 2 for "cifar" (164 and 1001 in the paper); 152 (or 26, 50,
             101) for "imagenet".
         num_classes: number of classes (> 0).
-        input_shape: (height, width, channels).
+        input_shape: (height, width, channels), all known; every layer is
+            channels last, whatever ``keras.config.image_data_format()`` says.
         bits: 2, 4 or 8 for ApproxConvBlock / ResidualBuffer layers; None for
             the same network from stock Keras layers only.
         width: channel multiplier (int >= 1), the paper's "1001 (4x)".
@@ -465,7 +478,7 @@ def resnet(
     Raises:
         ValueError: for an invalid depth (the message lists nearby valid
             depths), stem, quantization, width, bits, num_classes,
-            input_shape or weight_decay.
+            input_shape (unknown sizes included) or weight_decay.
 
     Example:
     >>> model = resnet(164, 10, (32, 32, 3), bits=4)
@@ -478,6 +491,12 @@ def resnet(
     validation.check_int(width, "width")
     validation.check_int(num_classes, "num_classes")
     input_shape = validation.check_shape(input_shape, "input_shape", 3)
+    if None in input_shape:
+        raise ValueError(
+            "resnet needs a known input_shape (height, width, channels): its "
+            "parameter-free shortcuts are sized from it when the model is built. "
+            f"Received: input_shape={input_shape}"
+        )
     regularizer = _regularizer(weight_decay)
     unit_args = dict(
         bits=bits,

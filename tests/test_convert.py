@@ -455,3 +455,131 @@ def test_example_script_prints_the_report(capsys):
     convert_applications.main(["--model", "DenseNet121", "--input_size", "32", "--batch_size", "2", "--rows", "3"])
     out = capsys.readouterr().out
     assert "converted: 119 blocks" in out and "conv1_conv" in out
+
+
+# Faults and edge cases: what changes the loss or the update is carried over, or the
+# chain stays unconverted with the reason; the model keeps its input/output structure.
+
+
+def regularized_model(bn_kwargs=None, relu_kwargs=None, conv_kwargs=None, pad_kwargs=None):
+    """stem -> BN -> ReLU -> [ZeroPadding2D ->] Conv2D -> pool -> dense, with the given options."""
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((6, 6, 3))
+    h = keras.layers.Conv2D(4, 1, name="stem")(inp)
+    h = keras.layers.BatchNormalization(name="bn", **(bn_kwargs or {}))(h)
+    h = keras.layers.ReLU(name="relu", **(relu_kwargs or {}))(h)
+    if pad_kwargs is not None:
+        h = keras.layers.ZeroPadding2D(1, name="pad", **pad_kwargs)(h)
+    h = keras.layers.Conv2D(5, 3, padding="valid" if pad_kwargs is not None else "same",
+                            name="conv", **(conv_kwargs or {}))(h)
+    out = keras.layers.Dense(2, name="head")(keras.layers.GlobalAveragePooling2D()(h))
+    return keras.Model(inp, out)
+
+
+def fit_step(model, lr=0.5):
+    """The loss of one SGD step (the regularizers included)."""
+    rng = np.random.default_rng(40)
+    x = rng.normal(size=(4, 6, 6, 3)).astype(np.float32)
+    y = rng.normal(size=(4, 2)).astype(np.float32)
+    model.compile(keras.optimizers.SGD(lr), "mse")
+    return model.train_on_batch(x, y)
+
+
+def test_regularizers_and_constraints_are_carried_over(ops_path):
+    """BN gamma/beta regularizers and constraints, the conv's kernel constraint and bias
+    regularizer and constraint: the block carries them (and serialises them), so the
+    training loss equals the original's, and the exact block's update too (constraints
+    applied); gamma starts with negative entries that NonNeg clips."""
+    options = dict(
+        bn_kwargs=dict(gamma_regularizer=keras.regularizers.L2(0.3), beta_regularizer=keras.regularizers.L1(0.2),
+                       gamma_constraint=keras.constraints.NonNeg(), beta_constraint=keras.constraints.MaxNorm(0.05, axis=0)),
+        conv_kwargs=dict(kernel_regularizer="l2", kernel_constraint=keras.constraints.UnitNorm(axis=[0, 1, 2]),
+                         bias_regularizer=keras.regularizers.L2(0.5), bias_constraint=keras.constraints.NonNeg()),
+    )
+    for bits in (None, 4):
+        original = regularized_model(**options)
+        original.get_layer("bn").gamma.assign([1.0, -0.5, 0.8, -0.1])
+        original.get_layer("conv").bias.assign([0.3, -0.2, 0.1, 0.0, -0.4])
+        converted, report = keras_blpa.convert(original, bits=bits, return_report=True, batch_size=4)
+        assert report.blocks == {"conv": ["bn", "relu", "conv"]}
+        block = converted.get_layer("conv")
+        clone = ApproxConvBlock.from_config(block.get_config())
+        for name in ("gamma_regularizer", "beta_regularizer", "gamma_constraint", "beta_constraint",
+                     "kernel_regularizer", "kernel_constraint", "bias_regularizer", "bias_constraint"):
+            assert type(getattr(clone, name)) is type(getattr(block, name)) is not type(None), name
+        assert len(converted.losses) == len(original.losses) == 4
+        np.testing.assert_allclose(sum(converted.losses), sum(original.losses), rtol=1e-6)
+        np.testing.assert_allclose(fit_step(converted), fit_step(original), rtol=1e-5)
+        bn, conv = original.get_layer("bn"), original.get_layer("conv")
+        assert bn.gamma.numpy().min() == 0.0  # NonNeg acted
+        if bits is None:
+            pairs = [(block.gamma, bn.gamma), (block.beta, bn.beta), (block.kernel, conv.kernel), (block.bias, conv.bias)]
+            for new, old in pairs:
+                np.testing.assert_allclose(new, old, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "options, reason",
+    [
+        (dict(bn_kwargs=dict(activity_regularizer="l2")), "BatchNormalization with an activity_regularizer"),
+        (dict(relu_kwargs=dict(activity_regularizer="l2")), "its ReLU has an activity_regularizer"),
+        (dict(conv_kwargs=dict(activity_regularizer="l2")), "Conv2D 'conv' has an activity_regularizer"),
+        (dict(pad_kwargs=dict(activity_regularizer="l2")), "ZeroPadding2D 'pad' before Conv2D 'conv' has an activity_regularizer"),
+        (dict(conv_kwargs=dict(trainable=False)), "Conv2D 'conv' has a trainable flag other than"),
+    ],
+)
+def test_activity_regularizers_and_trainable_leave_the_chain_unconverted(options, reason):
+    """An activity regularizer on the BN output, the activation, the padded activation
+    or the conv output needs that float tensor, which the block does not keep; a conv
+    frozen apart from its BN cannot share the block's trainable flag. The chain stays
+    as it was, the report says why, and the training loss is the original's."""
+    original = regularized_model(**options)
+    with pytest.warns(UserWarning, match="no BatchNormalization -> ReLU -> Conv2D chain"):
+        converted, report = keras_blpa.convert(original, bits=4, return_report=True, batch_size=4)
+    assert not report.blocks
+    assert any(reason in (row.reason or "") for row in report.layers), [r.reason for r in report.layers]
+    assert not any(isinstance(layer, ApproxConvBlock) for layer in converted.layers)
+    np.testing.assert_allclose(fit_step(converted), fit_step(original), rtol=1e-6)
+
+
+def test_dict_and_list_structures_are_kept():
+    """Two dict inputs and dict outputs come back as dicts with the same keys; a
+    one-element output list stays a list."""
+    keras.utils.set_random_seed(0)
+    image = keras.Input((6, 6, 3), name="image")
+    mask = keras.Input((6, 6, 3), name="mask")
+    h = keras.layers.Add()([image, mask])
+    h = keras.layers.ReLU()(keras.layers.BatchNormalization()(h))
+    h = keras.layers.Conv2D(4, 3, padding="same", name="conv")(h)
+    pooled = keras.layers.GlobalAveragePooling2D()(h)
+    model = keras.Model(
+        {"image": image, "mask": mask},
+        {"logits": keras.layers.Dense(3, name="logits")(pooled), "features": pooled},
+    )
+    converted = keras_blpa.convert(model, bits=4)
+    assert isinstance(converted.get_layer("conv"), ApproxConvBlock)
+    rng = np.random.default_rng(41)
+    data = {k: rng.normal(size=(2, 6, 6, 3)).astype(np.float32) for k in ("image", "mask")}
+    out, ref = converted(data, training=True), model(data, training=True)
+    assert isinstance(out, dict) and out.keys() == ref.keys() == {"logits", "features"}
+    for key in ref:
+        np.testing.assert_allclose(out[key], ref[key], rtol=1e-5, atol=1e-6)
+    assert isinstance(converted.input, dict) and converted.input.keys() == {"image", "mask"}
+    one = regularized_model()
+    as_list = keras_blpa.convert(keras.Model(one.input, [one.output]), bits=4)
+    assert isinstance(as_list.output, list) and len(as_list.output) == 1
+
+
+def test_conversion_under_a_channels_first_config_stays_channels_last():
+    """The chains converted are channels last; blocks made while keras.config says
+    channels_first must not follow the configuration."""
+    model = regularized_model()
+    x = np.random.default_rng(42).normal(size=(2, 6, 6, 3)).astype(np.float32)
+    previous = keras.config.image_data_format()
+    keras.config.set_image_data_format("channels_first")
+    try:
+        converted = keras_blpa.convert(model, bits=4)
+    finally:
+        keras.config.set_image_data_format(previous)
+    assert converted.get_layer("conv").data_format == "channels_last"
+    np.testing.assert_allclose(converted(x, training=True), model(x, training=True), rtol=1e-5, atol=1e-6)

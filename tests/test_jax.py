@@ -859,3 +859,108 @@ def test_benchmark_jax_modes(tmp_path):
         fits = [t for t in r["trials"] if t["ok"]]
         assert all(t["peak_mib"] <= 160 and t["ms_per_sample"] > 0 for t in fits)
         assert any(not t["ok"] and t["oom"] for t in r["trials"])
+
+
+# ------------------------------------------------ faults and edge cases
+
+
+def copy_to_stock(block, stock):
+    """The block's BN vectors and kernel into stock BatchNormalization -> ReLU -> Conv2D."""
+    stock.layers[0].set_weights(
+        [np.asarray(v) for v in (block.gamma, block.beta, block.moving_mean, block.moving_variance)]
+    )
+    stock.layers[2].set_weights([np.asarray(block.kernel)])
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+def test_channels_first_equals_stock_on_jax(bits):
+    """NCHW: forward equals stock BatchNormalization(axis=1) -> ReLU ->
+    Conv2D(channels_first); gradients equal the channels_last block's on the
+    transposed input (the same codes)."""
+    rng = np.random.default_rng(30)
+    x = rng.normal(0.5, 1.5, (3, 5, 9, 7)).astype(np.float32)
+    last, _ = matched_pair(rng, np.transpose(x, (0, 2, 3, 1)).shape, 6, 2, bits)
+    block = ApproxConvBlock(6, 3, strides=2, bits=bits, data_format="channels_first")
+    block.build(x.shape)
+    block.set_weights(last.get_weights())
+    stock = keras.Sequential([
+        keras.layers.BatchNormalization(axis=1),
+        keras.layers.ReLU(),
+        keras.layers.Conv2D(6, 3, strides=2, padding="same", use_bias=False, data_format="channels_first"),
+    ])
+    stock.build(x.shape)
+    copy_to_stock(block, stock)
+    g, g_last = flat(layer_grads(block, x)), flat(layer_grads(last, np.transpose(x, (0, 2, 3, 1))))
+    g_last[0] = np.transpose(g_last[0], (0, 3, 1, 2))
+    for a, b in zip(g, g_last):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    for training in (True, False):
+        np.testing.assert_allclose(block(x, training=training), stock(x, training=training), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("policy", ["float16", "bfloat16"])
+@pytest.mark.parametrize("bits", [None, 4])
+def test_non_mixed_dtype_policy_matches_stock_on_jax(policy, bits):
+    """Variables and outputs in the policy's dtype, statistics in float32: the forward
+    equals the stock layers' to the dtype's rounding; a fit step gives their loss.
+    (float64 needs jax_enable_x64, which these tests leave off: Keras gives float32.)"""
+    rng = np.random.default_rng(33)
+    x = rng.normal(0.5, 1.5, (4, 6, 6, 3)).astype(np.float32)
+    block = ApproxConvBlock(5, 3, bits=bits, dtype=policy)
+    stock = keras.Sequential([
+        keras.layers.BatchNormalization(dtype=policy),
+        keras.layers.ReLU(dtype=policy),
+        keras.layers.Conv2D(5, 3, padding="same", use_bias=False, dtype=policy),
+    ])
+    block.build(x.shape)
+    stock.build(x.shape)
+    copy_to_stock(block, stock)
+    assert all(v.dtype == policy for v in block.weights)
+    eps = {"float16": 2.0**-10, "bfloat16": 2.0**-7}[policy]
+    for training in (True, False):
+        y, y_ref = block(x, training=training), stock(x, training=training)
+        assert y.dtype == policy
+        y, y_ref = np.asarray(y, np.float32), np.asarray(y_ref, np.float32)
+        np.testing.assert_allclose(y, y_ref, rtol=4 * eps, atol=4 * eps * np.abs(y_ref).max())
+    target = rng.normal(size=(4, 1)).astype(np.float32)
+    losses = []
+    for layers in ([block], stock.layers):
+        inp = keras.Input(x.shape[1:])
+        h = inp
+        for layer in layers:
+            h = layer(h)
+        h = keras.layers.GlobalAveragePooling2D(dtype=policy)(h)
+        model = keras.Model(inp, keras.layers.Dense(1, kernel_initializer="ones", dtype=policy)(h))
+        model.compile(keras.optimizers.SGD(0.1), "mse")
+        losses.append(model.train_on_batch(x, target))
+    assert np.isfinite(losses[0])
+    np.testing.assert_allclose(losses[0], losses[1], rtol=16 * eps)
+
+
+def test_second_order_gradient_is_refused_on_jax():
+    """JAX would differentiate the compressed backward (which reads codes) without a
+    word; it refuses with the TensorFlow block's message. bits=None: stock's value."""
+    rng = np.random.default_rng(34)
+    x = jnp.asarray(rng.normal(size=(2, 6, 6, 3)).astype(np.float32))
+
+    def penalty_grad(layer):
+        trainable = [v.value for v in layer.trainable_variables]
+        fixed = [v.value for v in layer.non_trainable_variables]
+
+        def loss(x, trainable):
+            y, _ = layer.stateless_call(trainable, fixed, x, training=True)
+            return jnp.sum(jnp.sin(y))
+
+        return jax.grad(lambda t: jnp.sum(jax.grad(loss)(x, t) ** 2))(trainable)
+
+    block, stock = matched_pair(rng, x.shape, 4, 1, 4)
+    with pytest.raises(ValueError, match="no second derivative.*bits=None. Received: bits=4"):
+        penalty_grad(block)
+    with pytest.raises(ValueError, match="no second derivative"):
+        jax.jit(lambda: penalty_grad(block))()
+    assert all(np.isfinite(g).all() for g in flat(layer_grads(block, x)))  # first order: unaffected
+    exact = ApproxConvBlock(4, 3, bits=None)
+    exact.build(x.shape)
+    exact.set_weights(block.get_weights())
+    for a, b in zip(penalty_grad(exact), penalty_grad(stock)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

@@ -599,3 +599,245 @@ def test_models_saved_by_version_0_1_still_load():
     b2 = model.get_layer("b2")
     assert (b2.bits, b2.strides, b2.padding, b2.use_bias, len(b2.heads)) == (8, (2, 2), "valid", True, 1)
     assert model.get_layer("b1").return_activation and model.get_layer("b1").center
+
+
+# Faults and edge cases: no silent wrong result, and every bad setting a clear error.
+
+
+def stock_channels_first(filters, kernel_size, **conv_kwargs):
+    return keras.Sequential(
+        [
+            keras.layers.BatchNormalization(axis=1),
+            keras.layers.ReLU(),
+            keras.layers.Conv2D(filters, kernel_size, data_format="channels_first", **conv_kwargs),
+        ]
+    )
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+def test_channels_first_equals_stock(ops_path, bits):
+    """NCHW in and out: the forward (both modes) and the moving statistics equal stock
+    BatchNormalization(axis=1) -> ReLU -> Conv2D(channels_first); the gradients equal
+    the channels_last block's on the transposed input (the same codes), and, exact,
+    stock Keras'."""
+    rng = np.random.default_rng(30)
+    x = rng.normal(0.5, 1.5, (3, 5, 9, 7)).astype(np.float32)  # NCHW: 5 channels
+    kwargs = dict(strides=2, padding="valid", use_bias=True)
+    block = ApproxConvBlock(6, 3, bits=bits, data_format="channels_first", **kwargs)
+    block.build(x.shape)
+    assert block.gamma.shape == (5,)
+    random_weights(block, rng)
+    stock = stock_channels_first(6, 3, **kwargs)
+    stock.build(x.shape)
+    copy_to_stock(block, stock)
+    last = ApproxConvBlock(6, 3, bits=bits, **kwargs)
+    x_last = np.transpose(x, (0, 2, 3, 1))
+    last.build(x_last.shape)
+    last.set_weights(block.get_weights())
+    for training in (True, False):
+        np.testing.assert_allclose(
+            block(x, training=training), stock(x, training=training), rtol=1e-5, atol=1e-5
+        )
+    bn = stock.layers[0]
+    np.testing.assert_allclose(block.moving_mean, bn.moving_mean, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(block.moving_variance, bn.moving_variance, rtol=1e-6, atol=1e-6)
+    y, g = grads(block, x)
+    _, g_last = grads(last, x_last)
+    g_last[0] = np.transpose(g_last[0], (0, 3, 1, 2))
+    for a, b in zip(g, g_last):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    if bits is None:
+        _, g_ref = grads(stock, x)
+        for a, b in zip(g, g_ref):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    symbolic = ApproxConvBlock(6, 3, bits=bits, data_format="channels_first", **kwargs)
+    out = symbolic(keras.Input(x.shape[1:]))
+    assert tuple(out.shape[1:]) == tuple(y.shape[1:]) == stock.compute_output_shape(x.shape)[1:]
+
+
+def test_channels_first_heads_and_activation(ops_path):
+    """Several heads and the returned activation come back NCHW, as the stock layers give them."""
+    rng = np.random.default_rng(31)
+    x = rng.normal(size=(2, 4, 6, 6)).astype(np.float32)
+    heads = [dict(filters=3, kernel_size=1, strides=2), dict(filters=5, kernel_size=3)]
+    block = ApproxConvBlock(heads=heads, bits=8, return_activation=True, data_format="channels_first")
+    outs = block(x, training=True)
+    activation = keras.layers.ReLU()(keras.layers.BatchNormalization(axis=1)(x, training=True))
+    np.testing.assert_allclose(outs[2], activation, rtol=1e-5, atol=1e-5)
+    for out, head, kernel in zip(outs, heads, block.kernels):
+        conv = keras.layers.Conv2D(head["filters"], head["kernel_size"], strides=head.get("strides", 1),
+                                   padding="same", use_bias=False, data_format="channels_first")
+        conv.build(x.shape)
+        conv.kernel.assign(kernel)
+        np.testing.assert_allclose(out, conv(activation), rtol=1e-5, atol=1e-5)
+    declared = block.compute_output_shape(x.shape)
+    assert [tuple(d) for d in declared] == [tuple(o.shape) for o in outs]
+
+
+@pytest.fixture
+def channels_first_config():
+    """keras.config.image_data_format() is "channels_first" during the test (then restored)."""
+    previous = keras.config.image_data_format()
+    keras.config.set_image_data_format("channels_first")
+    yield
+    keras.config.set_image_data_format(previous)
+
+
+def test_data_format_none_follows_keras_config(channels_first_config):
+    block, merge = ApproxConvBlock(4, 3), ResidualBuffer()
+    assert block.data_format == merge.data_format == "channels_first"
+    for layer in (block, merge):
+        config = layer.get_config()
+        assert config["data_format"] == "channels_first"
+        assert type(layer).from_config(config).data_format == "channels_first"
+        # A config saved before data_format existed (0.1.0) is channels_last.
+        del config["data_format"]
+        assert type(layer).from_config(config).data_format == "channels_last"
+    y = block(np.ones((2, 3, 5, 5), np.float32))
+    assert block.gamma.shape == (3,) and y.shape == (2, 4, 5, 5)
+    assert ApproxConvBlock(4, 3, data_format="Channels_Last").data_format == "channels_last"
+    with pytest.raises(ValueError, match="Received: data_format='NCHW'"):
+        ApproxConvBlock(4, 3, data_format="NCHW")
+
+
+def test_residual_buffer_channels_first_matches_stock():
+    rng = np.random.default_rng(32)
+    x = tf.constant(rng.normal(size=(2, 6, 3, 3)).astype(np.float32))  # NCHW
+    s = tf.constant(rng.normal(size=(2, 4, 5, 6)).astype(np.float32))
+    weights = tf.constant(rng.normal(size=x.shape).astype(np.float32))
+    merge = ResidualBuffer(data_format="channels_first")
+    with tf.GradientTape() as tape:
+        tape.watch(s)
+        out = merge([x, s])
+        loss = tf.reduce_sum(out * weights)
+    pool = keras.layers.AveragePooling2D(2, 2, padding="same", data_format="channels_first")
+    with tf.GradientTape() as ref_tape:
+        ref_tape.watch(s)
+        ref = x + tf.pad(pool(s), [[0, 0], [0, 2], [0, 0], [0, 0]])
+        ref_loss = tf.reduce_sum(ref * weights)
+    np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(tape.gradient(loss, s), ref_tape.gradient(ref_loss, s), rtol=1e-6, atol=1e-7)
+    assert merge.compute_output_shape([x.shape, s.shape]) == tuple(x.shape)
+
+
+def test_residual_buffer_unknown_sizes_are_named():
+    with pytest.raises(ValueError, match=r"known spatial sizes.*\(None, None, None, 8\)"):
+        ResidualBuffer()([keras.Input((None, None, 8)), keras.Input((None, None, 8))])
+
+
+@pytest.mark.parametrize(
+    "kwargs, shape",
+    [
+        (dict(filters=4, kernel_size=3, padding="valid"), (1, 2, 2, 3)),
+        (dict(filters=4, kernel_size=(1, 5), padding="valid", strides=2), (1, 6, 4, 3)),
+    ],
+)
+def test_valid_kernel_larger_than_input_raises_like_conv2d(ops_path, kwargs, shape):
+    """Stock Conv2D raises for an empty output; so does the block, at build, in
+    compute_output_shape, and in an eager call of a block built for unknown sizes."""
+    with pytest.raises(ValueError, match="zero or negative"):
+        keras.layers.Conv2D(**kwargs).compute_output_shape(shape)
+    match = rf"input_shape=\(.*{shape[1]}, {shape[2]}, 3\), kernel_size="
+    with pytest.raises(ValueError, match=match):
+        ApproxConvBlock(**kwargs).compute_output_shape(shape)
+    with pytest.raises(ValueError, match=match):
+        ApproxConvBlock(**kwargs)(keras.Input(shape[1:]))
+    with pytest.raises(ValueError, match=match):
+        ApproxConvBlock(**kwargs)(np.zeros(shape, np.float32), training=True)
+    flexible = ApproxConvBlock(**kwargs)
+    flexible(keras.Input((None, None, 3)))
+    with pytest.raises(ValueError, match=match):
+        flexible(np.zeros(shape, np.float32))
+    # Explicit padding that makes the kernel fit: no error.
+    padded = ApproxConvBlock(heads=[dict(filters=4, kernel_size=3, padding="valid",
+                                         explicit_padding=((1, 1), (1, 1)))])
+    assert padded(np.zeros((1, 2, 2, 3), np.float32)).shape == (1, 2, 2, 4)
+
+
+@pytest.mark.parametrize("policy", ["float16", "bfloat16", "float64"])
+@pytest.mark.parametrize("bits", [None, 4])
+def test_non_mixed_dtype_policy_matches_stock(ops_path, policy, bits):
+    """Variables and outputs in the policy's dtype, the statistics in float32 (float64 for
+    float64) as BatchNormalization does: the forward equals the stock layers' under the
+    same policy to the dtype's rounding (the outputs' last bit, from the BN output's
+    rounding into the compute dtype). Under float64 the compressed training step codes
+    and rectifies in float32: its forward is float32-exact. A fit step trains."""
+    rng = np.random.default_rng(33)
+    x = rng.normal(0.5, 1.5, (4, 6, 6, 3)).astype(np.float32)
+    block = ApproxConvBlock(5, 3, bits=bits, use_bias=True, dtype=policy)
+    block.build(x.shape)
+    random_weights(block, rng)
+    assert all(v.dtype == policy for v in block.weights)
+    stock = keras.Sequential([
+        keras.layers.BatchNormalization(dtype=policy),
+        keras.layers.ReLU(dtype=policy),
+        keras.layers.Conv2D(5, 3, padding="same", dtype=policy),
+    ])
+    stock.build(x.shape)
+    copy_to_stock(block, stock)
+    eps = {"float16": 2.0**-10, "bfloat16": 2.0**-7, "float64": 2.0**-52}[policy]
+    for training in (True, False):
+        y, y_ref = block(x, training=training), stock(x, training=training)
+        assert y.dtype == policy
+        y, y_ref = np.asarray(y, np.float64), np.asarray(y_ref, np.float64)
+        step = 2.0**-23 if policy == "float64" and training and bits else eps
+        np.testing.assert_allclose(y, y_ref, rtol=4 * step, atol=4 * step * np.abs(y_ref).max())
+    np.testing.assert_allclose(
+        np.asarray(block.moving_mean, np.float64), np.asarray(stock.layers[0].moving_mean, np.float64),
+        rtol=2 * eps, atol=2 * eps,
+    )
+    # One fit step of each, from the same weights: the same loss; the block trains.
+    target = rng.normal(size=(4, 1)).astype(np.float32)
+    losses = []
+    for layers in ([block], stock.layers):
+        inp = keras.Input(x.shape[1:], dtype=policy)
+        h = inp
+        for layer in layers:
+            h = layer(h)
+        h = keras.layers.GlobalAveragePooling2D(dtype=policy)(h)
+        model = keras.Model(inp, keras.layers.Dense(1, kernel_initializer="ones", dtype=policy)(h))
+        model.compile(keras.optimizers.SGD(0.1), "mse")
+        kernel = layers[-1].kernel.numpy().copy()
+        losses.append(model.train_on_batch(x, target))
+        assert not np.array_equal(layers[-1].kernel.numpy(), kernel)
+    assert np.isfinite(losses[0])
+    np.testing.assert_allclose(losses[0], losses[1], rtol=16 * eps)
+
+
+def gradient_penalty(layer, x):
+    """d/d(weights) of |d loss / dx|^2 (a gradient of a gradient, as in WGAN-GP)."""
+    x = tf.convert_to_tensor(x)
+    with tf.GradientTape() as outer:
+        outer.watch(x)
+        with tf.GradientTape() as inner:
+            inner.watch(x)
+            loss = tf.reduce_sum(tf.sin(layer(x, training=True)))
+        penalty = tf.reduce_sum(tf.square(inner.gradient(loss, x)))
+    return outer.gradient(penalty, layer.trainable_weights)
+
+
+def test_second_order_gradient_is_refused_with_one_message(ops_path):
+    """Both fused-op paths refuse (eager and in a tf.function) with the same ValueError;
+    bits=None gives the stock layers' second-order gradients."""
+    rng = np.random.default_rng(34)
+    x = rng.normal(size=(2, 6, 6, 3)).astype(np.float32)
+    block = ApproxConvBlock(4, 3, bits=4)
+    block.build(x.shape)
+    random_weights(block, rng)
+    message = "no second derivative.*bits=None. Received: bits=4"
+    with pytest.raises(ValueError, match=message):
+        gradient_penalty(block, x)
+    with pytest.raises(ValueError, match=message):
+        tf.function(lambda x: gradient_penalty(block, x))(x)
+    # First-order gradients under a recording outer tape are unaffected.
+    with tf.GradientTape(persistent=True) as tape:
+        y = tf.reduce_sum(block(x, training=True))
+    assert all(g is not None for g in tape.gradient(y, block.trainable_weights))
+    exact = ApproxConvBlock(4, 3, bits=None)
+    exact.build(x.shape)
+    exact.set_weights(block.get_weights())
+    stock = stock_block(4, 3)
+    stock.build(x.shape)
+    copy_to_stock(exact, stock)
+    for a, b in zip(gradient_penalty(exact, x), gradient_penalty(stock, x)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

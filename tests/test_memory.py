@@ -1,5 +1,6 @@
 """Peak training-step memory (allocator peak) of a deep stack: bits=4 vs stock Keras."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -109,3 +110,40 @@ def test_compiled_step_memory_names_the_backend_on_tensorflow():
     model = keras_blpa.resnet(11, 10, (16, 16, 3), bits=4)
     with pytest.raises(ValueError, match="KERAS_BACKEND='tensorflow'"):
         keras_blpa.memory.compiled_step_memory(model, keras.ops.zeros((2, 16, 16, 3)))
+
+
+def test_nested_peak_memory_keeps_the_outer_peak():
+    """An inner block resets the allocator's peak; the outer one still reports what
+    its body needed (32 MiB here), as the same body measured without the inner block."""
+    import tensorflow as tf
+
+    from keras_blpa import memory
+
+    def body(inner):
+        big = tf.ones([8 * 2**20])  # 32 MiB, freed before the inner block
+        del big
+        with memory.PeakMemory() if inner else contextlib.nullcontext() as peak:
+            tf.ones([256]) + 1.0
+        return peak
+
+    with memory.PeakMemory() as plain:
+        body(inner=False)
+    with memory.PeakMemory() as outer:
+        inner = body(inner=True)
+        with memory.PeakMemory() as sibling:
+            tf.ones([256]) + 1.0
+    needed = plain.peak_bytes - plain.resident_bytes
+    assert needed >= 32 * 2**20
+    assert abs((outer.peak_bytes - outer.resident_bytes) - needed) < 2**20
+    for small in (inner, sibling):
+        assert small.peak_bytes - small.resident_bytes < 2**20
+
+
+def test_peak_memory_read_before_it_measured_says_so():
+    from keras_blpa import memory
+
+    peak = memory.PeakMemory()
+    with pytest.raises(ValueError, match="after the `with` block.*Received: peak_bytes=None"):
+        peak.peak_mib
+    with pytest.raises(ValueError, match="Received: resident_bytes=None"):
+        peak.resident_mib

@@ -365,3 +365,27 @@ def test_remat_scope_around_stock_build_trains_as_without():
     assert not np.allclose(plain.get_weights()[0], before[0])
     for a, b in zip(remat.get_weights(), plain.get_weights()):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_unknown_input_sizes_are_named():
+    """The shortcuts are sized at build time: unknown sizes get an error naming input_shape."""
+    for shape in [(None, None, 3), (32, 32, None)]:
+        with pytest.raises(ValueError, match=rf"known input_shape.*Received: input_shape={re.escape(str(shape))}"):
+            models.resnet(11, 10, shape)
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+def test_channels_last_whatever_the_image_data_format(bits):
+    """input_shape is (height, width, channels) in every build: under a channels_first
+    configuration the factory's model equals the one built channels_last."""
+    reference = models.resnet(11, 10, (8, 8, 3), bits=bits)
+    previous = keras.config.image_data_format()
+    keras.config.set_image_data_format("channels_first")
+    try:
+        model = models.resnet(11, 10, (8, 8, 3), bits=bits)
+    finally:
+        keras.config.set_image_data_format(previous)
+    models.copy_weights(reference, model)
+    x = np.random.default_rng(3).normal(size=(2, 8, 8, 3)).astype("float32")
+    for training in (False, True):
+        np.testing.assert_allclose(model(x, training=training), reference(x, training=training), rtol=1e-5, atol=1e-6)

@@ -157,6 +157,24 @@ def _after(dependencies, packed):
     return packed | functools.reduce(jnp.logical_or, flags).astype(packed.dtype)
 
 
+def _first_order_only(values, config):
+    """`values` unchanged; differentiating them raises `config.second_order_error()`.
+
+    JAX would differentiate the compressed backward itself, which reads the
+    codes, not the activation: a silently wrong second derivative.
+    """
+
+    @jax.custom_vjp
+    def identity(v):
+        return v
+
+    def bwd(_, g):
+        raise config.second_order_error()
+
+    identity.defvjp(lambda v: (v, None), bwd)
+    return [identity(v) for v in values]
+
+
 def read(variable):
     """A variable's current value (inside a stateless scope, the scope's value)."""
     return variable.value
@@ -233,7 +251,10 @@ def compressed_block(config):
         g = jnp.where(mask, d_a, 0.0)
         d_x = scale * (g - mean_g - (y_dec - beta) / gamma * mean_gx)
         zeros = jnp.zeros_like(step)
-        return (d_x, sum_gx, sum_g, zeros, zeros, *d_kernels)
+        d_x, d_gamma, d_beta, *d_kernels = _first_order_only(
+            [d_x, sum_gx, sum_g, *d_kernels], config
+        )
+        return (d_x, d_gamma, d_beta, zeros, zeros, *d_kernels)
 
     block.defvjp(fwd, bwd)
     return block

@@ -61,6 +61,24 @@ def _after(dependencies, tensor):
         return tf.identity(tensor)
 
 
+def _first_order_only(tensors, config):
+    """`tensors` (identities) whose own gradient raises `config.second_order_error()`.
+
+    The compressed backward is not differentiable (it reads the codes; the
+    native ops have no gradient and the pure-TF ones would give a wrong one),
+    so a tape that records it, for a gradient of a gradient, refuses here.
+    """
+
+    @tf.custom_gradient
+    def identity(*values):
+        def grad(*_):
+            raise config.second_order_error()
+
+        return [tf.identity(v) for v in values], grad
+
+    return identity(*tensors)
+
+
 def _cross_replica_sum(values, synchronized):
     """All-reduces (sums) a list of tensors across replicas when synchronized."""
     ctx = tf.distribute.get_replica_context()
@@ -189,7 +207,10 @@ def compressed(x, gamma, beta, mean, variance, kernels, config):
             if config.with_activation:
                 d_a += tf.cast(d_results[n], tf.float32)
             d_x, d_gamma, d_beta = _bn_relu_backward(code, d_a, beta, scale, config.synchronized)
-            return (tf.cast(d_x, x.dtype), d_gamma, d_beta, None, None, *d_kernels)
+            d_x, d_gamma, d_beta, *d_kernels = _first_order_only(
+                [tf.cast(d_x, x.dtype), d_gamma, d_beta, *d_kernels], config
+            )
+            return (d_x, d_gamma, d_beta, None, None, *d_kernels)
 
         # Ordering (c): return the activation only when the caller uses it.
         if config.with_activation:
