@@ -5,11 +5,8 @@ of `keras_blpa.convert` (activation bytes kept for backprop, per layer, before
 and after) and, with --measure, the allocator's peak of one training step of
 the original and of the converted model.
 
-    TF_CPU_ALLOCATOR_USE_BFC=true python examples/convert_applications.py \
+    python examples/convert_applications.py \
         --model ResNet50V2 --input_size 128 --batch_size 32 --bits 4 --measure
-
-(The allocator statistics need TensorFlow's BFC allocator on the CPU, hence the
-environment variable, set before TensorFlow starts.)
 """
 
 import argparse
@@ -18,6 +15,10 @@ import keras
 import tensorflow as tf
 
 import keras_blpa
+
+# The allocator keeps statistics on every CPU only if this runs before
+# TensorFlow's first op (PeakMemory raises with the reason otherwise).
+keras_blpa.memory.enable_cpu_statistics()
 
 
 def parse_args(argv=None):

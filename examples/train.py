@@ -10,9 +10,17 @@ evaluation at scale 256. `cifar10.py`, `cifar100.py`, `imagenet2012.py` and
     python examples/train.py --dataset cifar10 --bits 4 --strategy mirrored
     python examples/fashion_mnist.py --compare
 
-The last line printed is ``RESULT dataset=... bits=... test_accuracy=...
-time_per_sample_ms=... peak_memory_mib=...``; with --compare one such line
-for the exact (stock Keras) model and one for the K-bit model.
+Each model trained prints ``RESULT dataset=... bits=... test_accuracy=...
+time_per_sample_ms=... peak_memory_mib=...`` (the allocator's peak over the
+whole ``fit``, input pipeline included); without --compare it is the last line.
+--compare trains the exact (stock Keras) and the K-bit model, then measures one
+training step's memory above what is resident on a fresh exact and K-bit ResNet
+of --measure_depth (a ``STEP_MEMORY`` line per measured step): at the training
+batch and twice it, then at the K-bit batch where the line through those two
+points reaches 90% of the exact step's memory at the training batch (up to three
+tries, interpolating after an overshoot). Its last line, ``COMPARE ...``, gives
+both test accuracies, both step memories with their per-sample slope and fixed
+part, and the largest K-bit batch measured within the exact step's memory.
 """
 
 import argparse
@@ -23,7 +31,6 @@ import sys
 import time
 
 import keras
-import tensorflow as tf
 
 try:
     import keras_blpa
@@ -35,15 +42,21 @@ from keras_blpa import models
 from keras_blpa import training
 from keras_blpa import validation
 
+# The allocator keeps statistics on every CPU only if this runs before
+# TensorFlow's first op (PeakMemory raises with the reason otherwise).
+keras_blpa.memory.enable_cpu_statistics()
+
 # Per-dataset defaults. fashion_mnist is the README's short main job (about
-# 80% test accuracy in 200 steps here; pass --steps N for a longer run).
+# 80% test accuracy in 200 steps here; pass --steps N for a longer run); its
+# --compare measures the step memory on a ResNet-56, where the saving shows
+# (it grows with depth) and the measurement still takes about a minute.
 DEFAULTS = {
     "cifar10": dict(depth=164, batch_size=128, steps=64000, lr=0.1, bn_momentum=0.99,
                     train_examples=50000),
     "cifar100": dict(depth=164, batch_size=128, steps=64000, lr=0.1, bn_momentum=0.99,
                      train_examples=50000),
     "fashion_mnist": dict(depth=11, batch_size=128, steps=200, lr=0.1, bn_momentum=0.9,
-                          train_examples=60000),
+                          train_examples=60000, measure_depth=56),
     "imagenet2012": dict(depth=152, batch_size=256, steps=600000, lr=0.1, bn_momentum=0.99,
                          train_examples=1281167),
 }
@@ -93,6 +106,9 @@ def build_parser(dataset=None):
     parser.add_argument("--eval_take", type=int, help="evaluate on the first N test examples")
     parser.add_argument("--compare", action="store_true",
                         help="train the exact (stock) model, then the --bits model, and compare")
+    parser.add_argument("--measure_depth", type=int,
+                        help="depth of the nets whose step memory --compare measures "
+                             "(default: 56 for fashion_mnist, else --depth)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--verbose", type=int, default=1, help="Keras fit verbosity (1: progress bar)")
     return parser
@@ -136,9 +152,20 @@ def _resolve(args, dataset):
         validation.check_int(total, "steps")
         epochs = max(1, math.ceil(total / steps_per_epoch))
         steps_per_epoch = math.ceil(total / epochs)
+    measure_depth = args.measure_depth or defaults.get("measure_depth", depth)
+    models.stage_plan(measure_depth, stem)  # raises for an invalid depth
+    validation.check_int(args.accumulation_steps, "accumulation_steps")
+    if args.checkpoint_dir and os.path.exists(args.checkpoint_dir) and not os.path.isdir(
+        args.checkpoint_dir
+    ):
+        raise ValueError(
+            "Expected --checkpoint_dir to be a directory (it is created if missing). "
+            f"Received: checkpoint_dir={args.checkpoint_dir!r}, an existing file"
+        )
     return dict(
         spec=spec,
         depth=depth,
+        measure_depth=measure_depth,
         batch_size=batch_size,
         strategy=strategy,
         input_shape=input_shape,
@@ -152,12 +179,9 @@ def _resolve(args, dataset):
     )
 
 
-def _train_once(args, dataset, run, bits, checkpoint_dir):
-    """Builds, trains and evaluates one model; returns its result dict."""
-    keras.utils.set_random_seed(args.seed)
-    strategy = run["strategy"]
-    batch_size = run["batch_size"]
-    train_ds = datasets.make_dataset(
+def _train_data(args, dataset, batch_size):
+    """The shuffled, augmented, repeated training pipeline."""
+    return datasets.make_dataset(
         dataset,
         "train",
         batch_size,
@@ -170,8 +194,11 @@ def _train_once(args, dataset, run, bits, checkpoint_dir):
         seed=args.seed,
         shuffle_buffer=min(10000, args.train_take or 10000),
     )
-    ten_crop = dataset == "imagenet2012"
-    test_ds = datasets.make_dataset(
+
+
+def _test_data(args, dataset, batch_size):
+    """The test pipeline (ImageNet: 10 crops per image)."""
+    return datasets.make_dataset(
         dataset,
         datasets.TEST_SPLITS[dataset],
         batch_size,
@@ -179,14 +206,31 @@ def _train_once(args, dataset, run, bits, checkpoint_dir):
         manual_dir=args.manual_dir,
         download=args.download,
         image_size=args.image_size,
-        ten_crop=ten_crop,
+        ten_crop=dataset == "imagenet2012",
         take=args.eval_take,
     )
+
+
+def _optimizer(args, run):
+    """SGD on the paper's schedule, counted in optimizer updates."""
     total_steps = run["epochs"] * run["steps_per_epoch"]
     updates = max(1, total_steps // args.accumulation_steps)
-    with strategy.scope():
+    return training.make_optimizer(
+        run["lr"],
+        total_steps=updates,
+        warmup_steps=(
+            args.warmup_steps if args.warmup_steps is not None else min(400, updates // 10)
+        ),
+        momentum=args.momentum,
+        accumulation_steps=args.accumulation_steps,
+    )
+
+
+def _compiled_model(args, run, bits, depth):
+    """The run's ResNet at `depth` (bits=None: stock layers), compiled in its strategy's scope."""
+    with run["strategy"].scope():
         model = models.resnet(
-            run["depth"],
+            depth,
             run["spec"]["num_classes"],
             run["input_shape"],
             bits=bits,
@@ -197,22 +241,16 @@ def _train_once(args, dataset, run, bits, checkpoint_dir):
             synchronized=args.synchronized,
             bn_momentum=run["bn_momentum"],
         )
-        optimizer = training.make_optimizer(
-            run["lr"],
-            total_steps=updates,
-            warmup_steps=(
-                args.warmup_steps
-                if args.warmup_steps is not None
-                else min(400, updates // 10)
-            ),
-            momentum=args.momentum,
-            accumulation_steps=args.accumulation_steps,
-        )
         model.compile(
-            optimizer=optimizer,
+            optimizer=_optimizer(args, run),
             loss="sparse_categorical_crossentropy",
             metrics=["accuracy"],
         )
+    return model
+
+
+def _callbacks(checkpoint_dir):
+    """BackupAndRestore (with a checkpoint dir), then the epoch markers."""
     callbacks = []
     if checkpoint_dir:
         # Saves weights, optimizer state and the epoch at each epoch end; a
@@ -223,6 +261,11 @@ def _train_once(args, dataset, run, bits, checkpoint_dir):
             keras.callbacks.BackupAndRestore(checkpoint_dir, double_checkpoint=True)
         )
     callbacks.append(_EpochLog())
+    return callbacks
+
+
+def _fit(args, run, model, train_ds, checkpoint_dir):
+    """Trains; returns the steps run, the seconds taken and the allocator's PeakMemory."""
     # Fails with the reason (never a silent nan) if the allocator keeps no statistics.
     with keras_blpa.memory.PeakMemory() as peak:
         start = time.perf_counter()
@@ -230,34 +273,147 @@ def _train_once(args, dataset, run, bits, checkpoint_dir):
             train_ds,
             epochs=run["epochs"],
             steps_per_epoch=run["steps_per_epoch"],
-            callbacks=callbacks,
+            callbacks=_callbacks(checkpoint_dir),
             verbose=args.verbose,
             shuffle=False,  # the pipeline shuffles
         )
         seconds = time.perf_counter() - start
-    steps_run = len(history.epoch) * run["steps_per_epoch"]
-    if ten_crop:
-        accuracy = datasets.ten_crop_accuracy(model, test_ds)
-    else:
-        accuracy = model.evaluate(test_ds, verbose=0, return_dict=True)["accuracy"]
+    return len(history.epoch) * run["steps_per_epoch"], seconds, peak
+
+
+def _test_accuracy(model, test_ds, dataset):
+    """Top-1 test accuracy (ImageNet: averaged over the 10 crops)."""
+    if dataset == "imagenet2012":
+        return datasets.ten_crop_accuracy(model, test_ds)
+    return model.evaluate(test_ds, verbose=0, return_dict=True)["accuracy"]
+
+
+def _bits_label(bits):
+    return "exact" if bits is None else bits
+
+
+def _train_once(args, dataset, run, bits, checkpoint_dir):
+    """Builds, trains and evaluates one model; prints and returns its RESULT dict."""
+    keras.utils.set_random_seed(args.seed)
+    train_ds = _train_data(args, dataset, run["batch_size"])
+    test_ds = _test_data(args, dataset, run["batch_size"])
+    model = _compiled_model(args, run, bits, run["depth"])
+    steps_run, seconds, peak = _fit(args, run, model, train_ds, checkpoint_dir)
     result = dict(
         dataset=dataset,
-        bits="exact" if bits is None else bits,
+        bits=_bits_label(bits),
         depth=run["depth"],
         params=model.count_params(),
-        test_accuracy=round(float(accuracy), 4),
-        time_per_sample_ms=round(
-            1000 * seconds / max(1, steps_run * run["batch_size"]), 3
-        ),
+        test_accuracy=round(float(_test_accuracy(model, test_ds, dataset)), 4),
+        time_per_sample_ms=round(1000 * seconds / max(1, steps_run * run["batch_size"]), 3),
         peak_memory_mib=round(peak.peak_mib, 1),
         memory_device=peak.device,
         optimizer_steps=int(keras.ops.convert_to_numpy(model.optimizer.iterations)),
-        replicas=strategy.num_replicas_in_sync,
+        replicas=run["strategy"].num_replicas_in_sync,
     )
-    print(
-        "RESULT " + " ".join(f"{k}={v}" for k, v in result.items()), flush=True
+    print("RESULT " + " ".join(f"{k}={v}" for k, v in result.items()), flush=True)
+    return result
+
+
+def _step_mib(model, x, y):
+    """MiB the allocator adds, at its peak, above what is resident (weights, optimizer
+    state, the batch) during one training step, after a warm-up step on the same batch."""
+    model.train_on_batch(x, y)
+    with keras_blpa.memory.PeakMemory() as peak:
+        model.train_on_batch(x, y)
+    return peak.peak_mib - peak.resident_mib
+
+
+def _step_meter(args, dataset, run, bits, depth):
+    """A function batch size -> `_step_mib` of a fresh ResNet-`depth` on training images;
+    it prints a STEP_MEMORY line per measurement."""
+    model = _compiled_model(args, run, bits, depth)
+
+    def measure(batch):
+        x, y = next(iter(_train_data(args, dataset, batch)))
+        mib = _step_mib(model, x, y)
+        print(f"STEP_MEMORY bits={_bits_label(bits)} depth={depth} batch={batch} "
+              f"step_mib={mib:.1f}", flush=True)
+        return mib
+
+    return measure
+
+
+def _line(points):
+    """Slope (MiB per sample) and fixed part (MiB) of the line through two (batch, MiB) points."""
+    (b0, m0), (b1, m1) = points
+    slope = (m1 - m0) / (b1 - b0)
+    return slope, m0 - slope * b0
+
+
+def _batch_within(measure, points, budget_mib, aim=0.9, tries=3):
+    """A large batch whose step, run by `measure`, fits in the budget, by false position.
+
+    The first try extrapolates the line through the two measured (batch, MiB)
+    `points` to `aim` x the budget (a step's peak varies by some 10% from run to
+    run); each later one interpolates there between the largest batch that fit and
+    the smallest that did not.
+
+    Returns (batch, MiB): the first try that fits, else the largest measured batch that
+    fits; None if none of `points` fits.
+    """
+    fits = [p for p in points if p[1] <= budget_mib]
+    over = [p for p in points if p[1] > budget_mib]
+    if not fits:
+        return None
+    line = points
+    for _ in range(tries):
+        slope, fixed = _line(line)
+        batch = int((aim * budget_mib - fixed) // slope) if slope > 0 else 0
+        if batch <= max(fits)[0]:
+            break
+        mib = measure(batch)
+        if mib <= budget_mib:
+            return batch, mib
+        over.append((batch, mib))
+        line = [max(fits), min(over)]
+    return max(fits)
+
+
+def _compare_step_memory(args, dataset, run, bits):
+    """Step memory of fresh exact and `bits` nets at the training batch and twice it,
+    and `_batch_within` the exact net's step at the training batch, of the `bits` net."""
+    batches = (run["batch_size"], 2 * run["batch_size"])
+    keras.backend.clear_session()
+    measure = _step_meter(args, dataset, run, None, run["measure_depth"])
+    exact = [(batch, measure(batch)) for batch in batches]
+    keras.backend.clear_session()
+    measure = _step_meter(args, dataset, run, bits, run["measure_depth"])
+    approx = [(batch, measure(batch)) for batch in batches]
+    return exact, approx, _batch_within(measure, approx, exact[0][1])
+
+
+def _memory_text(label, points):
+    """'exact 869.8 MiB (6.89 MiB/sample + 12.0 MiB)': step memory at the first batch, its line."""
+    slope, fixed = _line(points)
+    sign = "+" if fixed >= 0 else "-"
+    return (f"{label} {points[0][1]:.1f} MiB ({slope:.2f} MiB/sample {sign} "
+            f"{abs(fixed):.1f} MiB)")
+
+
+def _compare_line(run, results, exact, approx, within):
+    """The COMPARE line: both accuracies, both step memories, the larger batch that fits."""
+    label = f"{results[1]['bits']}-bit"
+    (batch, budget), (batch2, _) = exact
+    fits = (
+        f"the {label} step runs batch {within[0]} ({within[0] / batch:.1f}x) in "
+        f"{within[1]:.1f} MiB, measured, within exact's {budget:.1f} MiB"
+        if within
+        else f"the {label} step at batch {batch} does not fit in exact's {budget:.1f} MiB"
     )
-    return result, model
+    return (
+        f"COMPARE ResNet-{run['depth']} after {results[1]['optimizer_steps']} steps: test "
+        f"accuracy exact {results[0]['test_accuracy']:.4f}, {label} "
+        f"{results[1]['test_accuracy']:.4f} | training-step memory above resident, "
+        f"ResNet-{run['measure_depth']} built for this measurement, batch {batch} (per sample "
+        f"+ fixed, from batches {batch} and {batch2}): {_memory_text('exact', exact)}, "
+        f"{_memory_text(label, approx)} | {fits}"
+    )
 
 
 def main(argv=None, dataset=None):
@@ -285,18 +441,12 @@ def main(argv=None, dataset=None):
             if checkpoint_dir and args.compare:
                 sub = os.path.join(checkpoint_dir, "exact" if bits is None else f"{bits}bit")
             keras.backend.clear_session()
-            result, _ = _train_once(args, dataset, run, bits, sub)
-            results.append(result)
+            results.append(_train_once(args, dataset, run, bits, sub))
+        if args.compare:
+            exact, approx, within = _compare_step_memory(args, dataset, run, args.bits)
+            print(_compare_line(run, results, exact, approx, within), flush=True)
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
-    if args.compare:
-        exact, approx = results
-        print(
-            f"COMPARE exact: accuracy {exact['test_accuracy']:.4f}, peak "
-            f"{exact['peak_memory_mib']:.1f} MiB | {approx['bits']}-bit: accuracy "
-            f"{approx['test_accuracy']:.4f}, peak {approx['peak_memory_mib']:.1f} MiB",
-            flush=True,
-        )
     return results
 
 

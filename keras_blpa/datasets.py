@@ -194,8 +194,14 @@ def find_idx_dir(data_dir=None):
 def _read_idx(path):
     """Reads a (gzipped) IDX file into a numpy array."""
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (EOFError, gzip.BadGzipFile, OSError) as e:
+        raise ValueError(
+            f"Cannot read the IDX file {path} ({type(e).__name__}: {e}): the file is "
+            "truncated or damaged; reinstall or re-download it"
+        ) from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 8:
         raise ValueError(f"Not an unsigned-byte IDX file: {path}")
     ndim = data[3]

@@ -58,18 +58,21 @@ def _ratio(value, base):
     return f" ({value / base:.2f}x)"
 
 
-def _memory_table(rows, batch):
-    """Peak MiB per mode (rows) and depth (columns) at the fixed batch."""
-    rows = [r for r in rows if r["batch"] == batch]
-    if not rows:
-        return ""
+def _with_ratio(row, base, key, spec):
+    """``row[key]`` formatted by `spec`, with its ratio to the exact row's."""
+    return f"{row[key]:{spec}}{_ratio(row[key], base and base[key])}"
+
+
+def _mode_by_depth_table(rows, title, cell, label=str):
+    """A Markdown table with a row per mode and a column per depth (width).
+
+    ``cell(row, exact_row)`` formats a present entry (``exact_row`` is None where
+    the exact mode has none at that depth); missing entries show "-".
+    """
     depths = _depths(rows)
     lookup = {(r["mode"], r["depth"], r.get("width", 1)): r for r in rows}
     lines = [
-        f"Peak training-step memory at batch {batch}, MiB (ratio to exact) "
-        "[in brackets: the part above what was resident before the step]"
-        + (" from XLA's compiled step." if rows[0].get("source") == "xla-compiled"
-           else " from the allocator."),
+        title,
         "",
         "| mode | " + " | ".join(_depth_label(*d) for d in depths) + " |",
         "|---|" + "---:|" * len(depths),
@@ -78,16 +81,24 @@ def _memory_table(rows, batch):
         cells = []
         for d in depths:
             r = lookup.get((mode, *d))
-            base = lookup.get(("exact", *d))
-            if r is None:
-                cells.append("-")
-                continue
-            cells.append(
-                f"{r['peak_mib']:.0f}{_ratio(r['peak_mib'], base and base['peak_mib'])}"
-                f" [{r['step_mib']:.0f}]"
-            )
-        lines.append(f"| {mode}: {DESCRIPTIONS[mode]} | " + " | ".join(cells) + " |")
+            cells.append("-" if r is None else cell(r, lookup.get(("exact", *d))))
+        lines.append(f"| {label(mode)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _memory_table(rows, batch):
+    """Peak MiB per mode (rows) and depth (columns) at the fixed batch."""
+    rows = [r for r in rows if r["batch"] == batch]
+    if not rows:
+        return ""
+    source = "XLA's compiled step" if rows[0].get("source") == "xla-compiled" else "the allocator"
+    return _mode_by_depth_table(
+        rows,
+        f"Peak training-step memory at batch {batch}, MiB (ratio to exact) "
+        f"[in brackets: the part above what was resident before the step] from {source}.",
+        lambda r, base: _with_ratio(r, base, "peak_mib", ".0f") + f" [{r['step_mib']:.0f}]",
+        label=lambda mode: f"{mode}: {DESCRIPTIONS[mode]}",
+    )
 
 
 def _memory_vs_batch_table(rows):
@@ -114,57 +125,30 @@ def _memory_vs_batch_table(rows):
 def _max_batch_table(rows):
     if not rows:
         return ""
-    depths = _depths(rows)
-    lookup = {(r["mode"], r["depth"], r.get("width", 1)): r for r in rows}
     budgets = sorted({r["budget_mib"] for r in rows})
-    lines = [
+
+    def cell(r, base):
+        ms = r.get("ms_per_sample_at_max")
+        return _with_ratio(r, base, "max_batch", "") + (f"; {ms:.1f} ms" if ms else "")
+
+    return _mode_by_depth_table(
+        rows,
         f"Largest batch under a {', '.join(str(b) for b in budgets)} MiB budget "
         "(ratio to exact; time per sample at that batch, ms):",
-        "",
-        "| mode | " + " | ".join(_depth_label(*d) for d in depths) + " |",
-        "|---|" + "---:|" * len(depths),
-    ]
-    for mode in _ordered({r["mode"] for r in rows}):
-        cells = []
-        for d in depths:
-            r = lookup.get((mode, *d))
-            base = lookup.get(("exact", *d))
-            if r is None:
-                cells.append("-")
-                continue
-            ms = r.get("ms_per_sample_at_max")
-            cells.append(
-                f"{r['max_batch']}{_ratio(r['max_batch'], base and base['max_batch'])}"
-                + (f"; {ms:.1f} ms" if ms else "")
-            )
-        lines.append(f"| {mode} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        cell,
+    )
 
 
 def _timing_table(rows):
     if not rows:
         return ""
-    depths = _depths(rows)
-    lookup = {(r["mode"], r["depth"], r.get("width", 1)): r for r in rows}
     batches = sorted({r["batch"] for r in rows})
-    lines = [
+    return _mode_by_depth_table(
+        rows,
         f"Time per training sample at batch {', '.join(str(b) for b in batches)}, "
         "ms, median over interleaved steps (ratio to exact):",
-        "",
-        "| mode | " + " | ".join(_depth_label(*d) for d in depths) + " |",
-        "|---|" + "---:|" * len(depths),
-    ]
-    for mode in _ordered({r["mode"] for r in rows}):
-        cells = []
-        for d in depths:
-            r = lookup.get((mode, *d))
-            base = lookup.get(("exact", *d))
-            cells.append(
-                "-" if r is None else
-                f"{r['ms_per_sample']:.2f}{_ratio(r['ms_per_sample'], base and base['ms_per_sample'])}"
-            )
-        lines.append(f"| {mode} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        lambda r, base: _with_ratio(r, base, "ms_per_sample", ".2f"),
+    )
 
 
 def _accuracy_table(rows):
@@ -189,10 +173,12 @@ def _accuracy_table(rows):
 
 
 def _software(meta):
-    """"Keras 3.x on JAX 0.y." or "... on TensorFlow 2.z, native ops: True." (older results: TensorFlow)."""
-    backend = meta.get("backend", "tensorflow")
-    if backend == "jax":
-        return f"Keras {meta.get('keras', '?')} on JAX {meta.get('jax', '?')}."
+    """"Keras 3.x on JAX 0.y." or "... on TensorFlow 2.z, native ops: True." (older results: TensorFlow).
+
+    Read from the versions the run recorded (`backends.get().versions()`).
+    """
+    if "jax" in meta:
+        return f"Keras {meta.get('keras', '?')} on JAX {meta['jax']}."
     return (f"Keras {meta.get('keras', '?')} on TensorFlow {meta.get('tensorflow', '?')}, "
             f"native ops: {meta.get('native_ops', '?')}.")
 
@@ -224,71 +210,83 @@ def _markdown(results):
     return "\n".join(parts)
 
 
+def _save(fig, plt, out_dir, name):
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, name), dpi=100)
+    plt.close(fig)
+    return name
+
+
+def _memory_vs_batch_plot(results, out_dir, plt):
+    """memory_vs_batch.png, one panel per depth, with the largest-batch trials that fit;
+    None unless some depth was measured at two batches or more."""
+    memory = results.get("memory", [])
+    depths = _depths(memory)
+    if not any(
+        len({r["batch"] for r in memory if (r["depth"], r.get("width", 1)) == d}) > 1
+        for d in depths
+    ):
+        return None
+    fig, axes = plt.subplots(1, len(depths), figsize=(5 * len(depths), 4), squeeze=False)
+    for ax, (depth, width) in zip(axes[0], depths):
+        sel = [r for r in memory if r["depth"] == depth and r.get("width", 1) == width]
+        trials = [r for r in results.get("max_batch", [])
+                  if r["depth"] == depth and r.get("width", 1) == width]
+        for mode in _ordered({r["mode"] for r in sel}):
+            pts = sorted((r["batch"], r["peak_mib"]) for r in sel if r["mode"] == mode)
+            line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], _STYLES[mode],
+                            label=mode, markerfacecolor="none", color=_color(mode))
+            # The largest-batch trials that fit (BFC allocator, budget-limited).
+            extra = sorted((t["batch"], t["peak_mib"]) for r in trials if r["mode"] == mode
+                           for t in r["trials"] if t.get("ok"))
+            if extra:
+                ax.plot([p[0] for p in extra], [p[1] for p in extra], "x",
+                        color=line.get_color(), label=f"{mode} (largest-batch trials)")
+        if trials:
+            ax.axhline(trials[0]["budget_mib"], color="gray", ls="--", lw=0.8,
+                       label=f"budget {trials[0]['budget_mib']} MiB")
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+        ax.set_title(f"ResNet-{_depth_label(depth, width)}")
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("peak training-step memory (MiB)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return _save(fig, plt, out_dir, "memory_vs_batch.png")
+
+
+def _max_batch_plot(results, out_dir, plt):
+    """max_batch_vs_depth.png, the largest batch per mode and depth; None without rows."""
+    max_batch = results.get("max_batch", [])
+    if not max_batch:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    labels = [_depth_label(*d) for d in _depths(max_batch)]
+    for mode in _ordered({r["mode"] for r in max_batch}):
+        pts = {_depth_label(r["depth"], r.get("width", 1)): r["max_batch"]
+               for r in max_batch if r["mode"] == mode}
+        xs = [i for i, lab in enumerate(labels) if lab in pts]
+        ax.plot(xs, [pts[labels[i]] for i in xs], _STYLES[mode], label=mode,
+                color=_color(mode))
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_xlabel("ResNet depth")
+    ax.set_ylabel("largest batch")
+    ax.set_yscale("log")
+    ax.set_title(f"Largest batch under {max_batch[0]['budget_mib']} MiB")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, plt, out_dir, "max_batch_vs_depth.png")
+
+
 def _plots(results, out_dir):
-    """memory_vs_batch.png and max_batch_vs_depth.png; returns the file names."""
+    """Writes the plots the results have data for; returns their file names."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = []
-    memory = results.get("memory", [])
-    depths = _depths(memory)
-    if memory and any(
-        len({r["batch"] for r in memory if (r["depth"], r.get("width", 1)) == d}) > 1
-        for d in depths
-    ):
-        fig, axes = plt.subplots(1, len(depths), figsize=(5 * len(depths), 4), squeeze=False)
-        for ax, (depth, width) in zip(axes[0], depths):
-            sel = [r for r in memory if r["depth"] == depth and r.get("width", 1) == width]
-            trials = [r for r in results.get("max_batch", [])
-                      if r["depth"] == depth and r.get("width", 1) == width]
-            for mode in _ordered({r["mode"] for r in sel}):
-                pts = sorted((r["batch"], r["peak_mib"]) for r in sel if r["mode"] == mode)
-                line, = ax.plot([p[0] for p in pts], [p[1] for p in pts], _STYLES[mode],
-                                label=mode, markerfacecolor="none", color=_color(mode))
-                # The largest-batch trials that fit (BFC allocator, budget-limited).
-                extra = sorted((t["batch"], t["peak_mib"]) for r in trials if r["mode"] == mode
-                               for t in r["trials"] if t.get("ok"))
-                if extra:
-                    ax.plot([p[0] for p in extra], [p[1] for p in extra], "x",
-                            color=line.get_color(), label=f"{mode} (largest-batch trials)")
-            if trials:
-                ax.axhline(trials[0]["budget_mib"], color="gray", ls="--", lw=0.8,
-                           label=f"budget {trials[0]['budget_mib']} MiB")
-                ax.set_xscale("log")
-                ax.set_yscale("log")
-            ax.set_title(f"ResNet-{_depth_label(depth, width)}")
-            ax.set_xlabel("batch size")
-            ax.set_ylabel("peak training-step memory (MiB)")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, "memory_vs_batch.png"), dpi=100)
-        plt.close(fig)
-        names.append("memory_vs_batch.png")
-    max_batch = results.get("max_batch", [])
-    if max_batch:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        labels = [_depth_label(*d) for d in _depths(max_batch)]
-        for mode in _ordered({r["mode"] for r in max_batch}):
-            pts = {_depth_label(r["depth"], r.get("width", 1)): r["max_batch"]
-                   for r in max_batch if r["mode"] == mode}
-            xs = [i for i, lab in enumerate(labels) if lab in pts]
-            ax.plot(xs, [pts[labels[i]] for i in xs], _STYLES[mode], label=mode,
-                    color=_color(mode))
-        ax.set_xticks(range(len(labels)), labels)
-        ax.set_xlabel("ResNet depth")
-        ax.set_ylabel("largest batch")
-        ax.set_yscale("log")
-        ax.set_title(f"Largest batch under {max_batch[0]['budget_mib']} MiB")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, "max_batch_vs_depth.png"), dpi=100)
-        plt.close(fig)
-        names.append("max_batch_vs_depth.png")
-    return names
+    names = [plot(results, out_dir, plt) for plot in (_memory_vs_batch_plot, _max_batch_plot)]
+    return [name for name in names if name]
 
 
 def write(results, out_dir):
