@@ -5,9 +5,11 @@ native ops are in use and that the allocator's peak over a training step is lowe
 for 4-bit than for exact, and prints both.
 """
 
-import keras_blpa  # before TensorFlow runs: allocator statistics on every CPU
+import keras_blpa
 import numpy as np
 from keras_blpa import memory
+
+memory.enable_cpu_statistics()  # before TensorFlow runs: allocator statistics on every CPU
 
 
 def step_peak_mib(bits):
