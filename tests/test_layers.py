@@ -43,6 +43,18 @@ def copy_to_stock(block, stock):
     bn.set_weights([w.numpy() for w in (block.gamma, block.beta, block.moving_mean, block.moving_variance)])
     conv.set_weights([block.kernel.numpy()] + ([block.bias.numpy()] if block.use_bias else []))
 
+def assert_forward_and_statistics_match(block, stock, x):
+    """Both modes' outputs equal the stock chain's, and the moving statistics are
+    updated exactly as keras.layers.BatchNormalization updates them."""
+    for training in (True, False):
+        np.testing.assert_allclose(
+            block(x, training=training), stock(x, training=training), rtol=1e-5, atol=1e-5
+        )
+    bn = stock.layers[0]
+    np.testing.assert_allclose(block.moving_mean, bn.moving_mean, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(block.moving_variance, bn.moving_variance, rtol=1e-6, atol=1e-6)
+
+
 
 def grads(layer, x, training=True):
     x = tf.convert_to_tensor(x)
@@ -80,14 +92,7 @@ def test_forward_equals_stock(ops_path, case, bits):
     stock = stock_block(filters, k, s, padding, use_bias=use_bias)
     stock.build(shape)
     copy_to_stock(block, stock)
-    for training in (True, False):
-        np.testing.assert_allclose(
-            block(x, training=training), stock(x, training=training), rtol=1e-5, atol=1e-5
-        )
-    # Moving statistics updated exactly as keras.layers.BatchNormalization does.
-    bn = stock.layers[0]
-    np.testing.assert_allclose(block.moving_mean, bn.moving_mean, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(block.moving_variance, bn.moving_variance, rtol=1e-6, atol=1e-6)
+    assert_forward_and_statistics_match(block, stock, x)
 
 
 def test_exact_gradients_equal_stock():
@@ -634,13 +639,7 @@ def test_channels_first_equals_stock(ops_path, bits):
     x_last = np.transpose(x, (0, 2, 3, 1))
     last.build(x_last.shape)
     last.set_weights(block.get_weights())
-    for training in (True, False):
-        np.testing.assert_allclose(
-            block(x, training=training), stock(x, training=training), rtol=1e-5, atol=1e-5
-        )
-    bn = stock.layers[0]
-    np.testing.assert_allclose(block.moving_mean, bn.moving_mean, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(block.moving_variance, bn.moving_variance, rtol=1e-6, atol=1e-6)
+    assert_forward_and_statistics_match(block, stock, x)
     y, g = grads(block, x)
     _, g_last = grads(last, x_last)
     g_last[0] = np.transpose(g_last[0], (0, 3, 1, 2))
