@@ -12,11 +12,18 @@
 // Semantics are those of keras_blpa/backends/tensorflow/reference.py (the
 // oracle); for ReLU:
 //   y      = x * scale + offset                       (BN folded, channels last)
+//   edge   = clip(shift, 1, 2^K - 1)                  (per channel; = shift
+//            where the window contains 0, 1 <= shift <= 2^K - 1)
 //   t      = floor(y * inv_step) + shift
-//   t      = y > 0 ? max(t, shift) : min(t, shift - 1)
+//   t      = y > 0 ? max(t, edge) : min(t, edge - 1)
 //   code   = clip(t, 0, 2^K - 1), NaN anywhere -> 0
-//   decode = (code + 0.5 - shift) * step, mask = code >= shift
+//   mask   = code >= edge                             (exactly y > 0)
+//   centre = (code + (0.5 - shift)) * step
+//   decode = mask ? max(centre, 0) : min(centre, 0)   (no-op where edge = shift)
 //   x_hat  = (decode - beta) / gamma
+// shift itself is not clipped (the reference bounds it to +-2^24): a window
+// wholly above 0 (shift < 1) keeps code 0 for y <= 0 alone, one wholly below 0
+// (shift > 2^K - 1) the top code for y > 0 alone.
 // Codes, activations and decoded values match the reference bit for bit; the
 // gradient kernels evaluate the same sums in another order (x_hat per element),
 // so they agree with it to rounding.
@@ -132,10 +139,42 @@ BLPA_HOST_DEVICE uint32_t code_of(float t, float top) {
   return static_cast<uint32_t>(static_cast<int32_t>(r));
 }
 
-// Bin centre of a code, the decoded BN output: (code + 0.5 - shift) * step.
+// The mask edge, the first code of y > 0 (ReLU's threshold y = 0 lies on the
+// edge between codes edge - 1 and edge): clip(shift, 1, top), top = 2^K - 1
+// as a float, as the reference's mask_edge; a NaN shift stays NaN. A
+// per-channel value: the CPU kernels compute it once per channel (EdgeRow,
+// blpa_cpu.h) and pass it to the activation beside shift.
+BLPA_HOST_DEVICE float mask_edge(float shift, float top) {
+  const float e = shift < 1.0f ? 1.0f : shift;
+  return e > top ? top : e;
+}
+
+// The mask of a code, exactly y > 0: code >= edge.
+BLPA_HOST_DEVICE bool code_positive(uint32_t code, float edge) {
+  return static_cast<float>(static_cast<int32_t>(code)) >= edge;
+}
+
+// Bin centre of a code: (code + (0.5 - shift)) * step (unclamped), rounded in
+// the reference's order (exact either way for |shift| <= 2^K, not for a
+// saturated shift near its bound 2^24).
 BLPA_HOST_DEVICE float bin_centre(uint32_t code, float step, float shift) {
   const float c = static_cast<float>(static_cast<int32_t>(code));
-  return mul_rn(sub_rn(add_rn(c, 0.5f), shift), step);
+  return mul_rn(add_rn(c, sub_rn(0.5f, shift)), step);
+}
+
+// The decoded BN output y_dec: the bin centre kept on the side of 0 that the
+// code's mask gives, max(centre, 0) where `positive`, else min(centre, 0)
+// (TF's maximum / minimum: NaN propagates, a clamped value is +0). A no-op
+// where 1 <= shift <= top; it matters for the end codes of saturated windows.
+BLPA_HOST_DEVICE float keep_side(float centre, bool positive) {
+  const float up = centre < 0.0f ? 0.0f : centre;
+  const float down = centre > 0.0f ? 0.0f : centre;
+  return positive ? up : down;
+}
+
+BLPA_HOST_DEVICE float decoded_y(uint32_t code, float step, float shift,
+                                 float edge) {
+  return keep_side(bin_centre(code, step, shift), code_positive(code, edge));
 }
 
 // Normalised value from the decoded BN output.

@@ -24,8 +24,10 @@
 #include <algorithm>
 #include <cctype>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
+#include "cc/blpa_activations.h"
 #include "cc/blpa_bins.h"
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__)) && \
@@ -145,6 +147,31 @@ class ChannelView {
   // Every row starts on a cache line (kExpanded floats are a multiple of 64
   // bytes). Measured: a few % of encode throughput with AVX-512.
   alignas(64) float buf_[NP][kExpanded];
+};
+
+// The mask edges clip(shift, 1, top) of channels [0, C) (mask_edge), built
+// once per kernel range: the activations take the edge as a per-channel vector
+// beside shift, so that the edge clip costs nothing per element.
+class EdgeRow {
+ public:
+  BLPA_INLINE EdgeRow(const float* shift, int64_t C, float top) {
+    float* e = stack_;
+    if (C > kStack) {
+      heap_.resize(C);
+      e = heap_.data();
+    }
+    for (int64_t c = 0; c < C; ++c) e[c] = mask_edge(shift[c], top);
+    ptr_ = e;
+  }
+  EdgeRow(const EdgeRow&) = delete;
+  EdgeRow& operator=(const EdgeRow&) = delete;
+  BLPA_INLINE const float* data() const { return ptr_; }
+
+ private:
+  static constexpr int64_t kStack = 1024;
+  alignas(64) float stack_[kStack];
+  std::vector<float> heap_;
+  const float* ptr_;
 };
 
 #if defined(__GNUC__) && defined(__BYTE_ORDER__) && \
@@ -282,6 +309,106 @@ BLPA_INLINE void for_each_run(int64_t n, int64_t C, int64_t byte_begin,
 }
 
 // ---------------------------------------------------------------------------
+// Tables of smooth activations (blpa_activations.h, Smooth): the decoded
+// output and the backward slope of each (channel, code), built once per call
+// so that the element loops are a lookup instead of libm calls. One row of
+// 2^K floats per accumulator slot (reduce_scratch_size), row s for channel
+// s % C: a run starting at channel c reads row c + k for its element k, like
+// the reduce's accumulators (ChannelView's expansion for small C).
+
+// Which activations use them: silu and both gelus. hard_silu's f is a few
+// float operations that vectorise, faster per element than a lookup
+// (measured), so it keeps its per-element backward.
+template <typename Act>
+struct Tabled : std::false_type {};
+template <typename F>
+struct Tabled<Smooth<F>>
+    : std::integral_constant<bool, !std::is_same<F, HardSiluFn>::value> {};
+
+enum class Table { kDecoded, kSlope };
+
+class SmoothTables {
+ public:
+  // `act` with its `which` table (one of SmoothTables' own, valid while it
+  // lives) attached; unchanged if it is no smooth activation or already has
+  // one. parallel_for(C, fn) must call fn(first, last) on disjoint channel
+  // ranges covering [0, C), on any threads. C >= 1.
+  template <typename Act, typename ParallelFor>
+  Act attach(Act act, Table which, const float* step, const float* shift,
+             int64_t C, int bits, ParallelFor&& parallel_for) {
+    if constexpr (Tabled<Act>::value) {
+      const float*& table = which == Table::kDecoded ? act.decoded : act.slope;
+      if (table != nullptr) return act;
+      const int64_t L = int64_t{1} << bits;
+      const int64_t rows = reduce_scratch_size(C);
+      data_.resize(rows * L);
+      float* const t = data_.data();
+      const bool decoded = which == Table::kDecoded;
+      parallel_for(C, [&](int64_t first, int64_t last) {
+        for (int64_t c = first; c < last; ++c) {
+          act.table_row(step[c], shift[c], decoded ? t + c * L : nullptr,
+                        decoded ? nullptr : t + c * L);
+        }
+      });
+      for (int64_t r = C; r < rows; ++r) {
+        std::memcpy(t + r * L, t + (r % C) * L, L * sizeof(float));
+      }
+      table = t;
+    }
+    return act;
+  }
+
+ private:
+  std::vector<float> data_;
+};
+
+// Runs fn(0, total) on the calling thread.
+struct Serial {
+  template <typename Fn>
+  void operator()(int64_t total, Fn&& fn) const {
+    fn(int64_t{0}, total);
+  }
+};
+
+// The table entries of a run of `len` elements starting at channel c, into
+// out[0, len): out[k] = table[(c + k) * 2^K + codes[k]]. A plain loop of
+// scalar loads (compilers tuned for today's x86 emit no gathers); the
+// kernels' arithmetic then reads out[k] in its own, vectorised, loop.
+template <int BITS>
+BLPA_INLINE void look_up(const float* __restrict__ table, int64_t c,
+                         const uint8_t* __restrict__ codes, int64_t len,
+                         float* __restrict__ out) {
+  const float* __restrict__ row = table + (c << BITS);
+  for (int64_t k = 0; k < len; ++k) out[k] = row[(k << BITS) + codes[k]];
+}
+
+// dL/dy of element k of a run: g times its slope (looked up into slope[k]) for
+// a tabled smooth activation, else act.backward.
+template <typename Act>
+BLPA_INLINE float grad_y(const Act& act, const float* __restrict__ slope,
+                         int64_t k, float g, uint32_t code, float step,
+                         float shift, float edge) {
+  if constexpr (Tabled<Act>::value) {
+    return mul_rn(g, slope[k]);
+  } else {
+    return act.backward(g, code, step, shift, edge);
+  }
+}
+
+// Room for a run's slopes (tabled smooth activations only).
+template <int BITS, typename Act>
+struct SlopeBuffer {
+  BLPA_INLINE const float* fill(const Act& act, int64_t c,
+                                const uint8_t* codes, int64_t len) {
+    if constexpr (Tabled<Act>::value) {
+      look_up<BITS>(act.slope, c, codes, len, data);
+    }
+    return data;
+  }
+  alignas(64) float data[Tabled<Act>::value ? kTile : 1];
+};
+
+// ---------------------------------------------------------------------------
 // The four kernels: the per-run work of each, inside the skeleton.
 
 struct BnEncode {
@@ -289,11 +416,13 @@ struct BnEncode {
   static BLPA_INLINE void range(Act act, const EncodeArgs& a, int64_t b0,
                                 int64_t b1) {
     const float top = static_cast<float>((1 << BITS) - 1);
-    const float* params[4] = {a.scale, a.offset, a.inv_step, a.shift};
+    const EdgeRow edge(a.shift, a.C, top);
+    const float* params[5] = {a.scale, a.offset, a.inv_step, a.shift,
+                              edge.data()};
     for_each_run<BITS, Codes::kPack>(
         a.n, a.C, b0, b1, params, a.packed,
         [&](int64_t i, int64_t c, int64_t len, uint8_t* codes,
-            const ChannelView<4>& v) BLPA_INLINE_LAMBDA {
+            const ChannelView<5>& v) BLPA_INLINE_LAMBDA {
           const float* __restrict__ x = a.x + i;
           float* __restrict__ out = a.activation + i;
           uint8_t* __restrict__ cd = codes;
@@ -301,10 +430,12 @@ struct BnEncode {
           const float* __restrict__ of = v.ptr(1, c);
           const float* __restrict__ is = v.ptr(2, c);
           const float* __restrict__ sh = v.ptr(3, c);
+          const float* __restrict__ ed = v.ptr(4, c);
           for (int64_t k = 0; k < len; ++k) {
             const float y = bn_apply(x[k], sc[k], of[k]);
             out[k] = act.forward(y);
-            cd[k] = static_cast<uint8_t>(act.encode(y, is[k], sh[k], top));
+            cd[k] = static_cast<uint8_t>(
+                act.encode(y, is[k], sh[k], ed[k], top));
           }
         });
   }
@@ -314,17 +445,24 @@ struct Decode {
   template <int BITS, typename Act>
   static BLPA_INLINE void range(Act act, const DecodeArgs& a, int64_t b0,
                                 int64_t b1) {
-    const float* params[2] = {a.step, a.shift};
+    const float top = static_cast<float>((1 << BITS) - 1);
+    const EdgeRow edge(a.shift, a.C, top);
+    const float* params[3] = {a.step, a.shift, edge.data()};
     for_each_run<BITS, Codes::kUnpack>(
         a.n, a.C, b0, b1, params, a.packed,
         [&](int64_t i, int64_t c, int64_t len, uint8_t* codes,
-            const ChannelView<2>& v) BLPA_INLINE_LAMBDA {
+            const ChannelView<3>& v) BLPA_INLINE_LAMBDA {
           const uint8_t* __restrict__ cd = codes;
           float* __restrict__ out = a.out + i;
           const float* __restrict__ st = v.ptr(0, c);
           const float* __restrict__ sh = v.ptr(1, c);
-          for (int64_t k = 0; k < len; ++k) {
-            out[k] = act.decode(cd[k], st[k], sh[k]);
+          const float* __restrict__ ed = v.ptr(2, c);
+          if constexpr (Tabled<Act>::value) {
+            look_up<BITS>(act.decoded, c, cd, len, out);
+          } else {
+            for (int64_t k = 0; k < len; ++k) {
+              out[k] = act.decode(cd[k], st[k], sh[k], ed[k]);
+            }
           }
         });
   }
@@ -344,22 +482,27 @@ struct BnGradPartialSums {
     double* const acc_g = scratch;
     double* const acc_gx = scratch + slots;
     std::fill(scratch, scratch + 2 * slots, 0.0);
-    const float* params[4] = {a.step, a.shift, a.gamma, a.beta};
+    const float top = static_cast<float>((1 << BITS) - 1);
+    const EdgeRow edge(a.shift, a.C, top);
+    const float* params[5] = {a.step, a.shift, a.gamma, a.beta, edge.data()};
+    SlopeBuffer<BITS, Act> slopes;
     for_each_run<BITS, Codes::kUnpack>(
         a.n, a.C, b0, b1, params, a.packed,
         [&](int64_t i, int64_t c, int64_t len, uint8_t* codes,
-            const ChannelView<4>& v) BLPA_INLINE_LAMBDA {
+            const ChannelView<5>& v) BLPA_INLINE_LAMBDA {
           const uint8_t* __restrict__ cd = codes;
           const float* __restrict__ g = a.grad_a + i;
           const float* __restrict__ st = v.ptr(0, c);
           const float* __restrict__ sh = v.ptr(1, c);
           const float* __restrict__ ga = v.ptr(2, c);
           const float* __restrict__ be = v.ptr(3, c);
+          const float* __restrict__ ed = v.ptr(4, c);
           double* __restrict__ ag = acc_g + c;
           double* __restrict__ agx = acc_gx + c;
+          const float* __restrict__ sl = slopes.fill(act, c, cd, len);
           for (int64_t k = 0; k < len; ++k) {
-            const float y_dec = bin_centre(cd[k], st[k], sh[k]);
-            const float gy = act.backward(g[k], cd[k], st[k], sh[k]);
+            const float y_dec = decoded_y(cd[k], st[k], sh[k], ed[k]);
+            const float gy = grad_y(act, sl, k, g[k], cd[k], st[k], sh[k], ed[k]);
             const float xh = xhat_one(y_dec, be[k], ga[k]);
             ag[k] += static_cast<double>(gy);
             agx[k] += static_cast<double>(mul_rn(gy, xh));
@@ -376,12 +519,15 @@ struct BnGradInput {
   template <int BITS, typename Act>
   static BLPA_INLINE void range(Act act, const GradArgs& a, int64_t b0,
                                 int64_t b1) {
-    const float* params[7] = {a.step, a.shift,  a.gamma,  a.beta,
-                              a.coef, a.mean_g, a.mean_gx};
+    const float top = static_cast<float>((1 << BITS) - 1);
+    const EdgeRow edge(a.shift, a.C, top);
+    const float* params[8] = {a.step, a.shift,  a.gamma,   a.beta,
+                              a.coef, a.mean_g, a.mean_gx, edge.data()};
+    SlopeBuffer<BITS, Act> slopes;
     for_each_run<BITS, Codes::kUnpack>(
         a.n, a.C, b0, b1, params, a.packed,
         [&](int64_t i, int64_t c, int64_t len, uint8_t* codes,
-            const ChannelView<7>& v) BLPA_INLINE_LAMBDA {
+            const ChannelView<8>& v) BLPA_INLINE_LAMBDA {
           const uint8_t* __restrict__ cd = codes;
           const float* __restrict__ g = a.grad_a + i;
           float* __restrict__ dx = a.grad_x + i;
@@ -392,9 +538,11 @@ struct BnGradInput {
           const float* __restrict__ co = v.ptr(4, c);
           const float* __restrict__ mg = v.ptr(5, c);
           const float* __restrict__ mgx = v.ptr(6, c);
+          const float* __restrict__ ed = v.ptr(7, c);
+          const float* __restrict__ sl = slopes.fill(act, c, cd, len);
           for (int64_t k = 0; k < len; ++k) {
-            const float y_dec = bin_centre(cd[k], st[k], sh[k]);
-            const float gy = act.backward(g[k], cd[k], st[k], sh[k]);
+            const float y_dec = decoded_y(cd[k], st[k], sh[k], ed[k]);
+            const float gy = grad_y(act, sl, k, g[k], cd[k], st[k], sh[k], ed[k]);
             const float xh = xhat_one(y_dec, be[k], ga[k]);
             dx[k] = grad_input_one(gy, xh, co[k], mg[k], mgx[k]);
           }
@@ -469,17 +617,26 @@ inline void bn_encode(Act act, const EncodeArgs& a, int64_t b0, int64_t b1,
   run_kernel<BnEncode>(level, act, a, b0, b1);
 }
 
-// The activation output rebuilt from the codes.
+// The activation output rebuilt from the codes. A smooth activation should
+// come with its decoded table (SmoothTables::attach, once per tensor): else
+// this call builds one for itself.
 template <typename Act>
 inline void decode(Act act, const DecodeArgs& a, int64_t b0, int64_t b1,
                    CpuLevel level) {
+  if (a.n == 0) return;
+  SmoothTables own;
+  act = own.attach(act, Table::kDecoded, a.step, a.shift, a.C, a.bits, Serial());
   run_kernel<Decode>(level, act, a, b0, b1);
 }
 
-// BN input gradient coef * ((g - mean_g) - x_hat * mean_gx), g = act.backward.
+// BN input gradient coef * ((g - mean_g) - x_hat * mean_gx), g = act.backward
+// (a smooth activation: as for decode, with its slope table).
 template <typename Act>
 inline void bn_grad_input(Act act, const GradArgs& a, int64_t b0, int64_t b1,
                           CpuLevel level) {
+  if (a.n == 0) return;
+  SmoothTables own;
+  act = own.attach(act, Table::kSlope, a.step, a.shift, a.C, a.bits, Serial());
   run_kernel<BnGradInput>(level, act, a, b0, b1);
 }
 
@@ -493,7 +650,8 @@ inline int64_t reduce_num_blocks(int64_t nbytes) {
 }
 
 // Per-channel sums of g and g * x_hat (g = act.backward(grad_a, ...)) over the
-// whole tensor, written to sum_g and sum_gx (C floats each). Deterministic: one
+// whole tensor, written to sum_g and sum_gx (C floats each; a smooth
+// activation: as for decode, with its slope table). Deterministic: one
 // double partial sum per fixed block of kReduceBlockBytes packed bytes, each
 // accumulated in element order, the blocks added in block order; the same bits
 // for any thread count and level. parallel_for(blocks, fn) must call
@@ -507,6 +665,8 @@ void bn_grad_reduce(Act act, const GradArgs& a, CpuLevel level, float* sum_g,
     std::fill(sum_gx, sum_gx + C, 0.0f);
     return;
   }
+  SmoothTables own;
+  act = own.attach(act, Table::kSlope, a.step, a.shift, C, a.bits, Serial());
   const int64_t nbytes = packed_size(a.n, a.bits);
   const int64_t blocks = reduce_num_blocks(nbytes);
   const int64_t slots = reduce_scratch_size(C);

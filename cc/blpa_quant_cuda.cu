@@ -3,7 +3,8 @@
 // TensorFlow). The element math is the BLPA_HOST_DEVICE code of blpa_bins.h and
 // of the activation (blpa_activations.h), with __f*_rn intrinsics so that
 // every operation rounds like TensorFlow's separate ops (also build with
-// -fmad=false). In the element-wise kernels one thread handles one packed byte
+// -fmad=false); the smooth activations call CUDA's expf / erfcf / tanhf /
+// powf, within a few ulp of the host's libm (not bit for bit). In the element-wise kernels one thread handles one packed byte
 // (1, 2 or 4 elements); the reduction walks channel columns.
 #include <type_traits>
 #include <cuda_runtime.h>
@@ -41,7 +42,9 @@ __global__ void encode_kernel(EncodeArgs a, Act act) {
         const int64_t c = i % a.C;
         const float y = bn_apply(a.x[i], __ldg(a.scale + c), __ldg(a.offset + c));
         a.activation[i] = act.forward(y);
-        byte |= act.encode(y, __ldg(a.inv_step + c), __ldg(a.shift + c), top)
+        const float shift = __ldg(a.shift + c);
+        byte |= act.encode(y, __ldg(a.inv_step + c), shift,
+                           mask_edge(shift, top), top)
                 << (j * BITS);
       }
     }
@@ -52,6 +55,7 @@ __global__ void encode_kernel(EncodeArgs a, Act act) {
 template <int BITS, typename Act>
 __global__ void decode_kernel(DecodeArgs a, Act act) {
   constexpr int per = 8 / BITS;
+  const float top = static_cast<float>((1 << BITS) - 1);
   const int64_t nbytes = packed_size(a.n, BITS);
   for (int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
        b < nbytes; b += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -61,8 +65,9 @@ __global__ void decode_kernel(DecodeArgs a, Act act) {
       const int64_t i = b * per + j;
       if (i < a.n) {
         const int64_t c = i % a.C;
+        const float shift = __ldg(a.shift + c);
         a.out[i] = act.decode(unpack_one(byte, j, BITS), __ldg(a.step + c),
-                              __ldg(a.shift + c));
+                              shift, mask_edge(shift, top));
       }
     }
   }
@@ -71,6 +76,7 @@ __global__ void decode_kernel(DecodeArgs a, Act act) {
 template <int BITS, typename Act>
 __global__ void grad_input_kernel(GradArgs a, Act act) {
   constexpr int per = 8 / BITS;
+  const float top = static_cast<float>((1 << BITS) - 1);
   const int64_t nbytes = packed_size(a.n, BITS);
   for (int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
        b < nbytes; b += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -82,8 +88,9 @@ __global__ void grad_input_kernel(GradArgs a, Act act) {
         const int64_t c = i % a.C;
         const uint32_t code = unpack_one(byte, j, BITS);
         const float step = __ldg(a.step + c), shift = __ldg(a.shift + c);
-        const float y_dec = bin_centre(code, step, shift);
-        const float gy = act.backward(a.grad_a[i], code, step, shift);
+        const float edge = mask_edge(shift, top);
+        const float y_dec = decoded_y(code, step, shift, edge);
+        const float gy = act.backward(a.grad_a[i], code, step, shift, edge);
         const float xh = xhat_one(y_dec, __ldg(a.beta + c), __ldg(a.gamma + c));
         a.grad_x[i] = grad_input_one(gy, xh, __ldg(a.coef + c),
                                      __ldg(a.mean_g + c), __ldg(a.mean_gx + c));
@@ -109,18 +116,20 @@ __global__ void grad_reduce_kernel(GradArgs a, float* sum_g, float* sum_gx,
   __shared__ float sgx[kRedY][kRedX];
   const int64_t c = blockIdx.x * static_cast<int64_t>(kRedX) + threadIdx.x;
   const int64_t rows = a.n / a.C;
+  const float top = static_cast<float>((1 << BITS) - 1);
   float acc_g = 0.0f, comp_g = 0.0f, acc_gx = 0.0f, comp_gx = 0.0f;
   if (c < a.C) {
     const float step = __ldg(a.step + c), shift = __ldg(a.shift + c);
     const float gamma = __ldg(a.gamma + c), beta = __ldg(a.beta + c);
+    const float edge = mask_edge(shift, top);
     for (int64_t r = blockIdx.y * static_cast<int64_t>(kRedY) + threadIdx.y;
          r < rows; r += static_cast<int64_t>(gridDim.y) * kRedY) {
       const int64_t i = r * a.C + c;
       const int per = 8 / BITS;
       const uint32_t code =
           unpack_one(a.packed[i / per], static_cast<int>(i % per), BITS);
-      const float y_dec = bin_centre(code, step, shift);
-      const float gy = act.backward(a.grad_a[i], code, step, shift);
+      const float y_dec = decoded_y(code, step, shift, edge);
+      const float gy = act.backward(a.grad_a[i], code, step, shift, edge);
       const float gx = __fmul_rn(gy, xhat_one(y_dec, beta, gamma));
       // Kahan summation keeps long columns accurate in float.
       float y1 = __fsub_rn(gy, comp_g);
@@ -230,6 +239,12 @@ int bn_grad_reduce(Act act, const GradArgs& a, float* sum_g, float* sum_gx,
   template int bn_grad_input<Act>(Act, const GradArgs&, cudaStream_t);
 
 BLPA_CUDA_ACTIVATION(Relu)
+BLPA_CUDA_ACTIVATION(Relu6)
+BLPA_CUDA_ACTIVATION(LeakyRelu)
+BLPA_CUDA_ACTIVATION(Silu)
+BLPA_CUDA_ACTIVATION(Gelu)
+BLPA_CUDA_ACTIVATION(GeluTanh)
+BLPA_CUDA_ACTIVATION(HardSilu)
 
 const char* error_string(int error) {
   return cudaGetErrorString(static_cast<cudaError_t>(error));

@@ -15,7 +15,10 @@
 // reduce's sums to float tolerance, and bit for bit across ISA levels and
 // thread counts) over many shapes, every bits value and NaN/Inf inputs; with
 // BLPA_WITH_CUDA also the GPU kernels against the CPU ones. Checks run for
-// every activation of blpa_activations.h (ReLU). Then prints encode+decode
+// every activation of blpa_activations.h (kActivations: each name of the ops'
+// `activation` attr, leaky_relu with two slopes), all bit for bit on the CPU;
+// on the GPU the smooth ones but hard_silu compare to a few ulp (CUDA's
+// expf / erfcf / tanhf / powf are not the host libm's). Then prints encode+decode
 // throughput in GB/s (bytes read + written) next to a memcpy of the input.
 // Options: --quick (smaller benchmark), --no-bench, --threads N, --elements N,
 // --isa avx|avx2|avx512 (cap the instruction-set level: checks run every level
@@ -33,6 +36,7 @@
 #include <random>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "cc/blpa_activations.h"
@@ -99,17 +103,24 @@ Problem make_problem(int64_t n, int64_t C, int bits, uint32_t seed) {
   for (int64_t i = 0; i < n; i += 97) p.x[i] = specials[(i / 97) % 8];
   for (int64_t c = 0; c < C; ++c) {
     float g = uni(rng) * ((c % 5 == 3) ? -1.0f : 1.0f);  // some negative gamma
-    const float b = normal(rng);
-    const float mean = 0.3f * normal(rng), inv_std = uni(rng);
     const float ag = std::fabs(g);
+    // Some saturated windows (shift < 1 or > 2^K - 1): |beta| = 10 |gamma|,
+    // and |beta| so large that shift reaches the reference's bound 2^24.
+    const int kind = static_cast<int>(c % 7);
+    const float b = kind == 2   ? 10.0f * ag
+                    : kind == 4 ? -10.0f * ag
+                    : kind == 6 ? (c % 2 ? 1e9f : -1e9f) * ag
+                                : normal(rng);
+    const float mean = 0.3f * normal(rng), inv_std = uni(rng);
     p.gamma.push_back(g);
     p.beta.push_back(b);
     p.scale.push_back(g * inv_std);
     p.offset.push_back(b - mean * (g * inv_std));
     p.inv_step.push_back(levels / (6.0f * ag));
     p.step.push_back(ag * (6.0f / levels));
-    float sh = levels / 2.0f - std::floor(b / ag * (levels / 6.0f));
-    p.shift.push_back(std::min(std::max(sh, 1.0f), levels - 1.0f));
+    // channel_params' shift: not clipped to the window, bounded to +-2^24.
+    const float sh = levels / 2.0f - std::floor(b / ag * (levels / 6.0f));
+    p.shift.push_back(std::min(std::max(sh, -16777216.0f), 16777216.0f));
     p.coef.push_back(p.scale.back());
     p.mean_g.push_back(0.01f * normal(rng));
     p.mean_gx.push_back(0.01f * normal(rng));
@@ -144,11 +155,39 @@ blpa::GradArgs grad_args(const Problem& p, const uint8_t* packed, float* dx) {
 
 bool same_bits(float a, float b) { return memcmp(&a, &b, sizeof(float)) == 0; }
 
+// The activations checked: every kind of blpa_activations.h, leaky_relu with
+// two slopes.
+struct NamedActivation {
+  const char* name;
+  blpa::ActivationKind kind;
+  float negative_slope;
+};
+const NamedActivation kActivations[] = {
+    {"relu", blpa::ActivationKind::kRelu, 0.0f},
+    {"relu6", blpa::ActivationKind::kRelu6, 0.0f},
+    {"leaky_relu(0.1)", blpa::ActivationKind::kLeakyRelu, 0.1f},
+    {"leaky_relu(0.3)", blpa::ActivationKind::kLeakyRelu, 0.3f},
+    {"linear", blpa::ActivationKind::kLinear, 0.0f},
+    {"silu", blpa::ActivationKind::kSilu, 0.0f},
+    {"gelu", blpa::ActivationKind::kGelu, 0.0f},
+    {"gelu_approximate", blpa::ActivationKind::kGeluApproximate, 0.0f},
+    {"hard_silu", blpa::ActivationKind::kHardSilu, 0.0f},
+};
+
+// Whether the GPU gives the CPU's bits for `act` (false: libm calls).
+template <typename Act>
+bool gpu_bit_exact(const Act&) { return true; }
+template <typename F>
+bool gpu_bit_exact(const blpa::Smooth<F>&) {
+  return std::is_same<F, blpa::HardSiluFn>::value;
+}
+
 // Plain per-element versions (no tiles, no channel views, explicit modulo).
 struct Naive {
   std::vector<float> act, dec, dx;
   std::vector<uint8_t> packed;
   std::vector<double> sum_g, sum_gx;
+  std::vector<double> abs_gx;  // sum |g * x_hat| per channel (tolerances)
 };
 
 template <typename Act>
@@ -162,22 +201,36 @@ Naive naive(Act act, const Problem& p) {
   r.packed.assign(blpa::packed_size(p.n, p.bits), 0);
   r.sum_g.assign(p.C, 0.0);
   r.sum_gx.assign(p.C, 0.0);
+  r.abs_gx.assign(p.C, 0.0);
   for (int64_t i = 0; i < p.n; ++i) {
     const int64_t c = i % p.C;
     const float y = blpa::bn_apply(p.x[i], p.scale[c], p.offset[c]);
     r.act[i] = act.forward(y);
-    const uint32_t code = act.encode(y, p.inv_step[c], p.shift[c], top);
+    const float edge = blpa::mask_edge(p.shift[c], top);
+    const uint32_t code = act.encode(y, p.inv_step[c], p.shift[c], edge, top);
     r.packed[i / per] |= static_cast<uint8_t>(code << ((i % per) * p.bits));
+    // Every activation codes y > 0 from code >= clip(shift, 1, 2^K - 1)
+    // (the reference's mask), saturated windows included; relu6 for the
+    // shifts its channel_params give (1 <= shift <= 2^K - 2: else its upper
+    // code can fall on the mask edge).
+    const bool relu6_off = std::is_same<Act, blpa::Relu6>::value &&
+                           !(p.shift[c] >= 1.0f && p.shift[c] <= top - 1.0f);
+    if (!relu6_off && blpa::code_positive(code, edge) != (y > 0.0f)) {
+      fail("mask != (y > 0) at " + std::to_string(i) + " shift " +
+           std::to_string(p.shift[c]) + " code " + std::to_string(code));
+    }
   }
   for (int64_t i = 0; i < p.n; ++i) {
     const int64_t c = i % p.C;
     const uint32_t code = blpa::unpack_one(r.packed[i / per], i % per, p.bits);
-    r.dec[i] = act.decode(code, p.step[c], p.shift[c]);
-    const float yd = blpa::bin_centre(code, p.step[c], p.shift[c]);
-    const float gy = act.backward(p.grad[i], code, p.step[c], p.shift[c]);
+    const float edge = blpa::mask_edge(p.shift[c], top);
+    r.dec[i] = act.decode(code, p.step[c], p.shift[c], edge);
+    const float yd = blpa::decoded_y(code, p.step[c], p.shift[c], edge);
+    const float gy = act.backward(p.grad[i], code, p.step[c], p.shift[c], edge);
     const float xh = blpa::xhat_one(yd, p.beta[c], p.gamma[c]);
     r.sum_g[c] += gy;
     r.sum_gx[c] += gy * xh;
+    r.abs_gx[c] += std::fabs(static_cast<double>(gy) * xh);
     r.dx[i] = blpa::grad_input_one(gy, xh, p.coef[c], p.mean_g[c], p.mean_gx[c]);
   }
   return r;
@@ -203,16 +256,30 @@ CpuResult run_cpu(Act act, const Problem& p, int threads,
   });
   const blpa::DecodeArgs da = {r.packed.data(), p.step.data(), p.shift.data(),
                                p.n, p.C, p.bits, r.dec.data()};
+  // Smooth activations: on one thread the entry points build their own
+  // tables; on more, the tables are built once beforehand, as the ops do.
+  auto channels_for = [threads](int64_t total, auto fn) {
+    parallel_for(threads, total, fn);
+  };
+  blpa::cpu::SmoothTables decoded, slope;
+  const Act dec_act =
+      threads > 1 ? decoded.attach(act, blpa::cpu::Table::kDecoded, p.step.data(),
+                                   p.shift.data(), p.C, p.bits, channels_for)
+                  : act;
+  const Act grad_act =
+      threads > 1 ? slope.attach(act, blpa::cpu::Table::kSlope, p.step.data(),
+                                 p.shift.data(), p.C, p.bits, channels_for)
+                  : act;
   parallel_for(threads, nbytes, [&](int64_t b, int64_t e) {
-    blpa::cpu::decode(act, da, b, e, level);
+    blpa::cpu::decode(dec_act, da, b, e, level);
   });
   const blpa::GradArgs ga = grad_args(p, r.packed.data(), r.dx.data());
   parallel_for(threads, nbytes, [&](int64_t b, int64_t e) {
-    blpa::cpu::bn_grad_input(act, ga, b, e, level);
+    blpa::cpu::bn_grad_input(grad_act, ga, b, e, level);
   });
   r.sum_g.assign(p.C, -7.0f);
   r.sum_gx.assign(p.C, -7.0f);
-  blpa::cpu::bn_grad_reduce(act, ga, level, r.sum_g.data(), r.sum_gx.data(),
+  blpa::cpu::bn_grad_reduce(grad_act, ga, level, r.sum_g.data(), r.sum_gx.data(),
                             [&](int64_t blocks, auto fn) {
                               parallel_for(threads, blocks, fn);
                             });
@@ -237,9 +304,11 @@ void compare_floats(const std::string& what, const std::vector<float>& a,
 
 void compare_sums(const std::string& what, const std::vector<float>& got,
                   const std::vector<double>& want, const std::vector<float>& grad,
-                  int64_t C) {
-  // Tolerance from float accumulation: relative to the sum of magnitudes.
-  std::vector<double> mag(C, 0.0);
+                  int64_t C, const std::vector<double>& abs_gx) {
+  // Tolerance from float accumulation: relative to the sum of magnitudes,
+  // 10 |grad| per element or |g * x_hat| where x_hat is larger (saturated
+  // channels, beta up to 1e9 |gamma|).
+  std::vector<double> mag(abs_gx);
   for (size_t i = 0; i < grad.size(); ++i) mag[i % C] += 10.0 * std::fabs(grad[i]);
   for (int64_t c = 0; c < C; ++c) {
     const double tol = 1e-5 * mag[c] + 1e-5;
@@ -253,21 +322,25 @@ void compare_sums(const std::string& what, const std::vector<float>& got,
 
 // Every ISA level up to `top`, 1 and 3 threads; returns the levels checked.
 template <typename Act>
-int check_cpu(Act act, const Problem& p, blpa::cpu::CpuLevel top) {
+int check_cpu(Act act, const char* name, const Problem& p,
+              blpa::cpu::CpuLevel top) {
   const Naive want = naive(act, p);
   const CpuResult first = run_cpu(act, p, 1, blpa::cpu::kBaseline);
   for (int level = blpa::cpu::kBaseline; level <= top; ++level) {
     for (int threads : {1, 3}) {
       const CpuResult got =
           run_cpu(act, p, threads, static_cast<blpa::cpu::CpuLevel>(level));
-      const std::string l = label(p) + " threads=" + std::to_string(threads) +
+      const std::string l = std::string(name) + " " + label(p) +
+                            " threads=" + std::to_string(threads) +
                             " isa=" + blpa::cpu::cpu_level_name(level);
       if (got.packed != want.packed) fail("packed codes " + l);
       compare_floats("activation " + l, got.act, want.act);
       compare_floats("decode " + l, got.dec, want.dec);
       compare_floats("bn_grad_input " + l, got.dx, want.dx);
-      compare_sums("bn_grad_reduce sum_g " + l, got.sum_g, want.sum_g, p.grad, p.C);
-      compare_sums("bn_grad_reduce sum_gx " + l, got.sum_gx, want.sum_gx, p.grad, p.C);
+      compare_sums("bn_grad_reduce sum_g " + l, got.sum_g, want.sum_g, p.grad, p.C,
+                   want.abs_gx);
+      compare_sums("bn_grad_reduce sum_gx " + l, got.sum_gx, want.sum_gx, p.grad, p.C,
+                   want.abs_gx);
       // The reduce is deterministic: baseline on one thread gives its bits.
       compare_floats("bn_grad_reduce sum_g bits " + l, got.sum_g, first.sum_g);
       compare_floats("bn_grad_reduce sum_gx bits " + l, got.sum_gx, first.sum_gx);
@@ -372,8 +445,22 @@ void launch_ok(int err, const char* what) {
   }
 }
 
+// Equal to a few float32 ulp (GPU libm calls): |a - b| <= rtol |b| + atol,
+// NaN and infinities where the other has them.
+void compare_close(const std::string& what, const std::vector<float>& a,
+                   const std::vector<float>& b, float rtol, float atol) {
+  for (size_t i = 0; i < a.size(); ++i) {
+    if (same_bits(a[i], b[i]) || (std::isnan(a[i]) && std::isnan(b[i]))) continue;
+    if (!(std::fabs(a[i] - b[i]) <= rtol * std::fabs(b[i]) + atol)) {
+      fail(what + " at " + std::to_string(i) + ": " + std::to_string(a[i]) +
+           " vs " + std::to_string(b[i]));
+      return;
+    }
+  }
+}
+
 template <typename Act>
-void check_gpu(Act act, const Problem& p) {
+void check_gpu(Act act, const char* name, const Problem& p) {
   const CpuResult want = run_cpu(act, p, 1, blpa::cpu::kBaseline);
   const Naive nv = naive(act, p);
   DeviceProblem d = upload(p);
@@ -383,13 +470,23 @@ void check_gpu(Act act, const Problem& p) {
   launch_ok(blpa::cuda::bn_grad_reduce(act, d.ga, d.sum_g, d.sum_gx, 0),
             "grad_reduce");
   CUDA_OK(cudaDeviceSynchronize());
-  const std::string l = label(p) + " GPU";
+  const std::string l = std::string(name) + " " + label(p) + " GPU";
   if (to_host(d.packed, want.packed.size()) != want.packed) fail("packed codes " + l);
-  compare_floats("activation " + l, to_host(d.act, p.n), want.act);
-  compare_floats("decode " + l, to_host(d.dec, p.n), want.dec);
-  compare_floats("bn_grad_input " + l, to_host(d.dx, p.n), want.dx);
-  compare_sums("bn_grad_reduce sum_g " + l, to_host(d.sum_g, p.C), nv.sum_g, p.grad, p.C);
-  compare_sums("bn_grad_reduce sum_gx " + l, to_host(d.sum_gx, p.C), nv.sum_gx, p.grad, p.C);
+  if (gpu_bit_exact(act)) {
+    compare_floats("activation " + l, to_host(d.act, p.n), want.act);
+    compare_floats("decode " + l, to_host(d.dec, p.n), want.dec);
+    compare_floats("bn_grad_input " + l, to_host(d.dx, p.n), want.dx);
+  } else {
+    // Values a few ulp apart; the secant slope divides their difference by
+    // the step (>= 6 * 0.2 / 256), and grad_x multiplies it by coef * g.
+    compare_close("activation " + l, to_host(d.act, p.n), want.act, 1e-5f, 1e-6f);
+    compare_close("decode " + l, to_host(d.dec, p.n), want.dec, 1e-5f, 1e-6f);
+    compare_close("bn_grad_input " + l, to_host(d.dx, p.n), want.dx, 1e-3f, 1e-2f);
+  }
+  compare_sums("bn_grad_reduce sum_g " + l, to_host(d.sum_g, p.C), nv.sum_g, p.grad, p.C,
+               nv.abs_gx);
+  compare_sums("bn_grad_reduce sum_gx " + l, to_host(d.sum_gx, p.C), nv.sum_gx, p.grad, p.C,
+               nv.abs_gx);
   release(d);
 }
 
@@ -512,20 +609,29 @@ int main(int argc, char** argv) {
     for (const auto& s : sizes) {
       const Problem p =
           make_problem(s[0], s[1], bits, 1234u + static_cast<uint32_t>(s[0]));
-      checked += check_cpu(blpa::Relu(), p, top);
+      for (const NamedActivation& na : kActivations) {
+        blpa::with_activation(na.kind, na.negative_slope, bits, [&](auto act) {
+          checked += check_cpu(act, na.name, p, top);
+        });
+      }
     }
   }
-  printf("CPU checks: %d problems (ISA levels up to %s) x 2 thread counts, "
-         "%d mismatches\n",
-         checked, blpa::cpu::cpu_level_name(top), g_failures);
+  printf("CPU checks: %d problems x activations (%d activations, ISA levels up "
+         "to %s) x 2 thread counts, %d mismatches\n",
+         checked, static_cast<int>(sizeof(kActivations) / sizeof(kActivations[0])),
+         blpa::cpu::cpu_level_name(top), g_failures);
 
 #if defined(BLPA_WITH_CUDA)
   const bool gpu = gpu_available();
   if (gpu) {
     for (int bits : {2, 4, 8})
       for (const auto& s : sizes)
-        check_gpu(blpa::Relu(),
-                  make_problem(s[0], s[1], bits, 99u + static_cast<uint32_t>(s[0])));
+        for (const NamedActivation& na : kActivations) {
+          const Problem p =
+              make_problem(s[0], s[1], bits, 99u + static_cast<uint32_t>(s[0]));
+          blpa::with_activation(na.kind, na.negative_slope, bits,
+                                [&](auto act) { check_gpu(act, na.name, p); });
+        }
     printf("GPU checks done, %d mismatches in total\n", g_failures);
   } else {
     printf("GPU checks skipped: no CUDA device\n");

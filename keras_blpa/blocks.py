@@ -1,9 +1,11 @@
 """The configuration of a compressed block, shared by the layer and the backends.
 
-`Head` is one convolution that reads the block's activation (the layer's
-``heads=[dict(...)]`` entries, standardised); `BlockConfig` is everything the
-backend's compressed training step needs besides tensors. Both are frozen, so
-a backend may key compiled functions on them.
+`Activation` is the block's nonlinearity (the layer's ``activation=``
+argument, standardised); `Head` is one convolution that reads the block's
+activation (the layer's ``heads=[dict(...)]`` entries, standardised);
+`BlockConfig` is everything the backend's compressed training step needs
+besides tensors. All are frozen, so a backend may key compiled functions on
+them.
 """
 
 import dataclasses
@@ -15,8 +17,20 @@ import keras
 from keras_blpa.validation import check_choice
 from keras_blpa.validation import check_int
 from keras_blpa.validation import check_int_pair
+from keras_blpa.validation import check_number
 
-__all__ = ["BlockConfig", "Head", "PADDINGS", "WEIGHT_OPTIONS", "option_module"]
+__all__ = [
+    "ACTIVATIONS",
+    "Activation",
+    "BlockConfig",
+    "HEAD_KINDS",
+    "Head",
+    "NORMALIZATIONS",
+    "PADDINGS",
+    "RELU",
+    "WEIGHT_OPTIONS",
+    "option_module",
+]
 
 PADDINGS = ("same", "valid")
 # Per-head weight options (Conv2D's names); the block's own arguments are their defaults.
@@ -26,6 +40,111 @@ WEIGHT_OPTIONS = (
 _HEAD_KEYS = (
     "filters", "kernel_size", "strides", "padding", "use_bias", "explicit_padding",
 ) + WEIGHT_OPTIONS
+# What reads the activation: Conv2D, DepthwiseConv2D, Dense (on the channel axis).
+HEAD_KINDS = ("conv", "depthwise", "dense")
+
+
+# The activations of the block, by canonical name: Keras' names, with gelu's two
+# forms (``approximate`` False / True) named apart.
+PIECEWISE_LINEAR = ("relu", "relu6", "leaky_relu", "linear")
+SMOOTH = ("silu", "gelu", "gelu_approximate", "hard_silu")
+ACTIVATIONS = PIECEWISE_LINEAR + SMOOTH
+_ALIASES = {"swish": "silu", "hard_swish": "hard_silu"}
+# Keras' default slope of keras.activations.leaky_relu.
+DEFAULT_NEGATIVE_SLOPE = 0.2
+
+
+@dataclasses.dataclass(frozen=True)
+class Activation:
+    """The block's activation a = f(y) of the BN output y.
+
+    ``name`` is one of `ACTIVATIONS`; ``negative_slope`` is leaky_relu's slope
+    below 0 (0.0 for the others). Piecewise-linear activations keep every
+    breakpoint on a bin edge of the code (0, and 6 for relu6), so their
+    derivative read back from the code is exact; smooth ones read the mean
+    derivative over the code's bin (`keras_blpa.backends.tensorflow.reference`).
+    """
+
+    name: str = "relu"
+    negative_slope: float = 0.0
+
+    @classmethod
+    def get(cls, activation, negative_slope=None):
+        """The Activation of a layer's arguments.
+
+        `activation` is a name (Keras' "relu", "relu6", "leaky_relu", "linear",
+        "silu"/"swish", "gelu", "gelu_approximate" (``gelu(approximate=True)``),
+        "hard_silu"/"hard_swish"), a dict ``{"name": ..., "negative_slope": ...}``
+        (`get_config`'s form) or an Activation. `negative_slope` (>= 0, for
+        leaky_relu only) defaults to Keras' 0.2.
+        """
+        if isinstance(activation, Activation):
+            return activation
+        if isinstance(activation, dict):
+            unknown = sorted(set(activation) - {"name", "negative_slope"})
+            if unknown or "name" not in activation:
+                raise ValueError(
+                    "Expected an activation dict with key 'name' and optionally "
+                    f"'negative_slope'. Received: activation={activation!r}"
+                )
+            return cls.get(activation["name"], activation.get("negative_slope"))
+        name = activation.lower() if isinstance(activation, str) else activation
+        name = check_choice(_ALIASES.get(name, name), "activation", ACTIVATIONS)
+        if negative_slope is not None and name != "leaky_relu":
+            raise ValueError(
+                "negative_slope applies to activation='leaky_relu' only. Received: "
+                f"activation={activation!r}, negative_slope={negative_slope!r}"
+            )
+        if name != "leaky_relu":
+            return cls(name)
+        slope = DEFAULT_NEGATIVE_SLOPE if negative_slope is None else negative_slope
+        return cls(name, check_number(slope, "negative_slope", low=0.0))
+
+    @property
+    def piecewise_linear(self):
+        """Whether f is piecewise linear (its derivative from the code is exact)."""
+        return self.name in PIECEWISE_LINEAR
+
+    def get_config(self):
+        """The name, or {name, negative_slope} for leaky_relu (`get` reads both)."""
+        if self.name != "leaky_relu":
+            return self.name
+        return {"name": self.name, "negative_slope": self.negative_slope}
+
+    def stock_layer(self, **kwargs):
+        """The stock Keras layer that computes this activation, as models write it."""
+        if self.name == "relu6":
+            return keras.layers.ReLU(6.0, **kwargs)
+        if self.name == "leaky_relu":
+            return keras.layers.LeakyReLU(self.negative_slope, **kwargs)
+        if self.name == "gelu_approximate":
+            return keras.layers.Activation(
+                lambda v: keras.activations.gelu(v, approximate=True), **kwargs
+            )
+        return keras.layers.Activation(self.name, **kwargs)
+
+    def __call__(self, y):
+        """f(y) with Keras' own ops: bit for bit what the stock activation layer gives."""
+        ops = keras.ops
+        if self.name == "relu":
+            return ops.relu(y)
+        if self.name == "relu6":
+            return ops.relu6(y)
+        if self.name == "leaky_relu":
+            return ops.leaky_relu(y, negative_slope=self.negative_slope)
+        if self.name == "linear":
+            return y
+        if self.name == "silu":
+            return ops.silu(y)
+        if self.name == "hard_silu":
+            return ops.hard_silu(y)
+        return ops.gelu(y, approximate=self.name == "gelu_approximate")
+
+
+RELU = Activation()
+
+# What normalises the block's input before the activation (the layer's argument).
+NORMALIZATIONS = ("batch", "frozen", "none")
 
 
 def option_module(name):
@@ -52,7 +171,18 @@ def _check_explicit_padding(explicit, padding, received):
 
 @dataclasses.dataclass(frozen=True)
 class Head:
-    """One conv head: NHWC input, HWIO kernel.
+    """One layer that reads the block's activation: NHWC input, channels last.
+
+    ``kind`` is what it computes, with Keras' kernel shape (``C`` input channels):
+
+    * "conv": Conv2D, kernel ``kernel_size + (C, filters)`` (HWIO), ``filters``
+      output channels;
+    * "depthwise": DepthwiseConv2D, kernel ``kernel_size + (C, depth_multiplier)``,
+      ``C * depth_multiplier`` output channels (channel ``c * depth_multiplier + m``
+      from input channel c, Keras' order); ``filters`` is None;
+    * "dense": Dense on the channel axis (ConvNeXt's pointwise layers), kernel
+      ``(C, filters)``: ``filters`` is Dense's ``units``; numerically a 1x1 conv
+      (kernel_size (1, 1), strides 1, "valid").
 
     ``explicit_padding`` (with padding "valid") is a folded ZeroPadding2D:
     ``((top, bottom), (left, right))`` zeros added before the convolution.
@@ -60,7 +190,7 @@ class Head:
     bias, as Conv2D's.
     """
 
-    filters: int
+    filters: Optional[int]
     kernel_size: tuple
     strides: tuple = (1, 1)
     padding: str = "same"
@@ -70,47 +200,109 @@ class Head:
     kernel_constraint: Any = dataclasses.field(default=None, compare=False)
     bias_regularizer: Any = dataclasses.field(default=None, compare=False)
     bias_constraint: Any = dataclasses.field(default=None, compare=False)
+    kind: str = "conv"
+    depth_multiplier: int = 1
 
     @classmethod
     def from_dict(cls, head, defaults=None):
         """A validated Head from a user's dict.
 
-        `defaults` ({`WEIGHT_OPTIONS` name: value}, the block's arguments) fill
-        the weight options the dict leaves out.
+        Keys: ``kind`` ("conv" if absent, as configs saved before kinds existed),
+        the `Head` fields (``filters`` absent or None for "depthwise";
+        ``depth_multiplier`` for "depthwise" only; for "dense" only ``filters``,
+        ``use_bias`` and the weight options, ``kernel_size`` / ``strides`` 1 if
+        given). `defaults` ({`WEIGHT_OPTIONS` name: value}, the block's
+        arguments) fill the weight options the dict leaves out.
         """
         if not isinstance(head, dict):
             raise ValueError(f"Expected each head to be a dict. Received: head={head!r}")
-        unknown = sorted(set(head) - set(_HEAD_KEYS))
+        keys = _HEAD_KEYS + ("kind", "depth_multiplier")
+        unknown = sorted(set(head) - set(keys))
         if unknown:
             raise ValueError(
-                f"Unknown head keys {unknown}; expected some of {sorted(_HEAD_KEYS)}. "
+                f"Unknown head keys {unknown}; expected some of {sorted(keys)}. "
                 f"Received: head={head!r}"
             )
+        kind = head.get("kind", "conv")
+        kind = check_choice(kind.lower() if isinstance(kind, str) else kind, "kind", HEAD_KINDS)
+        if kind != "depthwise" and head.get("depth_multiplier", 1) != 1:
+            raise ValueError(
+                "depth_multiplier applies to kind='depthwise' heads only. "
+                f"Received: head={head!r}"
+            )
+        options = {
+            name: option_module(name).get(head.get(name, (defaults or {}).get(name)))
+            for name in WEIGHT_OPTIONS
+        }
+        use_bias = bool(head.get("use_bias", False))
+        if kind == "dense":
+            for name in ("kernel_size", "strides"):
+                if head.get(name) not in (None, 1, (1, 1), [1, 1]):
+                    raise ValueError(
+                        f"A kind='dense' head is a 1x1 map of the channels: {name} must be "
+                        f"1 or absent. Received: head={head!r}"
+                    )
+            if head.get("explicit_padding") is not None:
+                raise ValueError(
+                    "A kind='dense' head takes no explicit_padding. "
+                    f"Received: head={head!r}"
+                )
+            return cls(
+                filters=check_int(head.get("filters"), "filters"), kernel_size=(1, 1),
+                padding="valid", use_bias=use_bias, kind=kind, **options,
+            )
+        if kind == "depthwise":
+            if head.get("filters") is not None:
+                raise ValueError(
+                    "A kind='depthwise' head has C * depth_multiplier outputs: pass "
+                    f"depth_multiplier, not filters. Received: head={head!r}"
+                )
+            filters = None
+        else:
+            filters = check_int(head.get("filters"), "filters")
         padding = head.get("padding", "same")
         padding = check_choice(
             padding.lower() if isinstance(padding, str) else padding, "padding", PADDINGS
         )
         return cls(
-            filters=check_int(head.get("filters"), "filters"),
+            filters=filters,
             kernel_size=check_int_pair(head.get("kernel_size"), "kernel_size"),
             strides=check_int_pair(head.get("strides", 1), "strides"),
             padding=padding,
-            use_bias=bool(head.get("use_bias", False)),
+            use_bias=use_bias,
             explicit_padding=_check_explicit_padding(
                 head.get("explicit_padding"), padding, head.get("explicit_padding")
             ),
-            **{
-                name: option_module(name).get(head.get(name, (defaults or {}).get(name)))
-                for name in WEIGHT_OPTIONS
-            },
+            kind=kind,
+            depth_multiplier=check_int(head.get("depth_multiplier", 1), "depth_multiplier"),
+            **options,
         )
 
     def get_config(self):
         """The dict `from_dict` reads back (regularizers and constraints serialised)."""
-        config = {k: getattr(self, k) for k in _HEAD_KEYS}
+        keys = _HEAD_KEYS
+        if self.kind == "dense":
+            keys = ("filters", "use_bias") + WEIGHT_OPTIONS
+        config = {k: getattr(self, k) for k in keys}
+        if self.kind == "depthwise":
+            del config["filters"]
+            config["depth_multiplier"] = self.depth_multiplier
         for name in WEIGHT_OPTIONS:
             config[name] = option_module(name).serialize(config[name])
-        return config
+        return {"kind": self.kind, **config}
+
+    def kernel_shape(self, channels):
+        """The kernel's shape for `channels` input channels (Keras' layer's)."""
+        if self.kind == "dense":
+            return (channels, self.filters)
+        last = self.depth_multiplier if self.kind == "depthwise" else self.filters
+        return self.kernel_size + (channels, last)
+
+    def output_channels(self, channels):
+        """The number of output channels for `channels` input channels."""
+        if self.kind == "depthwise":
+            return None if channels is None else channels * self.depth_multiplier
+        return self.filters
 
     def output_size(self, size, axis):
         """Output length along spatial `axis` (0: height, 1: width) for input length `size`."""
@@ -134,9 +326,14 @@ class BlockConfig:
         heads: tuple of `Head`.
         compute_dtype: dtype of the activation and the convolutions.
         naive: the quantised activation also feeds the forward convolutions.
-        with_activation: also return the BN+ReLU output.
+        with_activation: also return the BN+activation output.
         synchronized: all-reduce the BN backward's per-channel sums across
             replicas (where the backend has `EXPLICIT_CROSS_REPLICA`).
+        activation: an `Activation` (ReLU by default).
+        normalization: "batch" (BN with the batch statistics, and the BN
+            backward) or "none" (y = x; the code sized by the batch statistics,
+            computed for that only). The layer's "frozen" is "none" on the
+            frozen BN's output.
     """
 
     bits: int
@@ -146,6 +343,8 @@ class BlockConfig:
     naive: bool = False
     with_activation: bool = False
     synchronized: bool = False
+    activation: Activation = RELU
+    normalization: str = "batch"
 
     def second_order_error(self):
         """The ValueError for differentiating the compressed backward again."""

@@ -1,13 +1,19 @@
 """`convert(model)`: compressed backprop for an existing functional or Sequential CNN.
 
-Every chain BatchNormalization -> ReLU -> [ZeroPadding2D] -> Conv2D of the model
-becomes one `ApproxConvBlock`, which keeps only the K-bit code of the BN output
-for the backward pass. One BN+ReLU feeding several convs (ResNetV2's
-pre-activation feeds the projection shortcut and the first conv) becomes one
-block with several conv heads reading the same code; a ZeroPadding2D between
-the ReLU and a "valid" conv is folded into the conv as explicit padding; if the
-BN+ReLU output also feeds other layers (a residual add, a pooling), the block
-returns it as well. Everything else is copied unchanged, so the forward pass is
+Every chain BatchNormalization -> activation -> [ZeroPadding2D] -> Conv2D of
+the model becomes one `ApproxConvBlock`, which keeps only the K-bit code of the
+BN output for the backward pass. The activation is any the block computes, as
+stock layers write it: ``ReLU()``, ``ReLU(6.0)``, ``LeakyReLU``,
+``ReLU(negative_slope=...)``, ``Activation`` of relu, relu6, leaky_relu,
+silu/swish, gelu or hard_silu/hard_swish. One BN+activation feeding several
+convs (ResNetV2's pre-activation feeds the projection shortcut and the first
+conv) becomes one block with several conv heads reading the same code; a
+DepthwiseConv2D, a SeparableConv2D (a depthwise head, its pointwise part a
+stock 1x1 Conv2D named after it, after the block) or a Dense on a 4D input
+(a dense head) reading the activation is a head as a Conv2D is; a
+ZeroPadding2D between the activation and a "valid" conv is folded into the
+conv as explicit padding; if the BN+activation output also feeds other layers
+(a residual add, a pooling), the block returns it as well. Everything else is copied unchanged, so the forward pass is
 exactly the original's.
 
 `memory_report(model, ...)` tells, per layer, which activation bytes the
@@ -29,6 +35,8 @@ from keras_blpa import backends
 from keras_blpa import layers as blpa_layers
 from keras_blpa.activation_report import LayerMemory
 from keras_blpa.activation_report import MemoryReport
+from keras_blpa.blocks import RELU
+from keras_blpa.blocks import Activation
 from keras_blpa.validation import check_bits
 from keras_blpa.validation import check_choice
 from keras_blpa.validation import check_int
@@ -79,6 +87,16 @@ _KEEPS_INPUT_AND_OUTPUT = (
 # Why an activity regularizer on the BN output, the activation or its padding
 # stops a conversion: the block keeps only the code of these tensors.
 _ACTIVITY_REASON = "its gradient needs the float tensor, which the block does not keep"
+# The layers that can read a block's activation (its heads), by the head kind
+# they become (SeparableConv2D: a depthwise head, then its pointwise part as a
+# stock 1x1 Conv2D that keeps the float depthwise output, as stock does).
+_HEAD_KINDS = {
+    keras.layers.Conv2D: "conv",
+    keras.layers.DepthwiseConv2D: "depthwise",
+    keras.layers.SeparableConv2D: "depthwise",
+    keras.layers.Dense: "dense",
+}
+_HEAD_NAMES = "Conv2D, DepthwiseConv2D, SeparableConv2D or Dense"
 # Activations whose gradient reads their output (TensorFlow's registered grads).
 _OUTPUT_GRAD_ACTIVATIONS = ("relu", "sigmoid", "tanh", "softmax", "exponential")
 
@@ -105,7 +123,7 @@ def _functional(model):
         f"layer graph). Received: a model of class {what}"
         + (" (subclassed: its graph is in Python code). " if isinstance(model, keras.Model) else ". ")
         + "Rebuild it with the functional API (keras.Model(inputs, outputs)), or "
-        "use keras_blpa.ApproxConvBlock in place of BatchNormalization -> ReLU -> "
+        "use keras_blpa.ApproxConvBlock in place of BatchNormalization -> activation -> "
         "Conv2D inside its call()."
     )
 
@@ -151,16 +169,42 @@ def _single_call(layer):
 # --------------------------------------------------------- the pattern rules
 
 
-def _is_relu(layer):
+# keras.activations functions the block computes, by its activation name.
+_ACTIVATION_FUNCTIONS = {
+    keras.activations.relu: "relu",
+    keras.activations.relu6: "relu6",
+    keras.activations.leaky_relu: "leaky_relu",
+    keras.activations.silu: "silu",  # also "swish"
+    keras.activations.gelu: "gelu",  # Activation("gelu"): approximate=False
+    keras.activations.hard_silu: "hard_silu",  # also "hard_swish"
+}
+
+
+def _block_activation(layer):
+    """The block's `Activation` of a stock activation layer, or None.
+
+    ``ReLU(max_value, negative_slope, threshold)``: relu, relu6 (max_value 6)
+    or leaky_relu (a slope, no maximum); ``LeakyReLU``; ``Activation`` with one
+    of `_ACTIVATION_FUNCTIONS`.
+    """
     if type(layer) is keras.layers.ReLU:
-        return (
-            layer.max_value is None
-            and not layer.negative_slope
-            and not layer.threshold
-        )
-    return type(layer) is keras.layers.Activation and (
-        layer.activation is keras.activations.relu
-    )
+        if layer.threshold or (layer.negative_slope and layer.max_value is not None):
+            return None
+        if layer.negative_slope:
+            return Activation.get("leaky_relu", float(layer.negative_slope))
+        if layer.max_value is None:
+            return RELU
+        return Activation.get("relu6") if float(layer.max_value) == 6.0 else None
+    if type(layer) is keras.layers.LeakyReLU:
+        return Activation.get("leaky_relu", float(layer.negative_slope))
+    if type(layer) is keras.layers.Activation:
+        name = _ACTIVATION_FUNCTIONS.get(layer.activation)
+        return None if name is None else Activation.get(name)
+    return None
+
+
+def _is_relu(layer):
+    return _block_activation(layer) == RELU
 
 
 def _bn_problem(node):
@@ -180,23 +224,42 @@ def _bn_problem(node):
     return None
 
 
-def _conv_problem(node, relu_out, bn, pad=None):
-    """Why this Conv2D (after the ZeroPadding2D node `pad`, if given) cannot be a
-    head of the block (None if it can)."""
+def _is_head_candidate(node):
+    """Whether `node` is a layer that can be a head: a Conv2D, DepthwiseConv2D,
+    SeparableConv2D, or a Dense on a 4D input (on the channel axis)."""
+    layer = node.operation
+    if type(layer) not in _HEAD_KINDS:
+        return False
+    return type(layer) is not keras.layers.Dense or len(node.input_tensors[0].shape) == 4
+
+
+def _conv_problem(node, act_out, source, pad=None):
+    """Why this Conv2D, DepthwiseConv2D, SeparableConv2D or Dense (after the
+    ZeroPadding2D node `pad`, if given) cannot be a head of the block that starts at
+    layer `source` (its BatchNormalization, or its activation when there is none);
+    None if it can."""
     conv = node.operation
-    if type(conv) is not keras.layers.Conv2D:
-        return f"{_describe(node)} is not a Conv2D"
-    if len(node.input_tensors) != 1 or node.input_tensors[0] is not relu_out:
+    if not _is_head_candidate(node):
+        return f"{_describe(node)} is not a {_HEAD_NAMES} (on a 4D input)"
+    if len(node.input_tensors) != 1 or node.input_tensors[0] is not act_out:
         return f"{_describe(node)} has other inputs"
     if pad is not None and pad.operation.activity_regularizer is not None:
         return (
             f"{_describe(pad)} before {_describe(node)} has an activity_regularizer "
             f"({_ACTIVITY_REASON})"
         )
+    is_bn = isinstance(source, keras.layers.BatchNormalization)
+    dense = type(conv) is keras.layers.Dense
+    dilation = tuple(getattr(conv, "dilation_rate", (1, 1)))
     checks = [
-        (conv.data_format != "channels_last", "data_format channels_first"),
-        (tuple(conv.dilation_rate) != (1, 1), f"dilation_rate={conv.dilation_rate}"),
-        (conv.groups != 1, f"groups={conv.groups}"),
+        (pad is not None and dense, "a ZeroPadding2D before it"),
+        (getattr(conv, "data_format", "channels_last") != "channels_last", "data_format channels_first"),
+        (dilation != (1, 1), f"dilation_rate={dilation}"),
+        (getattr(conv, "groups", 1) != 1, f"groups={getattr(conv, 'groups', 1)}"),
+        (
+            getattr(conv, "quantization_mode", None) is not None,
+            f"quantization_mode={getattr(conv, 'quantization_mode', None)!r}",
+        ),
         (conv.activation is not keras.activations.linear, "an activation"),
         (
             conv.activity_regularizer is not None,
@@ -204,9 +267,18 @@ def _conv_problem(node, relu_out, bn, pad=None):
         ),
         (getattr(conv, "lora_enabled", False), "LoRA enabled"),
         (not _single_call(conv), "several calls (shared layer)"),
-        (pad is not None and conv.padding != "valid", "padding='same' after a ZeroPadding2D"),
-        (conv.dtype_policy.name != bn.dtype_policy.name, "a dtype policy other than the BatchNormalization's"),
-        (conv.trainable != bn.trainable, "a trainable flag other than the BatchNormalization's"),
+        (
+            pad is not None and getattr(conv, "padding", "valid") != "valid",
+            "padding='same' after a ZeroPadding2D",
+        ),
+        (
+            conv.dtype_policy.name != source.dtype_policy.name,
+            f"a dtype policy other than the {type(source).__name__}'s",
+        ),
+        (
+            is_bn and source.trainable and not conv.trainable,
+            "trainable=False while its BatchNormalization trains",
+        ),
     ]
     for failed, what in checks:
         if failed:
@@ -215,22 +287,88 @@ def _conv_problem(node, relu_out, bn, pad=None):
 
 
 class _Chain:
-    """A convertible BN -> ReLU -> conv heads group, and the block it becomes."""
+    """A convertible [BN ->] activation -> conv heads group, and the block it becomes."""
 
-    def __init__(self, bn, relu, heads, others):
-        self.bn, self.relu = bn, relu
+    def __init__(self, bn, act, heads, others):
+        self.bn, self.act = bn, act  # bn None: an activation with no BN in front
         self.heads = heads  # [(conv node, ZeroPadding2D node or None)]
         self.others = others  # nodes (or model outputs) reading the activation
-        self.name = heads[0][0].operation.name
+        first = heads[0][0].operation
+        # A SeparableConv2D's name stays with its output (the pointwise conv after the block).
+        separable = type(first) is keras.layers.SeparableConv2D
+        self.name = first.name + ("_depthwise" if separable else "")
+
+    @property
+    def start(self):
+        """The first node: its input is the block's input."""
+        return self.act if self.bn is None else self.bn
 
     @property
     def nodes(self):
         pads = [pad for _, pad in self.heads if pad is not None]
-        return [self.bn, self.relu] + pads + [conv for conv, _ in self.heads]
+        first = [self.act] if self.bn is None else [self.bn, self.act]
+        return first + pads + [conv for conv, _ in self.heads]
 
     @property
     def return_activation(self):
         return bool(self.others)
+
+    @property
+    def normalization(self):
+        """The block's normalization: "none", "frozen" (BN frozen, conv trainable) or "batch"."""
+        if self.bn is None:
+            return "none"
+        bn, conv = self.bn.operation, self.heads[0][0].operation
+        return "frozen" if conv.trainable and not bn.trainable else "batch"
+
+
+def _activation_problem(act, source):
+    """Why the activation node `act` cannot be the block's (None if it can)."""
+    layer = act.operation
+    if not _single_call(layer):
+        return "its activation layer is shared by several calls"
+    if layer.dtype_policy.name != source.dtype_policy.name:
+        return "its activation layer has another dtype policy"
+    if layer.activity_regularizer is not None:
+        return f"its activation layer has an activity_regularizer ({_ACTIVITY_REASON})"
+    return None
+
+
+def _heads(graph, act, source, rejected):
+    """(heads, others, reasons) of the activation node `act` of a block starting at
+    layer `source`: the convs (after a ZeroPadding2D or not) that can read its code,
+    the other readers, and why the rejected convs cannot."""
+    activation = act.outputs[0]
+    heads, others, reasons = [], [], []
+    for user in graph.users(activation):
+        layer = user.operation
+        if type(layer) is keras.layers.ZeroPadding2D and layer.data_format == "channels_last":
+            convs = graph.users(user.outputs[0])
+            problems = [_conv_problem(c, user.outputs[0], source, pad=user) for c in convs]
+            if convs and id(user.outputs[0]) not in graph.output_ids and not any(problems) and _single_call(layer):
+                heads += [(c, user) for c in convs]
+                continue
+            for c, p in zip(convs, problems):
+                if p:
+                    rejected[id(c)] = p
+                    reasons.append(p)
+        elif _is_head_candidate(user):
+            problem = _conv_problem(user, activation, source)
+            if problem is None:
+                heads.append((user, None))
+                continue
+            rejected[id(user)] = problem
+            reasons.append(problem)
+        others.append(user)
+    if id(activation) in graph.output_ids:
+        others.append(None)
+    return heads, others, reasons
+
+
+def _no_heads_reason(what_feeds, others, reasons):
+    what = ", ".join(_describe(u) if u is not None else "a model output" for u in others)
+    why = f" ({'; '.join(reasons)})" if reasons else ""
+    return f"{what_feeds} output feeds no convertible {_HEAD_NAMES}: {what}{why}"
 
 
 def _find_chain(graph, node, rejected):
@@ -243,52 +381,43 @@ def _find_chain(graph, node, rejected):
     if problem:
         return None, problem
     bn = node.operation
-    relu = graph.only_user(node.outputs[0])
-    if relu is None or not _is_relu(relu.operation):
+    act = graph.only_user(node.outputs[0])
+    if act is None or _block_activation(act.operation) is None:
         users = graph.users(node.outputs[0])
         what = ", ".join(_describe(u) for u in users) or "a model output"
-        return None, f"its output feeds {what}, not a single ReLU"
-    if not _single_call(relu.operation):
-        return None, "its ReLU layer is shared by several calls"
-    if relu.operation.dtype_policy.name != bn.dtype_policy.name:
-        return None, "its ReLU has another dtype policy"
-    if relu.operation.activity_regularizer is not None:
-        return None, f"its ReLU has an activity_regularizer ({_ACTIVITY_REASON})"
-    activation = relu.outputs[0]
-    heads, others, reasons = [], [], []
-    for user in graph.users(activation):
-        layer = user.operation
-        if type(layer) is keras.layers.ZeroPadding2D and layer.data_format == "channels_last":
-            convs = graph.users(user.outputs[0])
-            problems = [_conv_problem(c, user.outputs[0], bn, pad=user) for c in convs]
-            if convs and id(user.outputs[0]) not in graph.output_ids and not any(problems) and _single_call(layer):
-                heads += [(c, user) for c in convs]
-                continue
-            for c, p in zip(convs, problems):
-                if p:
-                    rejected[id(c)] = p
-                    reasons.append(p)
-        elif type(layer) is keras.layers.Conv2D:
-            problem = _conv_problem(user, activation, bn)
-            if problem is None:
-                heads.append((user, None))
-                continue
-            rejected[id(user)] = problem
-            reasons.append(problem)
-        others.append(user)
-    if id(activation) in graph.output_ids:
-        others.append(None)
+        return None, f"its output feeds {what}, not a single activation the block computes"
+    problem = _activation_problem(act, bn)
+    if problem:
+        return None, problem
+    heads, others, reasons = _heads(graph, act, bn, rejected)
     if not heads:
-        what = ", ".join(
-            _describe(u) if u is not None else "a model output" for u in others
-        )
-        why = f" ({'; '.join(reasons)})" if reasons else ""
-        return None, f"BN -> ReLU output feeds no convertible Conv2D: {what}{why}"
-    return _Chain(node, relu, heads, others), None
+        return None, _no_heads_reason("BN -> activation", others, reasons)
+    if len({conv.operation.trainable for conv, _ in heads}) > 1:
+        return None, "its conv heads differ in trainable (one block trains all or none)"
+    return _Chain(node, act, heads, others), None
+
+
+def _find_unnormalised_chain(graph, act, rejected):
+    """(_Chain, None) for an activation node with no BN chain that starts a
+    normalization="none" block, else (None, reason)."""
+    problem = _activation_problem(act, act.operation)
+    if problem:
+        return None, problem
+    heads, others, reasons = _heads(graph, act, act.operation, rejected)
+    if not heads:
+        return None, _no_heads_reason("activation", others, reasons)
+    if len({conv.operation.trainable for conv, _ in heads}) > 1:
+        return None, "its conv heads differ in trainable (one block trains all or none)"
+    return _Chain(None, act, heads, others), None
 
 
 def _plan(graph):
-    """(chains, {id(node): reason}) of the whole graph."""
+    """(chains, {id(node): reason}) of the whole graph.
+
+    BatchNormalization -> activation chains first; then every other activation
+    the block computes (after an Add, a pooling, a conv, or a BN that starts no
+    block) that feeds a convertible conv becomes a normalization="none" block.
+    """
     chains, reasons = [], {}
     for node in graph.nodes:
         if isinstance(node.operation, keras.layers.BatchNormalization):
@@ -297,9 +426,19 @@ def _plan(graph):
                 chains.append(chain)
             else:
                 reasons[id(node)] = reason
-                relu = graph.only_user(node.outputs[0])
-                if relu is not None and _is_relu(relu.operation):
-                    reasons[id(relu)] = reason
+                act = graph.only_user(node.outputs[0])
+                if act is not None and _block_activation(act.operation) is not None:
+                    reasons[id(act)] = reason
+    claimed = {id(c.act) for c in chains}
+    for node in graph.nodes:
+        if id(node) in claimed or _block_activation(node.operation) is None:
+            continue
+        chain, reason = _find_unnormalised_chain(graph, node, reasons)
+        if chain is not None:
+            chains.append(chain)
+            reasons.pop(id(node), None)
+        elif id(node) not in reasons:
+            reasons[id(node)] = reason
     return chains, reasons
 
 
@@ -312,6 +451,13 @@ def _dtype_size(dtype):
 
 def _nbytes(spec, dtype=None):
     return int(np.prod(spec.shape, dtype=np.int64)) * _dtype_size(dtype or spec.dtype)
+
+
+def _depthwise_nbytes(layer, input_spec, output_spec):
+    """Bytes of a SeparableConv2D's depthwise output (float, the output's dtype)."""
+    channels = input_spec.shape[-1] * layer.depth_multiplier
+    n = int(np.prod(output_spec.shape[:-1], dtype=np.int64)) * channels
+    return n * _dtype_size(output_spec.dtype)
 
 
 def _keeps(node, spec):
@@ -349,6 +495,15 @@ def _keeps(node, spec):
         return [((new, 0), _nbytes(ins[0]))] if layer.rate > 0 else []
     if isinstance(layer, _KEEPS_INPUT_AND_OUTPUT):
         return [(tin[0], _nbytes(ins[0])), (tout[0], _nbytes(outs[0]))]
+    if isinstance(layer, keras.layers.SeparableConv2D):
+        # Its input, and the depthwise output that its pointwise conv reads.
+        kept = [(tin[0], _nbytes(ins[0])), ((new, 1), _depthwise_nbytes(layer, ins[0], outs[0]))]
+        name = getattr(layer.activation, "__name__", "linear")
+        if name in _OUTPUT_GRAD_ACTIVATIONS:
+            kept.append((tout[0], _nbytes(outs[0])))
+        elif name != "linear":
+            kept.append(((new, 0), _nbytes(outs[0])))
+        return kept
     if isinstance(layer, _KEEPS_INPUT):
         kept = [(tin[0], _nbytes(ins[0]))]
         activation = getattr(layer, "activation", None)
@@ -370,14 +525,14 @@ def _float_reason(node, graph, reasons):
     name = type(layer).__name__
     if isinstance(layer, _KEEPS_INPUT_AND_OUTPUT):
         return f"{name} keeps its input and output (max pooling is not compressed)"
-    if isinstance(layer, keras.layers.Conv2D):
+    if type(layer) in _HEAD_KINDS:
         producer = graph.producer.get(id(node.input_tensors[0]))
         source = "the model input" if producer is None else _describe(producer)
-        if producer is not None and _is_relu(producer.operation):
+        if producer is not None and _block_activation(producer.operation) is not None:
             before = graph.producer.get(id(producer.input_tensors[0]))
             if before is not None:
                 source += f" after {_describe(before)}"
-        return f"its input comes from {source}, not from BN -> ReLU"
+        return f"its input comes from {source}, not from BN -> activation"
     if isinstance(layer, (keras.layers.ReLU, keras.layers.Activation)):
         producer = graph.producer.get(id(node.input_tensors[0]))
         source = "the model input" if producer is None else _describe(producer)
@@ -386,7 +541,7 @@ def _float_reason(node, graph, reasons):
         return "exact block (bits=None) keeps float activations"
     if isinstance(layer, keras.Model):
         return f"nested model {layer.name!r}: assumed to keep its inputs (convert it on its own)"
-    return f"{name} keeps float activations (not a BN -> ReLU -> Conv2D chain)"
+    return f"{name} keeps float activations (not a BN -> activation -> Conv2D chain)"
 
 
 def _specs(fn, batch_shapes):
@@ -440,7 +595,12 @@ def _report(graph, chains, reasons, batch_shapes, bits):
         chain = fused.get(id(node))
         if chain is not None:
             after = 0
-            if node is chain.bn:
+            if isinstance(node.operation, keras.layers.SeparableConv2D):
+                # The stock pointwise conv after the block keeps the depthwise output.
+                after = _depthwise_nbytes(
+                    node.operation, spec[id(node.input_tensors[0])], spec[id(node.outputs[0])]
+                )
+            if node is chain.start:
                 x = spec[id(node.input_tensors[0])]
                 n = int(np.prod(x.shape, dtype=np.int64))
                 after = (
@@ -478,27 +638,9 @@ def _clone(layer):
     return layer  # a stateless keras Operation
 
 
-def _make_block(chain, bits, quantization):
-    bn = chain.bn.operation
-    convs = [c.operation for c, _ in chain.heads]
-    heads = [
-        dict(
-            filters=conv.filters,
-            kernel_size=tuple(conv.kernel_size),
-            strides=tuple(conv.strides),
-            padding=conv.padding,
-            use_bias=conv.use_bias,
-            explicit_padding=None if pad is None else pad.operation.padding,
-            kernel_regularizer=conv.kernel_regularizer,
-            kernel_constraint=conv.kernel_constraint,
-            bias_regularizer=conv.bias_regularizer,
-            bias_constraint=conv.bias_constraint,
-        )
-        for conv, (_, pad) in zip(convs, chain.heads)
-    ]
-    common = dict(
-        bits=bits,
-        quantization=quantization,
+def _bn_arguments(bn):
+    """The block arguments that carry a BatchNormalization's options."""
+    return dict(
         momentum=bn.momentum,
         epsilon=bn.epsilon,
         center=bn.center,
@@ -510,28 +652,130 @@ def _make_block(chain, bits, quantization):
         beta_regularizer=bn.beta_regularizer,
         gamma_constraint=bn.gamma_constraint,
         beta_constraint=bn.beta_constraint,
-        kernel_initializer=convs[0].kernel_initializer,
-        return_activation=chain.return_activation,
-        data_format="channels_last",  # the only layout converted, whatever the Keras config
-        trainable=bn.trainable,
-        dtype=bn.dtype_policy,
-        name=chain.name,
     )
-    if len(heads) == 1 and heads[0]["explicit_padding"] is None:
+
+
+def _head(layer, pad):
+    """The block's head dict of a head layer (after the ZeroPadding2D node `pad`)."""
+    kind = _HEAD_KINDS[type(layer)]
+    if kind == "dense":
+        return dict(
+            kind=kind,
+            filters=layer.units,
+            use_bias=layer.use_bias,
+            kernel_regularizer=layer.kernel_regularizer,
+            kernel_constraint=layer.kernel_constraint,
+            bias_regularizer=layer.bias_regularizer,
+            bias_constraint=layer.bias_constraint,
+        )
+    head = dict(
+        kind=kind,
+        kernel_size=tuple(layer.kernel_size),
+        strides=tuple(layer.strides),
+        padding=layer.padding,
+        explicit_padding=None if pad is None else pad.operation.padding,
+    )
+    if type(layer) is keras.layers.SeparableConv2D:
+        # Its bias is added after the pointwise part (the stock 1x1 Conv2D).
+        return dict(
+            head,
+            depth_multiplier=layer.depth_multiplier,
+            use_bias=False,
+            kernel_regularizer=layer.depthwise_regularizer,
+            kernel_constraint=layer.depthwise_constraint,
+        )
+    options = dict(
+        use_bias=layer.use_bias,
+        bias_regularizer=layer.bias_regularizer,
+        bias_constraint=layer.bias_constraint,
+    )
+    if kind == "depthwise":
+        return dict(
+            head,
+            depth_multiplier=layer.depth_multiplier,
+            kernel_regularizer=layer.depthwise_regularizer,
+            kernel_constraint=layer.depthwise_constraint,
+            **options,
+        )
+    return dict(
+        head,
+        filters=layer.filters,
+        kernel_regularizer=layer.kernel_regularizer,
+        kernel_constraint=layer.kernel_constraint,
+        **options,
+    )
+
+
+def _kernel(layer):
+    """(kernel variable, initializer) of a head layer (a SeparableConv2D's depthwise kernel)."""
+    if type(layer) is keras.layers.SeparableConv2D:
+        return layer.depthwise_kernel, layer.depthwise_initializer
+    if type(layer) is keras.layers.DepthwiseConv2D:
+        return layer.kernel, layer.depthwise_initializer
+    return layer.kernel, layer.kernel_initializer
+
+
+def _pointwise(layer, x):
+    """A SeparableConv2D's pointwise part (its 1x1 kernel, bias and activation) as a
+    stock Conv2D named after it, applied to `x` and given its weights."""
+    pointwise = keras.layers.Conv2D(
+        layer.filters,
+        1,
+        activation=layer.activation,
+        use_bias=layer.use_bias,
+        kernel_initializer=layer.pointwise_initializer,
+        bias_initializer=layer.bias_initializer,
+        kernel_regularizer=layer.pointwise_regularizer,
+        bias_regularizer=layer.bias_regularizer,
+        kernel_constraint=layer.pointwise_constraint,
+        bias_constraint=layer.bias_constraint,
+        trainable=layer.trainable,
+        dtype=layer.dtype_policy,
+        name=layer.name,
+    )
+    out = pointwise(x)
+    pairs = [(pointwise.kernel, layer.pointwise_kernel)]
+    if layer.use_bias:
+        pairs.append((pointwise.bias, layer.bias))
+    for target, source in pairs:
+        target.assign(keras.ops.copy(source.value))
+    return out
+
+
+def _make_block(chain, bits, quantization):
+    convs = [c.operation for c, _ in chain.heads]
+    source = chain.start.operation
+    heads = [_head(conv, pad) for conv, (_, pad) in zip(convs, chain.heads)]
+    common = dict(
+        bits=bits,
+        quantization=quantization,
+        kernel_initializer=_kernel(convs[0])[1],
+        return_activation=chain.return_activation,
+        activation=_block_activation(chain.act.operation),
+        normalization=chain.normalization,
+        data_format="channels_last",  # the only layout converted, whatever the Keras config
+        trainable=convs[0].trainable,
+        dtype=source.dtype_policy,
+        name=chain.name,
+        **({} if chain.bn is None else _bn_arguments(chain.bn.operation)),
+    )
+    if len(heads) == 1 and heads[0].get("explicit_padding") is None:
         head = {k: v for k, v in heads[0].items() if k != "explicit_padding"}
         return blpa_layers.ApproxConvBlock(**head, **common)
     return blpa_layers.ApproxConvBlock(heads=heads, **common)
 
 
 def _copy_block_weights(chain, block):
-    bn = chain.bn.operation
-    pairs = [(block.moving_mean, bn.moving_mean), (block.moving_variance, bn.moving_variance)]
-    if bn.scale:
-        pairs.append((block.gamma, bn.gamma))
-    if bn.center:
-        pairs.append((block.beta, bn.beta))
+    pairs = []
+    if chain.bn is not None:
+        bn = chain.bn.operation
+        pairs = [(block.moving_mean, bn.moving_mean), (block.moving_variance, bn.moving_variance)]
+        if bn.scale:
+            pairs.append((block.gamma, bn.gamma))
+        if bn.center:
+            pairs.append((block.beta, bn.beta))
     for (conv, _), kernel, bias in zip(chain.heads, block.kernels, block.biases):
-        pairs.append((kernel, conv.operation.kernel))
+        pairs.append((kernel, _kernel(conv.operation)[0]))
         if bias is not None:
             pairs.append((bias, conv.operation.bias))
     for target, source in pairs:
@@ -546,8 +790,8 @@ def _rebuild(graph, chains, bits, quantization):
     for t in fn.inputs:
         layer = t._keras_history[0]
         tensors[id(t)] = keras.Input(batch_shape=t.shape, dtype=t.dtype, name=layer.name)
-    starts = {id(c.bn): c for c in chains}
-    skip = {id(n) for c in chains for n in c.nodes if n is not c.bn}
+    starts = {id(c.start): c for c in chains}
+    skip = {id(n) for c in chains for n in c.nodes if n is not c.start}
     clones = {}
     for node in graph.nodes:
         if id(node) in skip:
@@ -557,9 +801,11 @@ def _rebuild(graph, chains, bits, quantization):
             block = _make_block(chain, bits, quantization)
             outs = keras.tree.flatten(block(tensors[id(node.input_tensors[0])]))
             for (conv, _), out in zip(chain.heads, outs):
+                if type(conv.operation) is keras.layers.SeparableConv2D:
+                    out = _pointwise(conv.operation, out)
                 tensors[id(conv.outputs[0])] = out
             if chain.return_activation:
-                tensors[id(chain.relu.outputs[0])] = outs[-1]
+                tensors[id(chain.act.outputs[0])] = outs[-1]
             _copy_block_weights(chain, block)
             continue
         op = node.operation
@@ -612,13 +858,14 @@ def memory_report(model, batch_size=1, input_shape=None, bits=4):
 
 
 def convert(model, bits=4, quantization="blpa", return_report=False, batch_size=1):
-    """A copy of `model` whose BN -> ReLU -> Conv2D chains keep K-bit codes.
+    """A copy of `model` whose BN -> activation -> Conv2D chains keep K-bit codes.
 
     Returns a new functional model with the same inputs, outputs, layer names
     (a block is named after its first conv) and weights (copied). Every chain
-    BatchNormalization -> ReLU (``ReLU()`` or ``Activation("relu")``) ->
-    [ZeroPadding2D] -> Conv2D is computed by one `ApproxConvBlock`; several convs
-    reading one BN+ReLU share one block and one code; a BN+ReLU output that
+    BatchNormalization -> activation (the module docstring lists the layers:
+    ReLU, ReLU(6.0), LeakyReLU, Activation("swish"), ...) -> [ZeroPadding2D] ->
+    Conv2D is computed by one `ApproxConvBlock`; several convs reading one
+    BN+activation share one block and one code; a BN+activation output that
     also feeds other layers is returned by the block for them. What cannot be
     converted is copied as it was: the forward pass is exactly the original's.
     Call it inside ``strategy.scope()`` to get mirrored variables.
@@ -653,7 +900,7 @@ def convert(model, bits=4, quantization="blpa", return_report=False, batch_size=
         why = sorted(set(reasons.values()))[:3]
         warnings.warn(
             f"keras_blpa.convert: model {model.name!r} has no BatchNormalization -> "
-            "ReLU -> Conv2D chain to convert; returning an unchanged copy."
+            "activation -> Conv2D chain to convert; returning an unchanged copy."
             + (f" Reasons: {'; '.join(why)}" if why else ""),
             UserWarning,
             stacklevel=2,

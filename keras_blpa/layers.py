@@ -1,4 +1,4 @@
-"""ApproxConvBlock (BN -> ReLU -> Conv2D with compressed-activation backprop) and ResidualBuffer.
+"""ApproxConvBlock (BN -> activation -> Conv2D with compressed-activation backprop) and ResidualBuffer.
 
 The layers, weights and configs are shared by both backends; `call` is one
 keras.ops implementation, and only the convolution, the compressed training
@@ -18,8 +18,10 @@ built, if needed) at the first training step.
 import keras
 
 from keras_blpa import backends
+from keras_blpa.blocks import NORMALIZATIONS
 from keras_blpa.blocks import PADDINGS
 from keras_blpa.blocks import WEIGHT_OPTIONS
+from keras_blpa.blocks import Activation
 from keras_blpa.blocks import BlockConfig
 from keras_blpa.blocks import Head
 from keras_blpa.blocks import option_module
@@ -69,26 +71,46 @@ def _permute(value, order):
 
 @keras.saving.register_keras_serializable(package="keras_blpa")
 class ApproxConvBlock(keras.layers.Layer):
-    """BatchNormalization -> ReLU -> Conv2D whose backward uses K-bit activations.
+    """BatchNormalization -> activation -> Conv2D whose backward uses K-bit activations.
 
     The forward pass is exact. In training, the block keeps for the backward pass
     only a packed K-bit code of its batch-normalised pre-activation (1/8 of the
     float32 bytes at 4 bits), per-channel vectors and the kernels. The backward
     pass decodes the codes once the incoming gradient arrives and rebuilds the
-    filter gradient (from the decoded ReLU output), the exact ReLU mask and the BN
-    gradient (from the decoded normalised value).
+    filter gradient (from the decoded activation output), the activation's
+    derivative and the BN gradient (from the decoded normalised value).
 
-    One BN+ReLU may feed several convolutions ("heads", e.g. a ResNetV2
+    The activation is ReLU by default. Piecewise-linear activations (relu,
+    relu6, leaky_relu, linear) have every breakpoint on a bin edge of the code,
+    so their derivative (the ReLU mask) and with it the BN shift's gradient are
+    exact; smooth ones (silu, gelu, hard_silu) read back the mean derivative
+    over the code's bin.
+
+    One BN+activation may feed several convolutions ("heads", e.g. a ResNetV2
     pre-activation feeding both the projection shortcut and the first conv):
     pass ``heads=[dict(filters=..., kernel_size=..., ...), ...]`` instead of
     `filters` / `kernel_size`; all heads read the same single code.
+
+    A head is a Conv2D (``kind="conv"``, the default), a DepthwiseConv2D
+    (``kind="depthwise"``: kernel ``(kh, kw, C, depth_multiplier)``, ``C *
+    depth_multiplier`` outputs, no `filters`) or a Dense on the channel axis
+    (``kind="dense"``, ConvNeXt's pointwise layers: kernel ``(C, filters)``,
+    `filters` being Dense's ``units``), each with its stock layer's kernel
+    shape and op. A SeparableConv2D is a depthwise block followed by a stock
+    1x1 Conv2D (its pointwise part): that conv reads the float depthwise
+    output and keeps it for its own backward, as the stock layer does; only
+    the block's input activation is compressed (`keras_blpa.convert` builds
+    it so).
 
     Negative gamma is supported: the bins are measured in |gamma| and the ReLU
     mask comes from the sign of the BN output itself (no clamp of gamma).
 
     Args:
-        filters: number of output channels (> 0). None when `heads` is given.
-        kernel_size: int or pair of ints. None when `heads` is given.
+        filters: number of output channels (> 0); Dense's units for
+            ``kind="dense"``; None for ``kind="depthwise"`` and when `heads`
+            is given.
+        kernel_size: int or pair of ints. None when `heads` is given or for
+            ``kind="dense"``.
         strides: int or pair of ints. Defaults to 1.
         padding: "same" or "valid".
         bits: 2, 4 or 8 bits per stored activation, or None for the exact
@@ -110,19 +132,44 @@ class ApproxConvBlock(keras.layers.Layer):
             construction: under keras.distribution (e.g. DataParallel) the
             layer sees the global batch as one sharded array, so statistics and
             sums are over the global batch whatever the flag.
-        return_activation: if True, the BN+ReLU output is returned as well
+        activation: Keras' name of the activation: "relu" (default),
+            "relu6" (``ReLU(6.0)``), "leaky_relu", "linear", "silu" / "swish",
+            "gelu" (``gelu(approximate=False)``, Keras' ``Activation("gelu")``),
+            "gelu_approximate" (the tanh form), "hard_silu" / "hard_swish".
+        negative_slope: leaky_relu's slope below 0 (>= 0); defaults to 0.2,
+            as ``keras.activations.leaky_relu`` (``LeakyReLU``'s is 0.3).
+        normalization: what normalises the input before the activation:
+            "batch" (default, BatchNormalization), "frozen" (a frozen
+            BatchNormalization, the fine-tuning recipe: the moving statistics
+            normalise in training too, gamma and beta are not trained and the
+            backward has no batch-statistics term, while the convolution
+            trains) or "none" (no normalisation: y = x, as an Add -> ReLU ->
+            Conv2D; no BN weights; in training the code's per-channel range
+            comes from batch statistics computed for coding only). A block
+            built with ``trainable=False`` normalises as "frozen", as a
+            non-trainable BatchNormalization does, and still compresses the
+            activation that the input gradient needs.
+        return_activation: if True, the BN+activation output is returned as well
             (last), so that it can also feed a residual shortcut or any other
-            layer (the default shortcut is the block input, before BN+ReLU).
+            layer (the default shortcut is the block input, before BN+activation).
         center, scale: as in keras.layers.BatchNormalization (False: no beta /
             no gamma weight, the shift is 0 / the scale is 1).
-        heads: optional list of conv heads, dicts with keys ``filters``,
+        kind: the single head's layer: "conv" (Conv2D, default),
+            "depthwise" (DepthwiseConv2D) or "dense" (Dense on the channels).
+        depth_multiplier: ``kind="depthwise"``'s DepthwiseConv2D
+            depth_multiplier (1).
+        heads: optional list of heads, dicts with keys ``kind`` ("conv"),
+            ``filters`` (not for "depthwise"), ``depth_multiplier``
+            ("depthwise" only, 1),
             ``kernel_size``, ``strides`` (1), ``padding`` ("same"),
             ``use_bias`` (False), ``explicit_padding`` (None, or
             ``((top, bottom), (left, right))`` zeros added before a "valid"
             conv, i.e. a folded ZeroPadding2D) and ``kernel_regularizer``,
             ``kernel_constraint``, ``bias_regularizer``, ``bias_constraint``
-            (default: the block's). Weights: ``kernel`` / ``bias`` for the
-            first head, ``kernel_{i}`` / ``bias_{i}`` for head i.
+            (default: the block's); a "dense" head takes only ``filters``,
+            ``use_bias`` and the weight options. Weights: ``kernel`` /
+            ``bias`` for the first head, ``kernel_{i}`` / ``bias_{i}`` for
+            head i, in the shape of the head's stock layer.
         data_format: "channels_last" (NHWC) or "channels_first" (NCHW);
             None: ``keras.config.image_data_format()``. The kernels are HWIO
             either way, as Conv2D's; channels_first inputs and outputs are
@@ -155,6 +202,8 @@ class ApproxConvBlock(keras.layers.Layer):
     >>> y = block(keras.random.normal([8, 32, 32, 16]), training=True)
     >>> two = ApproxConvBlock(heads=[dict(filters=64, kernel_size=1),
     ...                              dict(filters=16, kernel_size=3)])
+    >>> dw = ApproxConvBlock(kernel_size=3, kind="depthwise", activation="relu6")
+    >>> pointwise = ApproxConvBlock(256, kind="dense", activation="gelu")
 
     Reference:
         Chakrabarti & Moseley, "Backprop with Approximate Activations for
@@ -189,6 +238,11 @@ class ApproxConvBlock(keras.layers.Layer):
         kernel_constraint=None,
         bias_regularizer=None,
         bias_constraint=None,
+        activation="relu",
+        negative_slope=None,
+        normalization="batch",
+        kind="conv",
+        depth_multiplier=1,
         **kwargs,
     ):
         self._backend = backends.get()
@@ -209,10 +263,13 @@ class ApproxConvBlock(keras.layers.Layer):
         self.data_format = _data_format(data_format)
         self._multi = heads is not None
         if self._multi:
-            if filters is not None or kernel_size is not None:
+            if filters is not None or kernel_size is not None or kind != "conv" or (
+                depth_multiplier != 1
+            ):
                 raise ValueError(
-                    "Pass either filters/kernel_size or heads, not both. Received: "
-                    f"filters={filters!r}, kernel_size={kernel_size!r}, heads={heads!r}"
+                    "Pass either filters/kernel_size/kind/depth_multiplier or heads, not "
+                    f"both. Received: filters={filters!r}, kernel_size={kernel_size!r}, "
+                    f"kind={kind!r}, depth_multiplier={depth_multiplier!r}, heads={heads!r}"
                 )
             if not isinstance(heads, (list, tuple)) or not heads:
                 raise ValueError(
@@ -220,22 +277,18 @@ class ApproxConvBlock(keras.layers.Layer):
                 )
             self.heads = tuple(Head.from_dict(h, head_defaults) for h in heads)
         else:
-            self.heads = (
-                Head.from_dict(
-                    dict(
-                        filters=filters,
-                        kernel_size=kernel_size,
-                        strides=strides,
-                        padding=padding,
-                        use_bias=use_bias,
-                    ),
-                    head_defaults,
-                ),
-            )
+            head = dict(filters=filters, kernel_size=kernel_size, strides=strides,
+                        padding=padding, use_bias=use_bias, kind=kind)
+            if depth_multiplier != 1:
+                head["depth_multiplier"] = depth_multiplier
+            self.heads = (Head.from_dict(head, head_defaults),)
         first = self.heads[0]
+        self.kind, self.depth_multiplier = first.kind, first.depth_multiplier
         self.filters, self.kernel_size = first.filters, first.kernel_size
         self.strides, self.padding, self.use_bias = first.strides, first.padding, first.use_bias
         self.bits = check_bits(bits, allow_none=True)
+        self.activation = Activation.get(activation, negative_slope)
+        self.normalization = check_choice(normalization, "normalization", NORMALIZATIONS)
         self.quantization = check_choice(
             quantization, "quantization", QUANTIZATION_MODES
         )
@@ -260,7 +313,15 @@ class ApproxConvBlock(keras.layers.Layer):
             naive=self.quantization == "naive",
             with_activation=self.return_activation,
             synchronized=self.synchronized,
+            activation=self.activation,
+            normalization="batch" if self._normalization() == "batch" else "none",
         )
+
+    def _normalization(self):
+        """The normalisation in effect: "frozen" for a "batch" block made non-trainable."""
+        if self.normalization == "batch" and not self.trainable:
+            return "frozen"
+        return self.normalization
 
     @property
     def _single_output(self):
@@ -273,6 +334,7 @@ class ApproxConvBlock(keras.layers.Layer):
         empty output), as Conv2D does.
         """
         shape = _permute(tuple(input_shape), _TO_NHWC[self.data_format])
+        channels = shape[3]
         outs = []
         for head in self.heads:
             spatial = [head.output_size(size, axis) for axis, size in enumerate(shape[1:3])]
@@ -286,7 +348,7 @@ class ApproxConvBlock(keras.layers.Layer):
                     f"size {shape[1:3]}: the output would be empty. Received: "
                     f"input_shape={tuple(input_shape)}, kernel_size={head.kernel_size}"
                 )
-            outs.append((shape[0], *spatial, head.filters))
+            outs.append((shape[0], *spatial, head.output_channels(channels)))
         return outs
 
     def build(self, input_shape):
@@ -300,37 +362,14 @@ class ApproxConvBlock(keras.layers.Layer):
             )
         self._head_shapes(input_shape)
         self.input_spec = keras.layers.InputSpec(ndim=4, axes={axis: channels})
-        vector = dict(shape=(channels,), autocast=False)
-        self.gamma = self.beta = None
-        if self.scale:
-            self.gamma = self.add_weight(
-                name="gamma",
-                initializer=self.gamma_initializer,
-                regularizer=self.gamma_regularizer,
-                constraint=self.gamma_constraint,
-                **vector,
-            )
-        if self.center:
-            self.beta = self.add_weight(
-                name="beta",
-                initializer=self.beta_initializer,
-                regularizer=self.beta_regularizer,
-                constraint=self.beta_constraint,
-                **vector,
-            )
-        self.moving_mean = self.add_weight(
-            name="moving_mean", initializer="zeros", trainable=False, **vector
-        )
-        self.moving_variance = self.add_weight(
-            name="moving_variance", initializer="ones", trainable=False, **vector
-        )
+        self._build_normalization(channels)
         self.kernels, self.biases = [], []
         for i, head in enumerate(self.heads):
             suffix = f"_{i}" if i else ""
             self.kernels.append(
                 self.add_weight(
                     name=f"kernel{suffix}",
-                    shape=head.kernel_size + (channels, head.filters),
+                    shape=head.kernel_shape(channels),
                     initializer=self.kernel_initializer,
                     regularizer=head.kernel_regularizer,
                     constraint=head.kernel_constraint,
@@ -339,7 +378,7 @@ class ApproxConvBlock(keras.layers.Layer):
             self.biases.append(
                 self.add_weight(
                     name=f"bias{suffix}",
-                    shape=(head.filters,),
+                    shape=(head.output_channels(channels),),
                     initializer="zeros",
                     regularizer=head.bias_regularizer,
                     constraint=head.bias_constraint,
@@ -348,6 +387,38 @@ class ApproxConvBlock(keras.layers.Layer):
                 else None
             )
         self.kernel, self.bias = self.kernels[0], self.biases[0]
+
+    def _build_normalization(self, channels):
+        """The BN weights (none for normalization="none"; frozen: not trainable)."""
+        self.gamma = self.beta = self.moving_mean = self.moving_variance = None
+        if self.normalization == "none":
+            return
+        vector = dict(shape=(channels,), autocast=False)
+        trainable = self.normalization == "batch"
+        if self.scale:
+            self.gamma = self.add_weight(
+                name="gamma",
+                initializer=self.gamma_initializer,
+                regularizer=self.gamma_regularizer,
+                constraint=self.gamma_constraint,
+                trainable=trainable,
+                **vector,
+            )
+        if self.center:
+            self.beta = self.add_weight(
+                name="beta",
+                initializer=self.beta_initializer,
+                regularizer=self.beta_regularizer,
+                constraint=self.beta_constraint,
+                trainable=trainable,
+                **vector,
+            )
+        self.moving_mean = self.add_weight(
+            name="moving_mean", initializer="zeros", trainable=False, **vector
+        )
+        self.moving_variance = self.add_weight(
+            name="moving_variance", initializer="ones", trainable=False, **vector
+        )
 
     def _bn_vectors(self, dtype):
         """gamma, beta, moving mean and variance as `dtype` tensors (gamma ones /
@@ -368,40 +439,38 @@ class ApproxConvBlock(keras.layers.Layer):
         # BatchNormalization's statistics dtype: float32, float64 under a float64 policy.
         dtype = keras.backend.result_type(self.compute_dtype, "float32")
         x = keras.ops.cast(_permute(inputs, _TO_NHWC[self.data_format]), dtype)
-        gamma, beta, moving_mean, moving_variance = self._bn_vectors(dtype)
         ops = self._backend
         kernels = [keras.ops.cast(ops.read(k), self.compute_dtype) for k in self.kernels]
-        use_batch_stats = bool(training) and self.trainable
-        if use_batch_stats:
-            # Exact mode differentiates through the statistics like stock Keras;
-            # the compressed backward below computes their gradient itself.
-            stats_input = x if self.bits is None else keras.ops.stop_gradient(x)
-            # Where a distributed batch is one global array (JAX under
-            # keras.distribution), these moments and the backward's per-channel
-            # sums are global already (XLA inserts the all-reduces).
-            mean, variance = keras.ops.moments(
-                stats_input,
-                axes=[0, 1, 2],
-                synchronized=self.synchronized and ops.EXPLICIT_CROSS_REPLICA,
-            )
-            self.moving_mean.assign(
-                moving_mean * self.momentum + mean * (1.0 - self.momentum)
-            )
-            self.moving_variance.assign(
-                moving_variance * self.momentum + variance * (1.0 - self.momentum)
-            )
+        normalization = self._normalization()
+        compress = bool(training) and self.bits is not None
+        if normalization != "none":
+            gamma, beta, mean, variance = self._bn_vectors(dtype)
+            if bool(training) and normalization == "batch":
+                mean, variance = self._batch_statistics(x, mean, variance)
+        if compress and normalization == "batch":
+            vectors = (x, gamma, beta, mean, variance)
         else:
-            mean, variance = moving_mean, moving_variance
-
-        if use_batch_stats and self.bits is not None:
+            pre = x
+            if normalization != "none":
+                scale = gamma * keras.ops.rsqrt(variance + self.epsilon)
+                pre = x * scale + (beta - mean * scale)
+            if compress:
+                # A frozen BN is computed here (autodiff gives d_x = scale * dL/dy);
+                # the block codes its output as an unnormalised input, sized by
+                # batch statistics computed for that only (no gradient, no state).
+                code_mean, code_variance = keras.ops.moments(
+                    keras.ops.stop_gradient(pre), axes=[0, 1, 2],
+                    synchronized=self.synchronized and ops.EXPLICIT_CROSS_REPLICA,
+                )
+                ones = keras.ops.ones_like(code_mean)
+                vectors = (pre, ones, keras.ops.zeros_like(code_mean), code_mean, code_variance)
+        if compress:
             # The code and the fused kernels are float32 (casts are no-ops but
             # under a float64 policy; autodiff casts their gradients back).
-            vectors = [keras.ops.cast(v, "float32") for v in (x, gamma, beta, mean, variance)]
+            vectors = [keras.ops.cast(v, "float32") for v in vectors]
             outs, activation = ops.compressed(*vectors, kernels, self._block_config())
         else:
-            scale = gamma * keras.ops.rsqrt(variance + self.epsilon)
-            activation = keras.ops.relu(x * scale + (beta - mean * scale))
-            activation = keras.ops.cast(activation, self.compute_dtype)
+            activation = keras.ops.cast(self.activation(pre), self.compute_dtype)
             outs = [ops.conv(activation, k, head) for k, head in zip(kernels, self.heads)]
         outs = [
             o if b is None else o + keras.ops.cast(b, o.dtype)
@@ -410,6 +479,26 @@ class ApproxConvBlock(keras.layers.Layer):
         outs += [activation] if self.return_activation else []
         outs = [_permute(o, _FROM_NHWC[self.data_format]) for o in outs]
         return outs[0] if self._single_output else outs
+
+    def _batch_statistics(self, x, moving_mean, moving_variance):
+        """The batch mean and variance, with the moving statistics updated as
+        keras.layers.BatchNormalization updates them."""
+        # Exact mode differentiates through the statistics like stock Keras;
+        # the compressed backward computes their gradient itself.
+        stats_input = x if self.bits is None else keras.ops.stop_gradient(x)
+        # Where a distributed batch is one global array (JAX under
+        # keras.distribution), these moments and the backward's per-channel
+        # sums are global already (XLA inserts the all-reduces).
+        mean, variance = keras.ops.moments(
+            stats_input,
+            axes=[0, 1, 2],
+            synchronized=self.synchronized and self._backend.EXPLICIT_CROSS_REPLICA,
+        )
+        self.moving_mean.assign(moving_mean * self.momentum + mean * (1.0 - self.momentum))
+        self.moving_variance.assign(
+            moving_variance * self.momentum + variance * (1.0 - self.momentum)
+        )
+        return mean, variance
 
     def compute_output_shape(self, input_shape):
         check_rank4(input_shape, "ApproxConvBlock")
@@ -441,6 +530,8 @@ class ApproxConvBlock(keras.layers.Layer):
                 "center": self.center,
                 "scale": self.scale,
                 "data_format": self.data_format,
+                "activation": self.activation.get_config(),
+                "normalization": self.normalization,
             }
         )
         config.update(
@@ -459,6 +550,8 @@ class ApproxConvBlock(keras.layers.Layer):
                     "strides": self.strides,
                     "padding": self.padding,
                     "use_bias": self.use_bias,
+                    "kind": self.kind,
+                    "depth_multiplier": self.depth_multiplier,
                 }
             )
         return config
@@ -512,8 +605,8 @@ class ResidualBuffer(keras.layers.Layer):
     paper's ResNets. The backward pass keeps no activations (only shapes).
 
     Where the shortcut is taken is up to the network: the input of a block
-    (before its BN+ReLU) or, with ``ApproxConvBlock(..., return_activation=True)``,
-    the block's BN+ReLU output.
+    (before its BN+activation) or, with ``ApproxConvBlock(..., return_activation=True)``,
+    the block's BN+activation output.
 
     Args:
         data_format: "channels_last" or "channels_first"; None:

@@ -8,17 +8,19 @@
 // order and packing layout are those of
 // keras_blpa/backends/tensorflow/reference.py:
 //
-//   Blpa>BnReluEncode  (x, scale, offset, inv_step, shift)            -> (relu(y), packed)
-//   Blpa>DecodeRelu    (packed, shape, step, shift)                   -> decoded relu output
-//   Blpa>BnGradReduce  (packed, grad_a, step, shift, gamma, beta)     -> (sum_g, sum_gx)
-//   Blpa>BnGradInput   (packed, grad_a, step, shift, gamma, beta,
-//                       coef, mean_g, mean_gx)                        -> grad_x
+//   Blpa>BnActEncode       (x, scale, offset, inv_step, shift)        -> (f(y), packed)
+//   Blpa>DecodeActivation  (packed, shape, step, shift)               -> decoded f output
+//   Blpa>BnGradReduce      (packed, grad_a, step, shift, gamma, beta) -> (sum_g, sum_gx)
+//   Blpa>BnGradInput       (packed, grad_a, step, shift, gamma, beta,
+//                           coef, mean_g, mean_gx)                    -> grad_x
 //
 // All float tensors are float32, channels last (channel = flat index % C where
 // C is the last dimension); every per-channel vector has C elements; `packed`
 // is a 1-D uint8 tensor of ceil(n * bits / 8) bytes; `bits` is 2, 4 or 8.
-// The cc/ kernels take any activation of cc/blpa_activations.h; these ops
-// instantiate ReLU (kAct).
+// Every op has the attrs `activation` (a name of keras_blpa.blocks.ACTIVATIONS,
+// default "relu") and `negative_slope` (leaky_relu's slope, default 0; ignored
+// by the others), turned once per call into the struct of
+// cc/blpa_activations.h that the kernels are instantiated with.
 #include <cstdint>
 #include <cstdlib>
 #include <functional>
@@ -59,12 +61,26 @@ namespace errors = ::tensorflow::errors;
 // ---------------------------------------------------------------------------
 // Shape functions.
 
+absl::Status ActivationAttr(const std::string& name,
+                            blpa::ActivationKind* kind) {
+  if (!blpa::activation_kind(name.c_str(), kind)) {
+    return errors::InvalidArgument("activation must be one of ",
+                                   blpa::activation_names(), ", got '", name,
+                                   "'");
+  }
+  return absl::OkStatus();
+}
+
+// Validates the attrs (bits and activation) every op has.
 absl::Status BitsAttr(InferenceContext* c, int* bits) {
   TF_RETURN_IF_ERROR(c->GetAttr("bits", bits));
   if (!blpa::valid_bits(*bits)) {
     return errors::InvalidArgument("bits must be 2, 4 or 8, got ", *bits);
   }
-  return absl::OkStatus();
+  std::string name;
+  TF_RETURN_IF_ERROR(c->GetAttr("activation", &name));
+  blpa::ActivationKind kind;
+  return ActivationAttr(name, &kind);
 }
 
 // Merges the vector inputs [first, last) into one [C] shape with the last
@@ -155,32 +171,37 @@ absl::Status GradInputShape(InferenceContext* c) {
   return absl::OkStatus();
 }
 
-REGISTER_OP("Blpa>BnReluEncode")
+REGISTER_OP("Blpa>BnActEncode")
     .Input("x: float")
     .Input("scale: float")
     .Input("offset: float")
     .Input("inv_step: float")
     .Input("shift: float")
-    .Output("activation: float")
+    .Output("output: float")
     .Output("packed: uint8")
     .Attr("bits: int")
+    .Attr("activation: string = 'relu'")
+    .Attr("negative_slope: float = 0.0")
     .SetShapeFn(EncodeShape)
     .Doc(R"doc(
-BN -> ReLU forward with the K-bit code of the BN output:
-y = x * scale + offset; returns relu(y) and the packed codes of y.
+BN -> activation forward with the K-bit code of the BN output:
+y = x * scale + offset; returns activation(y) and the packed codes of y.
 )doc");
 
-REGISTER_OP("Blpa>DecodeRelu")
+REGISTER_OP("Blpa>DecodeActivation")
     .Input("packed: uint8")
     .Input("shape: Tshape")
     .Input("step: float")
     .Input("shift: float")
-    .Output("activation: float")
+    .Output("output: float")
     .Attr("bits: int")
+    .Attr("activation: string = 'relu'")
+    .Attr("negative_slope: float = 0.0")
     .Attr("Tshape: {int32, int64} = DT_INT32")
     .SetShapeFn(DecodeShape)
     .Doc(R"doc(
-Decoded ReLU output of the given shape: bin centre where the code's mask is on, else 0.
+The activation output of the given shape decoded from the codes (ReLU: bin
+centre where the code's mask is on, else 0).
 )doc");
 
 REGISTER_OP("Blpa>BnGradReduce")
@@ -193,10 +214,12 @@ REGISTER_OP("Blpa>BnGradReduce")
     .Output("sum_g: float")
     .Output("sum_gx: float")
     .Attr("bits: int")
+    .Attr("activation: string = 'relu'")
+    .Attr("negative_slope: float = 0.0")
     .SetShapeFn(GradReduceShape)
     .Doc(R"doc(
-Per-channel sums of g and g * x_hat with g = grad_a where the ReLU mask is on,
-else 0 (BN backward).
+Per-channel sums of g and g * x_hat with g = grad_a * f', f' as read back
+from the codes (the ReLU mask, or the activation's slope), for the BN backward.
 )doc");
 
 REGISTER_OP("Blpa>BnGradInput")
@@ -211,6 +234,8 @@ REGISTER_OP("Blpa>BnGradInput")
     .Input("mean_gx: float")
     .Output("grad_x: float")
     .Attr("bits: int")
+    .Attr("activation: string = 'relu'")
+    .Attr("negative_slope: float = 0.0")
     .SetShapeFn(GradInputShape)
     .Doc(R"doc(
 BN input gradient coef * (g - mean_g - x_hat * mean_gx) from the codes.
@@ -222,16 +247,29 @@ BN input gradient coef * (g - mean_g - x_hat * mean_gx) from the codes.
 struct CpuTag {};
 struct GpuTag {};
 
+// Reads and validates the attrs of every op: bits and the activation.
 class BitsKernel : public OpKernel {
  public:
   explicit BitsKernel(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("bits", &bits_));
     OP_REQUIRES(ctx, blpa::valid_bits(bits_),
                 errors::InvalidArgument("bits must be 2, 4 or 8, got ", bits_));
+    std::string name;
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("activation", &name));
+    OP_REQUIRES_OK(ctx, ActivationAttr(name, &kind_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("negative_slope", &negative_slope_));
   }
 
  protected:
+  // Calls fn(act) with the activation struct of the attrs (one switch per call).
+  template <typename Fn>
+  void WithActivation(Fn&& fn) const {
+    blpa::with_activation(kind_, negative_slope_, bits_, fn);
+  }
+
   int bits_;
+  blpa::ActivationKind kind_;
+  float negative_slope_;
 };
 
 // Checks that the data tensor has rank >= 1 and returns C (its last dim).
@@ -287,6 +325,15 @@ void ParallelBytes(OpKernelContext* ctx, int64_t nbytes, int64_t cost,
       nbytes, cost, fn);
 }
 
+// parallel_for over the channels for building the tables of a smooth
+// activation (blpa::cpu::SmoothTables): a few libm calls per code.
+auto ChannelsFor(OpKernelContext* ctx, int bits) {
+  const int64_t cost = (int64_t{1} << bits) * 200;
+  return [ctx, cost](int64_t channels, auto fn) {
+    ParallelBytes(ctx, channels, cost, fn);
+  };
+}
+
 // Instruction-set level of the CPU kernels, read once.
 blpa::cpu::CpuLevel CpuIsa() {
   static const blpa::cpu::CpuLevel level =
@@ -310,11 +357,8 @@ void CheckLaunch(OpKernelContext* ctx, int err, const char* what) {
 // ---------------------------------------------------------------------------
 // Kernels.
 
-// The activation of every op here (ReLU: its forward, codes, decode and mask).
-constexpr blpa::Relu kAct{};
-
 template <typename Device>
-class BnReluEncodeOp : public BitsKernel {
+class BnActEncodeOp : public BitsKernel {
  public:
   using BitsKernel::BitsKernel;
 
@@ -328,9 +372,9 @@ class BnReluEncodeOp : public BitsKernel {
     }
     const int64_t n = x.NumElements();
     const int64_t nbytes = blpa::packed_size(n, bits_);
-    Tensor* relu_out = nullptr;
+    Tensor* act_out = nullptr;
     Tensor* packed = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, x.shape(), &relu_out));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, x.shape(), &act_out));
     OP_REQUIRES_OK(ctx,
                    ctx->allocate_output(1, TensorShape({nbytes}), &packed));
     if (n == 0) return;
@@ -343,23 +387,26 @@ class BnReluEncodeOp : public BitsKernel {
     a.n = n;
     a.C = C;
     a.bits = bits_;
-    a.activation = relu_out->flat<float>().data();
+    a.activation = act_out->flat<float>().data();
     a.packed = packed->flat<uint8_t>().data();
-    if constexpr (std::is_same<Device, CpuTag>::value) {
-      ParallelBytes(ctx, nbytes, ByteCost(bits_), [&a](int64_t b, int64_t e) {
-        blpa::cpu::bn_encode(kAct, a, b, e, CpuIsa());
-      });
-    } else {
+    WithActivation([&](auto act) {
+      if constexpr (std::is_same<Device, CpuTag>::value) {
+        ParallelBytes(ctx, nbytes, ByteCost(bits_),
+                      [&a, act](int64_t b, int64_t e) {
+                        blpa::cpu::bn_encode(act, a, b, e, CpuIsa());
+                      });
+      } else {
 #if GOOGLE_CUDA
-      CheckLaunch(ctx, blpa::cuda::bn_encode(kAct, a, RawStream(ctx)),
-                  "Blpa>BnReluEncode");
+        CheckLaunch(ctx, blpa::cuda::bn_encode(act, a, RawStream(ctx)),
+                    "Blpa>BnActEncode");
 #endif
-    }
+      }
+    });
   }
 };
 
 template <typename Device>
-class DecodeReluOp : public BitsKernel {
+class DecodeActivationOp : public BitsKernel {
  public:
   using BitsKernel::BitsKernel;
 
@@ -390,17 +437,22 @@ class DecodeReluOp : public BitsKernel {
     a.C = C;
     a.bits = bits_;
     a.out = out->flat<float>().data();
-    if constexpr (std::is_same<Device, CpuTag>::value) {
-      ParallelBytes(ctx, packed.NumElements(), ByteCost(bits_),
-                    [&a](int64_t b, int64_t e) {
-                      blpa::cpu::decode(kAct, a, b, e, CpuIsa());
-                    });
-    } else {
+    WithActivation([&](auto act) {
+      if constexpr (std::is_same<Device, CpuTag>::value) {
+        blpa::cpu::SmoothTables tables;  // smooth activations: f per code
+        act = tables.attach(act, blpa::cpu::Table::kDecoded, a.step, a.shift,
+                            C, bits_, ChannelsFor(ctx, bits_));
+        ParallelBytes(ctx, packed.NumElements(), ByteCost(bits_),
+                      [&a, act](int64_t b, int64_t e) {
+                        blpa::cpu::decode(act, a, b, e, CpuIsa());
+                      });
+      } else {
 #if GOOGLE_CUDA
-      CheckLaunch(ctx, blpa::cuda::decode(kAct, a, RawStream(ctx)),
-                  "Blpa>DecodeRelu");
+        CheckLaunch(ctx, blpa::cuda::decode(act, a, RawStream(ctx)),
+                    "Blpa>DecodeActivation");
 #endif
-    }
+      }
+    });
   }
 };
 
@@ -451,25 +503,34 @@ class BnGradReduceOp : public BitsKernel {
     Tensor* sum_gx = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({C}), &sum_g));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({C}), &sum_gx));
-    if constexpr (std::is_same<Device, CpuTag>::value) {
-      // Fixed blocks, each a fixed partial sum: the same bits however the
-      // thread pool schedules them.
-      const int64_t block_cost = blpa::cpu::kReduceBlockBytes * ByteCost(bits_);
-      blpa::cpu::bn_grad_reduce(
-          kAct, a, CpuIsa(), sum_g->flat<float>().data(),
-          sum_gx->flat<float>().data(),
-          [ctx, block_cost](int64_t blocks, auto fn) {
-            ParallelBytes(ctx, blocks, block_cost, fn);
-          });
-    } else {
+    WithActivation([&](auto act) {
+      if constexpr (std::is_same<Device, CpuTag>::value) {
+        blpa::cpu::SmoothTables tables;  // smooth activations: slope per code
+        if (a.n > 0) {
+          act = tables.attach(act, blpa::cpu::Table::kSlope, a.step, a.shift,
+                              C, bits_, ChannelsFor(ctx, bits_));
+        }
+        // Fixed blocks, each a fixed partial sum: the same bits however the
+        // thread pool schedules them.
+        const int64_t block_cost =
+            blpa::cpu::kReduceBlockBytes * ByteCost(bits_);
+        blpa::cpu::bn_grad_reduce(
+            act, a, CpuIsa(), sum_g->flat<float>().data(),
+            sum_gx->flat<float>().data(),
+            [ctx, block_cost](int64_t blocks, auto fn) {
+              ParallelBytes(ctx, blocks, block_cost, fn);
+            });
+      } else {
 #if GOOGLE_CUDA
-      CheckLaunch(ctx,
-                  blpa::cuda::bn_grad_reduce(kAct, a, sum_g->flat<float>().data(),
-                                             sum_gx->flat<float>().data(),
-                                             RawStream(ctx)),
-                  "Blpa>BnGradReduce");
+        CheckLaunch(ctx,
+                    blpa::cuda::bn_grad_reduce(act, a,
+                                               sum_g->flat<float>().data(),
+                                               sum_gx->flat<float>().data(),
+                                               RawStream(ctx)),
+                    "Blpa>BnGradReduce");
 #endif
-    }
+      }
+    });
   }
 };
 
@@ -485,24 +546,29 @@ class BnGradInputOp : public BitsKernel {
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, ctx->input(1).shape(), &dx));
     if (a.n == 0) return;
     a.grad_x = dx->flat<float>().data();
-    if constexpr (std::is_same<Device, CpuTag>::value) {
-      ParallelBytes(ctx, blpa::packed_size(a.n, bits_), ByteCost(bits_) * 2,
-                    [&a](int64_t b, int64_t e) {
-                      blpa::cpu::bn_grad_input(kAct, a, b, e, CpuIsa());
-                    });
-    } else {
+    WithActivation([&](auto act) {
+      if constexpr (std::is_same<Device, CpuTag>::value) {
+        blpa::cpu::SmoothTables tables;  // smooth activations: slope per code
+        act = tables.attach(act, blpa::cpu::Table::kSlope, a.step, a.shift,
+                            a.C, bits_, ChannelsFor(ctx, bits_));
+        ParallelBytes(ctx, blpa::packed_size(a.n, bits_), ByteCost(bits_) * 2,
+                      [&a, act](int64_t b, int64_t e) {
+                        blpa::cpu::bn_grad_input(act, a, b, e, CpuIsa());
+                      });
+      } else {
 #if GOOGLE_CUDA
-      CheckLaunch(ctx, blpa::cuda::bn_grad_input(kAct, a, RawStream(ctx)),
-                  "Blpa>BnGradInput");
+        CheckLaunch(ctx, blpa::cuda::bn_grad_input(act, a, RawStream(ctx)),
+                    "Blpa>BnGradInput");
 #endif
-    }
+      }
+    });
   }
 };
 
-REGISTER_KERNEL_BUILDER(Name("Blpa>BnReluEncode").Device(DEVICE_CPU),
-                        BnReluEncodeOp<CpuTag>);
-REGISTER_KERNEL_BUILDER(Name("Blpa>DecodeRelu").Device(DEVICE_CPU),
-                        DecodeReluOp<CpuTag>);
+REGISTER_KERNEL_BUILDER(Name("Blpa>BnActEncode").Device(DEVICE_CPU),
+                        BnActEncodeOp<CpuTag>);
+REGISTER_KERNEL_BUILDER(Name("Blpa>DecodeActivation").Device(DEVICE_CPU),
+                        DecodeActivationOp<CpuTag>);
 REGISTER_KERNEL_BUILDER(Name("Blpa>BnGradReduce").Device(DEVICE_CPU),
                         BnGradReduceOp<CpuTag>);
 REGISTER_KERNEL_BUILDER(Name("Blpa>BnGradInput").Device(DEVICE_CPU),
@@ -510,11 +576,11 @@ REGISTER_KERNEL_BUILDER(Name("Blpa>BnGradInput").Device(DEVICE_CPU),
 
 #if GOOGLE_CUDA
 using ::tensorflow::DEVICE_GPU;
-REGISTER_KERNEL_BUILDER(Name("Blpa>BnReluEncode").Device(DEVICE_GPU),
-                        BnReluEncodeOp<GpuTag>);
+REGISTER_KERNEL_BUILDER(Name("Blpa>BnActEncode").Device(DEVICE_GPU),
+                        BnActEncodeOp<GpuTag>);
 REGISTER_KERNEL_BUILDER(
-    Name("Blpa>DecodeRelu").Device(DEVICE_GPU).HostMemory("shape"),
-    DecodeReluOp<GpuTag>);
+    Name("Blpa>DecodeActivation").Device(DEVICE_GPU).HostMemory("shape"),
+    DecodeActivationOp<GpuTag>);
 REGISTER_KERNEL_BUILDER(Name("Blpa>BnGradReduce").Device(DEVICE_GPU),
                         BnGradReduceOp<GpuTag>);
 REGISTER_KERNEL_BUILDER(Name("Blpa>BnGradInput").Device(DEVICE_GPU),

@@ -10,10 +10,19 @@
 #      Bazel-built library passes the op tests of tests/test_native.py (bit
 #      identity, gradients, errors, exports).
 # Usage: ops/ci.sh        (from the repository root)
+# Python: $PYTHON, else the python on PATH (tests/run.sh activates .venv first,
+# which is also what Bazel's repository rule finds as python3 on PATH).
+# The in-place library of step 2 (keras_blpa/_blpa_ops.so and its stamp) is
+# removed at exit if it was not there before.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
+
+inplace=keras_blpa/_blpa_ops.so
+if [ ! -e "$inplace" ]; then
+  trap 'rm -f keras_blpa/_blpa_ops.so keras_blpa/_blpa_ops.json' EXIT
+fi
 
 load_check() {  # $1: library path
   KERAS_BLPA_OPS_LIBRARY="$1" "$PY" -W error::RuntimeWarning -c \

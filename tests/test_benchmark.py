@@ -142,7 +142,7 @@ def test_kernel_benchmark_times_correct_kernels(tmp_path):
     accounting uses the packed size of the code."""
     out = tmp_path / "kernels.json"
     result = kernels.main(["--shape", "2,8,8,5", "--reps", "1", "--block-reps", "1",
-                           "--blocks", "1", "--output", str(out)])
+                           "--blocks", "1", "--activations", "relu,silu", "--output", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     paths = {"reference"} | ({"native"} if native.load() is not None else set())
     rows = {(r["path"], r["bits"]): r for r in result["kernels"]}
@@ -158,8 +158,9 @@ def test_kernel_benchmark_times_correct_kernels(tmp_path):
         traffic = 3 * 4 * n + 2 * r["packed_bytes"]
         assert r["enc_dec_gb_s"] == pytest.approx(
             traffic / (r["encode_ms"] + r["decode_ms"]) / 1e6)
-    step = result["block_step"]["step_ms"]
-    assert {"stock", "blpa4_reference"} | {"blpa4_native" for p in paths if p == "native"} == set(step)
+    assert [b["activation"] for b in result["block_step"]] == ["relu", "silu"]
+    for block in result["block_step"]:
+        assert {"stock", "blpa4_reference"} | {"blpa4_native" for p in paths if p == "native"} == set(block["step_ms"])
     with pytest.raises(SystemExit):
         kernels.main(["--shape", "2,8,8"])
 

@@ -157,8 +157,8 @@ class Codes(Recorder):
     def __getattr__(self, name):
         return getattr(real, name)
 
-    def bn_relu_encode(self, x, scale, offset, inv_step, shift, bits):
-        activation, packed = real.bn_relu_encode(x, scale, offset, inv_step, shift, bits)
+    def bn_act_encode(self, x, scale, offset, inv_step, shift, bits, act):
+        activation, packed = real.bn_act_encode(x, scale, offset, inv_step, shift, bits, act)
         codes = reference.unpack(packed, tf.size(x), bits).numpy().reshape(x.shape)
         substitute = self.record(codes)
         if substitute is not None:

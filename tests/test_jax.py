@@ -27,6 +27,9 @@ import tensorflow as tf  # noqa: E402
 import keras_blpa  # noqa: E402
 from keras_blpa import ApproxConvBlock, ResidualBuffer  # noqa: E402
 from keras_blpa.backends.jax import block as jax_ops  # noqa: E402
+from keras_blpa.blocks import ACTIVATIONS  # noqa: E402
+from keras_blpa.blocks import RELU  # noqa: E402
+from keras_blpa.blocks import Activation  # noqa: E402
 from keras_blpa.blocks import BlockConfig  # noqa: E402
 from keras_blpa.blocks import Head  # noqa: E402
 from keras_blpa.codes import packed_size  # noqa: E402
@@ -39,44 +42,67 @@ from trajectories import reference_trajectory  # noqa: E402
 from trajectories import step_errors  # noqa: E402
 
 
+# Every activation of the block, and leaky_relu with a slope other than Keras' 0.2.
+ACTS = [Activation.get(name) for name in ACTIVATIONS] + [Activation.get("leaky_relu", 0.05)]
+ACT_IDS = [a.name if a.name != "leaky_relu" else f"leaky_relu{a.negative_slope}" for a in ACTS]
+EPS32 = float(np.finfo(np.float32).eps)
 
-def block_config(bits, strides=(1, 1)):
+
+def block_config(bits, strides=(1, 1), act=RELU, naive=False):
     """One 3x3 "same" conv head at `strides`, float32 (the kernel sets the filters)."""
     head = Head(filters=1, kernel_size=(3, 3), strides=tuple(strides))
-    return BlockConfig(bits=bits, epsilon=1e-3, heads=(head,), compute_dtype="float32")
+    return BlockConfig(bits=bits, epsilon=1e-3, heads=(head,), compute_dtype="float32",
+                       activation=act, naive=naive)
 
 
 def special_values(rng, shape, bits):
-    """Normal values with NaN, +-inf, zeros and exact bin edges mixed in."""
+    """Normal values with NaN, +-inf, zeros, exact bin edges and relu6's 6 mixed in."""
     y = (rng.normal(size=shape) * 3).astype(np.float32)
     flat = y.reshape(-1)
-    flat[:6] = [np.nan, np.inf, -np.inf, 0.0, -0.0, 6.0 / 2**bits]
+    flat[:9] = [np.nan, np.inf, -np.inf, 0.0, -0.0, 6.0 / 2**bits, 6.0, -6.0, np.nextafter(np.float32(6), 0)]
     return y
 
 
+def edge_disagreement(act, step, shift, bits):
+    """delta: the largest |f_TF - f_JAX| over every bin edge (k - shift) * step.
+
+    TensorFlow (the reference's tf.nn ops) and JAX (keras.ops, what stock Keras
+    gives) evaluate a smooth f by different float32 formulas; the secant slope
+    (f(hi) - f(lo)) / step then differs by at most 2 delta / step. 0 for the
+    piecewise-linear activations (exact on both).
+    """
+    k = np.arange(2**bits + 1, dtype=np.float32)[:, None]
+    edges = ((k - np.asarray(shift)) * np.asarray(step)).astype(np.float32)
+    f_tf = reference.activation_forward(act, tf.constant(edges)).numpy()
+    return float(np.abs(f_tf - np.asarray(act(jnp.asarray(edges)))).max())
+
+
+@pytest.mark.parametrize("act", ACTS, ids=ACT_IDS)
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("shape", [(3, 5, 7, 6), (1, 1, 3, 5), (2, 4, 4, 8)])
-def test_packed_bytes_identical_to_tf_reference(bits, shape):
-    """Same bytes, vectors and decoded values as the TensorFlow reference, for gamma of
-    both signs, zero and tiny gamma, and odd element counts (padded last byte)."""
+def test_packed_bytes_identical_to_tf_reference(bits, shape, act):
+    """Same bytes, vectors and decoded values as the TensorFlow reference, for every
+    activation, gamma of both signs, zero and tiny gamma, |beta| = 10 |gamma|, and
+    odd element counts (padded last byte)."""
     rng = np.random.default_rng(bits + len(shape))
     c = shape[-1]
     y = special_values(rng, shape, bits)
     gamma = rng.normal(size=c).astype(np.float32)
     gamma[0], gamma[-1] = 0.0, -1e-9
     beta = rng.normal(size=c).astype(np.float32) * 2
-    p_tf = reference.channel_params(gamma, beta, bits)
-    p_jx = jax.jit(jax_ops.channel_params, static_argnums=2)(gamma, beta, bits)
+    beta[1], beta[2] = 10 * abs(gamma[1]), -10 * abs(gamma[2])
+    p_tf = reference.channel_params(gamma, beta, bits, act)
+    p_jx = jax.jit(jax_ops.channel_params, static_argnums=(2, 3))(gamma, beta, bits, act)
     for key in p_tf:
         np.testing.assert_array_equal(p_tf[key].numpy(), np.asarray(p_jx[key]), err_msg=key)
-    packed_tf = reference.encode(y, p_tf["inv_step"], p_tf["shift"], bits).numpy()
-    encode = jax.jit(jax_ops.encode, static_argnums=3)
-    packed_jx = np.asarray(encode(y, p_jx["inv_step"], p_jx["shift"], bits))
+    packed_tf = reference.encode(y, p_tf["inv_step"], p_tf["shift"], bits, act).numpy()
+    encode = jax.jit(jax_ops.encode, static_argnums=(3, 4))
+    packed_jx = np.asarray(encode(y, p_jx["inv_step"], p_jx["shift"], bits, act))
     assert packed_jx.dtype == np.uint8
     assert packed_jx.shape == (packed_size(y.size, bits),)
     np.testing.assert_array_equal(packed_jx, packed_tf)
     # And both agree with a numpy packing of the reference codes.
-    codes = reference.encode_codes(y, p_tf["inv_step"], p_tf["shift"], bits).numpy().ravel()
+    codes = reference.encode_codes(y, p_tf["inv_step"], p_tf["shift"], bits, act).numpy().ravel()
     per = 8 // bits
     padded = np.concatenate([codes, np.zeros(-codes.size % per, np.uint8)]).reshape(-1, per)
     expected = np.bitwise_or.reduce(padded << (bits * np.arange(per, dtype=np.uint8)), axis=1)
@@ -88,38 +114,64 @@ def test_packed_bytes_identical_to_tf_reference(bits, shape):
     np.testing.assert_array_equal(np.asarray(mask_jx), mask_tf.numpy())
     # The mask is exactly y > 0 (NaN inactive), whatever the sign of gamma.
     np.testing.assert_array_equal(np.asarray(mask_jx), y > 0)
+    # The decoded activation output.
+    out_tf = reference.decode_activation(packed_tf, shape, p_tf["step"], p_tf["shift"], bits, act).numpy()
+    decode = jax.jit(jax_ops.decode_activation, static_argnums=(1, 4, 5))
+    out_jx = np.asarray(decode(packed_jx, shape, p_jx["step"], p_jx["shift"], bits, act))
+    if act.piecewise_linear:
+        np.testing.assert_array_equal(out_jx, out_tf)
+    else:
+        # f(bin centre), f with keras.ops on JAX and tf.nn in the reference: two float32
+        # formulas, each within a few ulps of max(1, |y|) (XLA's fusion may move an ulp).
+        bound = 8 * EPS32 * np.maximum(1.0, np.abs(dec_tf.numpy()))
+        assert np.all(np.abs(out_jx - out_tf) <= bound)
+    if act.name == "relu6":
+        # 6 is a bin edge: the decoded output is exactly 6 where y >= 6, below it elsewhere.
+        np.testing.assert_array_equal(out_jx == 6.0, y >= 6.0)
+        assert np.all(out_jx[~(y >= 6.0)] < 6.0)
 
 
+@pytest.mark.parametrize("act", ACTS, ids=ACT_IDS)
 @pytest.mark.parametrize("bits", [2, 4, 8])
-def test_bn_grad_sums_match_tf_reference(bits):
+def test_bn_grad_sums_match_tf_reference(bits, act):
+    """sum g and sum g x_hat, g = dL/da * f' from the code, to float32 summation
+    rounding (and, for smooth f, the secant's 2 delta / step, `edge_disagreement`)."""
     rng = np.random.default_rng(bits)
-    y = rng.normal(size=(4, 6, 6, 5)).astype(np.float32)
+    y = (rng.normal(size=(4, 6, 6, 5)) * 3).astype(np.float32)  # crosses relu6's 6
     grad = rng.normal(size=y.shape).astype(np.float32)
     gamma = np.array([1.2, -0.7, 0.5, -1.5, 0.9], np.float32)
     beta = np.array([0.3, -0.2, 0.0, 0.4, -0.9], np.float32)
-    p = reference.channel_params(gamma, beta, bits)
-    packed = reference.encode(y, p["inv_step"], p["shift"], bits)
-    expected = reference.bn_grad_reduce(packed, grad, p["step"], p["shift"], p["gamma"], beta, bits)
-    got = jax_ops.bn_grad_reduce(
-        jnp.asarray(packed.numpy()), jnp.asarray(grad), p["step"].numpy(),
-        p["shift"].numpy(), p["gamma"].numpy(), beta, bits,
+    p = reference.channel_params(gamma, beta, bits, act)
+    packed = reference.encode(y, p["inv_step"], p["shift"], bits, act)
+    expected = reference.bn_grad_reduce(
+        packed, grad, p["step"], p["shift"], p["gamma"], beta, bits, act
     )
-    for a, b in zip(got, expected):
-        np.testing.assert_allclose(np.asarray(a), b.numpy(), rtol=1e-5, atol=1e-5)
+    reduce = jax.jit(jax_ops.bn_grad_reduce, static_argnums=(6, 7))
+    got = reduce(
+        jnp.asarray(packed.numpy()), jnp.asarray(grad), p["step"].numpy(),
+        p["shift"].numpy(), p["gamma"].numpy(), beta, bits, act,
+    )
+    delta = edge_disagreement(act, p["step"], p["shift"], bits)
+    total = np.abs(grad).sum(axis=(0, 1, 2))
+    bound = total * (1e-6 + 2 * delta / p["step"].numpy())
+    y_dec = reference.decode(packed, y.shape, p["step"], p["shift"], bits)[0].numpy()
+    x_hat = np.abs((y_dec - beta) / gamma).max(axis=(0, 1, 2))
+    for a, b, atol in zip(got, expected, (bound, bound * np.maximum(1.0, x_hat))):
+        assert np.all(np.abs(np.asarray(a) - b.numpy()) <= atol + 1e-5 * np.abs(b.numpy()))
 
 
-def exact_block(x, gamma, beta, kernel, epsilon=1e-3, strides=(1, 1)):
-    """Independent BN (batch statistics) -> ReLU -> conv, differentiated by jax.grad."""
+def exact_block(x, gamma, beta, kernel, epsilon=1e-3, strides=(1, 1), act=jax.nn.relu):
+    """Independent BN (batch statistics) -> act -> conv, differentiated by jax.grad."""
     mean = jnp.mean(x, axis=(0, 1, 2))
     var = jnp.mean(jnp.square(x - mean), axis=(0, 1, 2))
     y = (x - mean) / jnp.sqrt(var + epsilon) * gamma + beta
     return jax.lax.conv_general_dilated(
-        jax.nn.relu(y), kernel, strides, "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        act(y), kernel, strides, "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
     )
 
 
-def compressed(bits, strides=(1, 1)):
-    block = jax_ops.compressed_block(block_config(bits, strides))
+def compressed(bits, strides=(1, 1), act=RELU):
+    block = jax_ops.compressed_block(block_config(bits, strides, act))
 
     def f(x, gamma, beta, kernel):
         stats = jax.lax.stop_gradient(x)
@@ -129,12 +181,12 @@ def compressed(bits, strides=(1, 1)):
     return f
 
 
-def block_inputs(rng, shape=(8, 8, 8, 6), filters=7):
+def block_inputs(rng, shape=(8, 8, 8, 6), filters=7, max_gamma=1.5):
     """Uniform x (|x_hat| <= sqrt(3)), |beta / gamma| <= 1: no code saturates, since
     the 2^K bins cover x_hat in [-beta/gamma - 3, -beta/gamma + 3] (less one bin)."""
     c = shape[-1]
     x = rng.uniform(-1.0, 2.0, size=shape).astype(np.float32)
-    gamma = (rng.uniform(0.3, 1.5, c) * np.where(np.arange(c) % 2, -1, 1)).astype(np.float32)
+    gamma = (rng.uniform(0.3, max_gamma, c) * np.where(np.arange(c) % 2, -1, 1)).astype(np.float32)
     beta = rng.uniform(-0.3, 0.3, c).astype(np.float32)
     kernel = rng.normal(0, 0.2, (3, 3, c, filters)).astype(np.float32)
     return x, gamma, beta, kernel
@@ -175,6 +227,104 @@ def test_custom_vjp_gradients_against_exact_jax_grad(bits, strides):
         assert 1 - cos <= (3 / 2**bits) ** 2
 
 
+def tf_reference_gradients(x, gamma, beta, kernel, dy, bits, act, strides=(1, 1)):
+    """(d_x, d_gamma, d_beta, d_kernel) of the compressed block from the TensorFlow
+    reference's functions: bn_act_encode, decode_activation, the conv gradients of
+    the decoded output (tf autodiff), bn_grad_reduce, bn_grad_input.
+
+    The batch statistics and the folded scale come from JAX, as the block's do,
+    so that both encode the same y."""
+    mean, var = jnp.mean(x, (0, 1, 2)), jnp.var(x, (0, 1, 2))
+    scale = np.asarray(gamma * jax.lax.rsqrt(var + 1e-3))
+    offset = beta - np.asarray(mean) * scale
+    p = reference.channel_params(gamma, beta, bits, act)
+    _, packed = reference.bn_act_encode(x, scale, offset, p["inv_step"], p["shift"], bits, act)
+    a_dec = reference.decode_activation(packed, x.shape, p["step"], p["shift"], bits, act)
+    k = tf.constant(kernel)
+    with tf.GradientTape() as tape:
+        tape.watch([a_dec, k])
+        out = tf.nn.conv2d(a_dec, k, (1,) + tuple(strides) + (1,), "SAME")
+    d_a, d_kernel = tape.gradient(out, [a_dec, k], output_gradients=tf.constant(dy))
+    sum_g, sum_gx = reference.bn_grad_reduce(
+        packed, d_a, p["step"], p["shift"], p["gamma"], beta, bits, act
+    )
+    count = float(np.prod(x.shape[:-1]))
+    d_x = reference.bn_grad_input(
+        packed, d_a, p["step"], p["shift"], p["gamma"], beta, scale,
+        sum_g / count, sum_gx / count, bits, act,
+    )
+    return [t.numpy() for t in (d_x, sum_gx, sum_g, d_kernel)], p
+
+
+def activation_case(bits, act, seed=0):
+    """Block inputs with |gamma| up to 4 (y crosses relu6's 6), dy, and the JAX
+    block's and the exact chain's (BN -> act -> conv, jax.grad) gradients."""
+    rng = np.random.default_rng(seed + bits)
+    x, gamma, beta, kernel = block_inputs(rng, max_gamma=4.0)
+    approx = jax.jit(compressed(bits, act=act))
+    exact = lambda *a: exact_block(*a, act=act)  # noqa: E731
+    y_ref = exact(x, gamma, beta, kernel)
+    np.testing.assert_allclose(approx(x, gamma, beta, kernel), y_ref, rtol=1e-5, atol=1e-5)
+    dy = rng.normal(size=y_ref.shape).astype(np.float32)
+    args, argnums = (x, gamma, beta, kernel), (0, 1, 2, 3)
+    g = jax.grad(lambda *a: jnp.sum(approx(*a) * dy), argnums=argnums)(*args)
+    g_ref = jax.grad(lambda *a: jnp.sum(exact(*a) * dy), argnums=argnums)(*args)
+    return args, dy, [np.asarray(v) for v in g], [np.asarray(v) for v in g_ref]
+
+
+@pytest.mark.parametrize("act", ACTS, ids=ACT_IDS)
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_activation_gradients_equal_tf_reference_backward(bits, act):
+    """The custom_vjp's d_x, d_gamma, d_beta, d_kernel equal the TensorFlow reference's
+    backward on the same codes: to float32 rounding, plus for smooth f the secant's
+    2 delta / step relative error (`edge_disagreement`)."""
+    (x, gamma, beta, kernel), dy, g, _ = activation_case(bits, act)
+    expected, p = tf_reference_gradients(x, gamma, beta, kernel, dy, bits, act)
+    tol = 1e-5 + 2 * edge_disagreement(act, p["step"], p["shift"], bits) / p["step"].numpy().min()
+    for name, a, b in zip(("d_x", "d_gamma", "d_beta", "d_kernel"), g, expected):
+        np.testing.assert_allclose(a, b, rtol=tol, atol=tol * np.abs(b).max(), err_msg=name)
+
+
+# 1 - cos bounds against the exact gradient: piecewise-linear f reads f' exactly
+# (only x_hat and a are quantised), smooth f also its derivative.
+COSINE = {8: (0.999, 0.99), 4: (0.99, 0.97)}
+
+
+@pytest.mark.parametrize("act", ACTS, ids=ACT_IDS)
+@pytest.mark.parametrize("bits", [8, 4])
+def test_activation_gradients_close_to_exact(bits, act):
+    """Every gradient's cosine with the exact chain's (gamma of both signs); d_beta =
+    sum(dL/da * f') exact for piecewise-linear f (f' and dL/da are both exact)."""
+    _, _, g, g_ref = activation_case(bits, act)
+    floor = COSINE[bits][0 if act.piecewise_linear else 1]
+    cosines = {}
+    for name, a, b in zip(("d_x", "d_gamma", "d_beta", "d_kernel"), g, g_ref):
+        a, b = np.ravel(a), np.ravel(b)
+        cosines[name] = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+    print(json.dumps({"bits": bits, "activation": act.get_config(), "cosine": cosines}))
+    assert min(cosines.values()) >= floor, cosines
+    if act.piecewise_linear:
+        np.testing.assert_allclose(g[2], g_ref[2], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("act", [a for a in ACTS if a.name in ("relu6", "silu", "leaky_relu")],
+                         ids=["relu6", "silu", "leaky_relu0.2", "leaky_relu0.05"])
+def test_naive_mode_decodes_the_activation(act):
+    """naive: the forward convolves the decoded activation output (the paper's baseline)."""
+    rng = np.random.default_rng(3)
+    x, gamma, beta, kernel = block_inputs(rng, max_gamma=4.0)
+    block = jax_ops.compressed_block(block_config(4, act=act, naive=True))
+    mean, var = jnp.mean(x, (0, 1, 2)), jnp.var(x, (0, 1, 2))
+    out = block(x.shape, x, gamma, beta, mean, var, kernel)[0]
+    p = jax_ops.channel_params(gamma, beta, 4, act)
+    scale = gamma * jax.lax.rsqrt(var + 1e-3)
+    _, packed = jax_ops.bn_act_encode(x, scale, beta - mean * scale, p["inv_step"], p["shift"], 4, act)
+    a_dec = jax_ops.decode_activation(packed, x.shape, p["step"], p["shift"], 4, act)
+    head = block_config(4).heads[0]
+    np.testing.assert_allclose(out, jax_ops.conv(a_dec, kernel, head), rtol=1e-5, atol=1e-5)
+    assert np.abs(np.asarray(out) - np.asarray(exact_block(x, gamma, beta, kernel, act=act))).max() > 1e-4
+
+
 @pytest.mark.parametrize("channels", [16, 64])
 def test_working_set_factor_is_what_xla_assigns(channels):
     """One block's compiled gradient: XLA's temporaries are about
@@ -195,12 +345,13 @@ def test_working_set_factor_is_what_xla_assigns(channels):
     assert factor - 0.5 <= temp / (np.prod(shape) * 4) <= factor + 0.5
 
 
-def test_residuals_are_codes_vectors_and_kernel():
+@pytest.mark.parametrize("act", ["relu", "relu6", "silu", "gelu"])
+def test_residuals_are_codes_vectors_and_kernel(act):
     """What the backward keeps: the packed 4-bit codes (1/8 of the float32 input),
     [C] vectors and the kernel; no float array of the activation's size."""
     rng = np.random.default_rng(0)
     x, gamma, beta, kernel = block_inputs(rng, shape=(4, 8, 8, 6))
-    block = jax_ops.compressed_block(block_config(4))
+    block = jax_ops.compressed_block(block_config(4, act=Activation.get(act)))
     mean, var = x.mean((0, 1, 2)), x.var((0, 1, 2))
     _, residuals = block.fwd(x.shape, x, gamma, beta, mean, var, kernel)
     leaves = jax.tree_util.tree_leaves(residuals)
@@ -261,6 +412,32 @@ def test_layer_forward_equals_stock(bits, training):
     np.testing.assert_allclose(block.moving_variance, bn.moving_variance, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("act", ACTS, ids=ACT_IDS)
+def test_layer_activation_forward_and_gradients_match_stock(act):
+    """ApproxConvBlock(activation=...) at 4 bits: the training forward equals stock
+    BatchNormalization -> activation -> Conv2D; gradients within the 4-bit cosines."""
+    rng = np.random.default_rng(21)
+    x = rng.normal(0.5, 1.5, size=(4, 8, 8, 5)).astype(np.float32)
+    kwargs = {"activation": act.name}
+    if act.name == "leaky_relu":
+        kwargs["negative_slope"] = act.negative_slope
+    block, _ = matched_pair(rng, x.shape, 6, 1, 4, **kwargs)
+    block.gamma.assign(np.asarray(block.gamma) * 3.0)  # y crosses relu6's 6
+    stock = keras.Sequential([
+        keras.layers.BatchNormalization(epsilon=1e-3),
+        act.stock_layer(),
+        keras.layers.Conv2D(6, 3, padding="same", use_bias=False),
+    ])
+    stock.build(x.shape)
+    copy_to_stock(block, stock)
+    g, g_ref = flat(layer_grads(block, x)), flat(layer_grads(stock, x))
+    floor = COSINE[4][0 if act.piecewise_linear else 1]
+    for a, b in zip(g, g_ref):
+        a, b = np.ravel(a), np.ravel(b)
+        assert a @ b / (np.linalg.norm(a) * np.linalg.norm(b)) >= floor
+    np.testing.assert_allclose(block(x, training=True), stock(x, training=True), rtol=1e-5, atol=1e-5)
+
+
 def layer_grads(layer, x):
     trainable = [v.value for v in layer.trainable_variables]
     fixed = [v.value for v in layer.non_trainable_variables]
@@ -276,6 +453,48 @@ def layer_grads(layer, x):
 def flat(grads):
     dx, dw = grads
     return [np.asarray(dx, np.float32)] + [np.asarray(g, np.float32) for g in dw]
+
+
+@pytest.mark.parametrize("name", ["relu", "relu6", "silu"])
+@pytest.mark.parametrize("normalization", ["frozen", "none"])
+def test_layer_frozen_and_unnormalised_match_stock(normalization, name):
+    """normalization="frozen" (BN frozen, conv trainable) and "none" (activation ->
+    conv) at 4 bits against the stock chains: the training and inference outputs are
+    equal, the trainable weights are the conv's, the moving statistics stay, and the
+    input and kernel gradients are within the 4-bit cosines."""
+    rng = np.random.default_rng(22)
+    x = rng.normal(0.3, 1.5, size=(4, 8, 8, 5)).astype(np.float32)
+    act = Activation.get(name)
+    block = ApproxConvBlock(6, 3, bits=4, activation=name, normalization=normalization)
+    block.build(x.shape)
+    block.kernel.assign(rng.normal(0, 0.2, block.kernel.shape))
+    layers = []
+    if normalization == "frozen":
+        bn = keras.layers.BatchNormalization(epsilon=1e-3)
+        bn.build(x.shape)
+        values = [rng.uniform(0.5, 1.5, 5) * np.where(np.arange(5) % 2, -1, 1),
+                  rng.normal(0, 0.5, 5), rng.normal(0, 0.3, 5), rng.uniform(0.5, 2.0, 5)]
+        for v, value in zip((block.gamma, block.beta, block.moving_mean, block.moving_variance), values):
+            v.assign(value)
+        bn.set_weights([np.asarray(v, np.float32) for v in values])
+        bn.trainable = False
+        layers.append(bn)
+    conv = keras.layers.Conv2D(6, 3, padding="same", use_bias=False)
+    stock = keras.Sequential(layers + [act.stock_layer(), conv])
+    stock.build(x.shape)
+    conv.set_weights([np.asarray(block.kernel)])
+    before = [np.asarray(v).copy() for v in block.non_trainable_variables]
+    for training in (True, False):
+        np.testing.assert_allclose(block(x, training=training), stock(x, training=training),
+                                   rtol=1e-5, atol=1e-5)
+    for v, old in zip(block.non_trainable_variables, before):
+        np.testing.assert_array_equal(np.asarray(v), old)
+    g, g_ref = flat(layer_grads(block, x)), flat(layer_grads(stock, x))
+    assert len(g) == len(g_ref) == 2  # input, kernel
+    floor = COSINE[4][0 if act.piecewise_linear else 1]
+    for a, b in zip(g, g_ref):
+        a, b = np.ravel(a), np.ravel(b)
+        assert a @ b / (np.linalg.norm(a) * np.linalg.norm(b)) >= floor
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -964,3 +1183,72 @@ def test_second_order_gradient_is_refused_on_jax():
     exact.set_weights(block.get_weights())
     for a, b in zip(penalty_grad(exact), penalty_grad(stock)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------ heads other than Conv2D
+
+
+def head_cosine(a, b):
+    a, b = np.ravel(a), np.ravel(b)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+HEAD_LAYERS = {
+    "depthwise": lambda: keras.layers.DepthwiseConv2D(
+        3, strides=2, padding="valid", depth_multiplier=2, name="head"
+    ),
+    "dense": lambda: keras.layers.Dense(7, name="head"),
+    "separable": lambda: keras.layers.SeparableConv2D(5, 3, padding="same", name="head"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(HEAD_LAYERS))
+def test_head_kind_matches_stock_chain_on_jax(kind):
+    """BN -> ReLU6 -> DepthwiseConv2D / Dense / SeparableConv2D, converted at 4 bits:
+    a depthwise or dense head (the separable's pointwise part a stock 1x1 Conv2D);
+    forward equal to the stock chain, every gradient's cosine >= 0.99."""
+    keras.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    inp = keras.Input((10, 10, 6))
+    bn = keras.layers.BatchNormalization()
+    stock = keras.Model(inp, HEAD_LAYERS[kind]()(keras.layers.ReLU(6.0)(bn(inp))))
+    gamma = rng.uniform(0.3, 1.5, 6) * rng.choice([-1.0, 1.0], 6)
+    bn.set_weights([gamma, rng.normal(0, 0.5, 6), rng.normal(0, 0.3, 6), rng.uniform(0.5, 2, 6)])
+    head = stock.get_layer("head")
+    head.set_weights([rng.normal(0, 0.5, w.shape) for w in head.get_weights()])
+    converted = keras_blpa.convert(stock, bits=4)
+    (block,) = [l for l in converted.layers if isinstance(l, ApproxConvBlock)]
+    assert block.heads[0].kind == ("dense" if kind == "dense" else "depthwise")
+    x = (rng.normal(size=(4, 10, 10, 6)) + rng.normal(0, 1, 6)).astype(np.float32)
+    for training in (False, True):
+        np.testing.assert_allclose(
+            converted(x, training=training), stock(x, training=training), rtol=1e-5, atol=1e-5
+        )
+
+    def grads(model):
+        trainable = [v.value for v in model.trainable_variables]
+        fixed = [v.value for v in model.non_trainable_variables]
+
+        def loss(trainable):
+            y, _ = model.stateless_call(trainable, fixed, x, training=True)
+            return jnp.sum(jnp.sin(y) * y)
+
+        return [np.asarray(g) for g in jax.jit(jax.grad(loss))(trainable)]
+
+    g, g_ref = grads(converted), grads(stock)
+    assert [a.shape for a in g] == [b.shape for b in g_ref]
+    for a, b in zip(g, g_ref):
+        assert head_cosine(a, b) >= 0.99
+    np.testing.assert_allclose(g[1], g_ref[1], rtol=1e-4, atol=1e-4)  # d_beta: exact mask
+
+
+def test_depthwise_head_equals_keras_depthwise_conv_on_jax():
+    """The JAX head's channel order is Keras' (c * multiplier + m), explicit padding too."""
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(2, 7, 7, 3)).astype(np.float32)
+    kernel = rng.normal(size=(3, 3, 3, 2)).astype(np.float32)
+    head = Head.from_dict(dict(kind="depthwise", kernel_size=3, strides=2, padding="valid",
+                               depth_multiplier=2, explicit_padding=((1, 1), (0, 1))))
+    padded = np.pad(a, ((0, 0), (1, 1), (0, 1), (0, 0)))
+    ref = keras.ops.depthwise_conv(padded, kernel, strides=2, padding="valid")
+    np.testing.assert_allclose(jax_ops.conv(a, kernel, head), ref, rtol=1e-5, atol=1e-5)

@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 import keras_blpa
+from chains import assert_forward_and_statistics_match
 from keras_blpa import ApproxConvBlock, ResidualBuffer
 
 
@@ -42,19 +43,6 @@ def copy_to_stock(block, stock):
     bn, _, conv = stock.layers
     bn.set_weights([w.numpy() for w in (block.gamma, block.beta, block.moving_mean, block.moving_variance)])
     conv.set_weights([block.kernel.numpy()] + ([block.bias.numpy()] if block.use_bias else []))
-
-def assert_forward_and_statistics_match(block, stock, x):
-    """Both modes' outputs equal the stock chain's, and the moving statistics are
-    updated exactly as keras.layers.BatchNormalization updates them."""
-    for training in (True, False):
-        np.testing.assert_allclose(
-            block(x, training=training), stock(x, training=training), rtol=1e-5, atol=1e-5
-        )
-    bn = stock.layers[0]
-    np.testing.assert_allclose(block.moving_mean, bn.moving_mean, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(block.moving_variance, bn.moving_variance, rtol=1e-6, atol=1e-6)
-
-
 
 def grads(layer, x, training=True):
     x = tf.convert_to_tensor(x)

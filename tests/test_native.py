@@ -22,6 +22,7 @@ import tensorflow as tf
 from keras_blpa.backends.tensorflow import native
 from keras_blpa.backends.tensorflow import native_build
 from keras_blpa.backends.tensorflow import reference
+from keras_blpa.blocks import Activation
 from keras_blpa.codes import packed_size
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,12 +53,35 @@ def ops():
     return loaded
 
 
-def _params(channels, bits, rng, negative_gamma=True):
+# Every activation of the block, leaky_relu with two slopes.
+ACTIVATIONS = [
+    Activation("relu"),
+    Activation("relu6"),
+    Activation("leaky_relu", 0.1),
+    Activation("leaky_relu", 0.3),
+    Activation("linear"),
+    Activation("silu"),
+    Activation("gelu"),
+    Activation("gelu_approximate"),
+    Activation("hard_silu"),
+]
+# Those whose native decoded values are TF's bit for bit; the other ones call
+# libm's exp / erfc / tanh where TF has Eigen's approximations. The forward
+# output is TF's bits for every activation (silu and gelu: TF's own op on the
+# native linear y, native.py), asserted by _assert_values(..., exact=True).
+EXACT_VALUES = ("relu", "relu6", "leaky_relu", "linear", "hard_silu")
+
+
+def _act_id(act):
+    return act.name + (f"{act.negative_slope:g}" if act.name == "leaky_relu" else "")
+
+
+def _params(channels, bits, rng, negative_gamma=True, act=None):
     gamma = rng.uniform(0.2, 2.0, channels).astype(np.float32)
     if negative_gamma:
         gamma[1::3] *= -1.0
     beta = rng.normal(size=channels).astype(np.float32)
-    p = reference.channel_params(gamma, beta, bits)
+    p = reference.channel_params(gamma, beta, bits, act or Activation())
     inv_std = rng.uniform(0.5, 2.0, channels).astype(np.float32)
     mean = rng.normal(scale=0.3, size=channels).astype(np.float32)
     scale = tf.constant(gamma * inv_std)
@@ -98,27 +122,109 @@ SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_encode_bit_identical(ops, bits, shape):
-    rng = np.random.default_rng(hash((bits,) + shape) % 2**32)
-    x = _input(shape, rng)
-    p, scale, offset = _params(shape[-1], bits, rng)
-    want_a, want_codes = reference.bn_relu_encode(
-        x, scale, offset, p["inv_step"], p["shift"], bits
-    )
-    got_a, got_codes = ops.bn_relu_encode(
-        x, scale, offset, p["inv_step"], p["shift"], bits
-    )
-    assert got_codes.dtype == tf.uint8 and got_codes.shape == want_codes.shape
-    np.testing.assert_array_equal(got_codes.numpy(), want_codes.numpy())
-    # relu(y) bit for bit, NaN and -0 included.
-    np.testing.assert_array_equal(_bits_of(got_a), _bits_of(want_a))
+def _assert_values(act, got, want, y, exact=False):
+    """got == want bit for bit (NaN and -0 included) when `exact` or for the
+    exact activations; else equal to float32 rounding: NaN and infinities in the
+    same places and |got - want| <= 4 ulp(want) + 4 ulp(y), the second term for
+    TF's own cancellation in 0.5 y (1 + tanh) (or y * sigmoid) where f(y) is tiny."""
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.shape == want.shape
+    if exact or act.name in EXACT_VALUES:
+        np.testing.assert_array_equal(_bits_of(got), _bits_of(want))
+        return
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    finite = np.isfinite(want)
+    np.testing.assert_array_equal(got[~finite & ~np.isnan(want)], want[~finite & ~np.isnan(want)])
+    y = np.broadcast_to(np.asarray(y, np.float32), want.shape)[finite]
+    tol = 4 * np.spacing(np.abs(want[finite])) + 4 * np.spacing(np.abs(y))
+    err = np.abs(got[finite].astype(np.float64) - want[finite])
+    assert np.all(err <= tol), f"max error {np.max(err / tol):.2f} x tolerance"
 
-    want_dec = reference.decode_relu(want_codes, tf.shape(x), p["step"], p["shift"], bits)
-    got_dec = ops.decode_relu(want_codes, tf.shape(x), p["step"], p["shift"], bits)
-    assert got_dec.shape == x.shape
-    np.testing.assert_array_equal(_bits_of(got_dec), _bits_of(want_dec))
+
+@pytest.mark.parametrize("act", ACTIVATIONS, ids=_act_id)
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_encode_bit_identical(ops, bits, act):
+    """Codes bit for bit, f(y) and the decoded output as the reference, every shape."""
+    for shape in SHAPES:
+        rng = np.random.default_rng(hash((bits, act.name) + shape) % 2**32)
+        x = _input(shape, rng)
+        p, scale, offset = _params(shape[-1], bits, rng, act=act)
+        enc = (x, scale, offset, p["inv_step"], p["shift"], bits, act)
+        want_a, want_codes = reference.bn_act_encode(*enc)
+        got_a, got_codes = ops.bn_act_encode(*enc)
+        assert got_codes.dtype == tf.uint8 and got_codes.shape == want_codes.shape
+        np.testing.assert_array_equal(got_codes.numpy(), want_codes.numpy(), err_msg=str(shape))
+        # f(y) bit for bit for every activation, NaN and -0 included.
+        y = tf.cast(x, tf.float32) * scale + offset
+        _assert_values(act, got_a, want_a, y, exact=True)
+
+        dec = (want_codes, tf.shape(x), p["step"], p["shift"], bits, act)
+        want_dec = reference.decode_activation(*dec)
+        got_dec = ops.decode_activation(*dec)
+        assert got_dec.shape == x.shape
+        y_dec, _ = reference.decode(want_codes, tf.shape(x), p["step"], p["shift"], bits)
+        _assert_values(act, got_dec, want_dec, y_dec)
+
+
+def _edge_case(bits, act):
+    """(y, gamma, beta) with the values where codes can go wrong: y exactly 0, 6
+    and the bin edges, NaN, +-inf, huge and tiny y; negative and tiny (floored)
+    gamma, |beta| = 10 |gamma| (saturated shifts) and 6 just inside, on and past
+    the window's end."""
+    gamma = np.array([1.0, -0.5, 2.0, 1e-9, -1e-9, 0.3, -0.3, 1.0, 0.05, 1.5], np.float32)
+    beta = np.array([0.0, 0.7, -1.3, 0.0, 1e-9, 3.0, -3.0, -10.0, 0.5, 15.0], np.float32)
+    base = np.array([0.0, -0.0, 6.0, -6.0, 3.0, -3.0, 5.999999, 6.000001, np.nan, np.inf,
+                     -np.inf, 1e30, -1e30, 1e-40, -1e-40, 1e-30], np.float32)
+    p = dict(reference.channel_params(gamma, beta, bits, act))
+    # Two channels with set bins where round(6 * inv_step) is not floor (2.7)
+    # and is a tie (4.5, to even), for relu6's upper code.
+    extra = {"inv_step": [0.45, 0.75], "step": [1 / 0.45, 1 / 0.75], "shift": [2.0, 3.0],
+             "gamma": [1.0, 1.0], "beta": [0.0, 0.0]}
+    p = {k: tf.concat([v, tf.constant(extra[k], tf.float32)], 0) for k, v in p.items()}
+    gamma = np.concatenate([gamma, np.float32([1.0, 1.0])])
+    # Every bin edge of each channel, and just beside it.
+    edges = (np.arange(2**bits + 1, dtype=np.float32)[:, None] - p["shift"].numpy()) * p["step"].numpy()
+    beside = np.concatenate([edges, np.nextafter(edges, np.inf), np.nextafter(edges, -np.inf)])
+    y = np.concatenate([np.repeat(base[:, None], gamma.size, 1), beside.astype(np.float32)])
+    return y, gamma, beta, p
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS, ids=_act_id)
+def test_edge_inputs_bit_identical(ops, act):
+    for bits in (2, 4, 8):
+        y, gamma, beta, p = _edge_case(bits, act)
+        ones, zeros = tf.ones([gamma.size]), tf.zeros([gamma.size])
+        enc = (y, ones, zeros, p["inv_step"], p["shift"], bits, act)
+        want_a, want_codes = reference.bn_act_encode(*enc)
+        got_a, got_codes = ops.bn_act_encode(*enc)
+        np.testing.assert_array_equal(got_codes.numpy(), want_codes.numpy(), err_msg=f"bits={bits}")
+        _assert_values(act, got_a, want_a, y, exact=True)
+        dec = (want_codes, y.shape, p["step"], p["shift"], bits, act)
+        y_dec, _ = reference.decode(want_codes, y.shape, p["step"], p["shift"], bits)
+        _assert_values(act, ops.decode_activation(*dec), reference.decode_activation(*dec), y_dec)
+        grad_a = np.resize(np.array([1.0, -2.0, 0.5, -0.25], np.float32), y.shape)
+        args = (want_codes, grad_a, p["step"], p["shift"], p["gamma"], p["beta"])
+        _check_grads(ops, act, bits, y.shape, args, tf.ones([gamma.size]))
+    if act.name == "relu6":  # y == 6 is on an edge: the codes tell it apart
+        codes = reference.unpack(got_codes, y.size, 8).numpy().reshape(y.shape)
+        upper = reference._relu6_upper(p["shift"], p["inv_step"], 8).numpy()
+        assert np.all((codes >= upper) == (y >= 6.0))
+
+
+@pytest.mark.parametrize("act", [Activation("leaky_relu", 1.7), Activation("leaky_relu", 0.0)],
+                         ids=_act_id)
+def test_leaky_relu_any_slope_bit_identical(ops, act):
+    """TF's LeakyRelu is y > 0 ? y : slope * y for any slope (not max(y, slope * y))."""
+    rng = np.random.default_rng(5)
+    x = _input((3, 7, 5), rng)
+    p, scale, offset = _params(5, 4, rng, act=act)
+    enc = (x, scale, offset, p["inv_step"], p["shift"], 4, act)
+    (want_a, want_codes), (got_a, got_codes) = reference.bn_act_encode(*enc), ops.bn_act_encode(*enc)
+    np.testing.assert_array_equal(got_codes.numpy(), want_codes.numpy())
+    np.testing.assert_array_equal(_bits_of(got_a), _bits_of(want_a))
+    dec = (want_codes, x.shape, p["step"], p["shift"], 4, act)
+    np.testing.assert_array_equal(_bits_of(ops.decode_activation(*dec)),
+                                  _bits_of(reference.decode_activation(*dec)))
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -127,15 +233,15 @@ def test_large_tensor_bit_identical(ops, bits):
     shape = (64, 32, 32, 64)  # a real block activation: 4M elements, odd packing too
     x = _input(shape, rng)
     p, scale, offset = _params(64, bits, rng)
-    want_a, want_codes = reference.bn_relu_encode(x, scale, offset, p["inv_step"], p["shift"], bits)
-    got_a, got_codes = ops.bn_relu_encode(x, scale, offset, p["inv_step"], p["shift"], bits)
+    want_a, want_codes = reference.bn_act_encode(x, scale, offset, p["inv_step"], p["shift"], bits)
+    got_a, got_codes = ops.bn_act_encode(x, scale, offset, p["inv_step"], p["shift"], bits)
     np.testing.assert_array_equal(got_codes.numpy(), want_codes.numpy())
     np.testing.assert_array_equal(_bits_of(got_a), _bits_of(want_a))
     odd = (3, 31, 33, 65)  # n not a multiple of 4, C not a multiple of the tile
     x = _input(odd, rng)
     p, scale, offset = _params(65, bits, rng)
-    _, want_codes = reference.bn_relu_encode(x, scale, offset, p["inv_step"], p["shift"], bits)
-    _, got_codes = ops.bn_relu_encode(x, scale, offset, p["inv_step"], p["shift"], bits)
+    _, want_codes = reference.bn_act_encode(x, scale, offset, p["inv_step"], p["shift"], bits)
+    _, got_codes = ops.bn_act_encode(x, scale, offset, p["inv_step"], p["shift"], bits)
     np.testing.assert_array_equal(got_codes.numpy(), want_codes.numpy())
 
 
@@ -149,51 +255,148 @@ def test_every_code_value_round_trips(ops):
         ramp = np.linspace(-4.0, 4.0, 8 * levels + 3, dtype=np.float32)
         y = np.stack([ramp * abs(g) + b for g, b in zip(gamma, beta)], axis=-1)
         ones, zeros = tf.ones([3]), tf.zeros([3])
-        _, want = reference.bn_relu_encode(y, ones, zeros, p["inv_step"], p["shift"], bits)
-        _, got = ops.bn_relu_encode(y, ones, zeros, p["inv_step"], p["shift"], bits)
+        _, want = reference.bn_act_encode(y, ones, zeros, p["inv_step"], p["shift"], bits)
+        _, got = ops.bn_act_encode(y, ones, zeros, p["inv_step"], p["shift"], bits)
         np.testing.assert_array_equal(got.numpy(), want.numpy())
         codes = reference.unpack(got, y.size, bits).numpy()
         assert codes.min() == 0 and codes.max() == levels - 1
 
 
-def _grad_inputs(shape, bits, rng):
+def _grad_inputs(shape, bits, rng, act=None):
+    act = act or Activation()
     x = _input(shape, rng, specials=False)
-    p, scale, offset = _params(shape[-1], bits, rng)
-    _, codes = reference.bn_relu_encode(x, scale, offset, p["inv_step"], p["shift"], bits)
+    p, scale, offset = _params(shape[-1], bits, rng, act=act)
+    _, codes = reference.bn_act_encode(x, scale, offset, p["inv_step"], p["shift"], bits, act)
     grad_a = rng.normal(size=shape).astype(np.float32)
     return codes, grad_a, p, scale
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
-@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (3, 5, 7, 3), (2, 9, 9, 257), (16, 16, 16, 32)],
-                         ids=lambda s: "x".join(map(str, s)))
-def test_grad_kernels_match_reference(ops, bits, shape):
-    rng = np.random.default_rng(7 + bits)
-    codes, grad_a, p, scale = _grad_inputs(shape, bits, rng)
-    args = (codes, grad_a, p["step"], p["shift"], p["gamma"], p["beta"])
-    want_g, want_gx = reference.bn_grad_reduce(*args, bits)
-    got_g, got_gx = ops.bn_grad_reduce(*args, bits)
+def _check_grads(ops, act, bits, shape, args, coef):
+    """bn_grad_reduce and bn_grad_input of the native ops against float64 sums of
+    the reference's g = grad_a * f' and against the reference's bn_grad_input.
+    Smooth activations add the rounding of their secant slope: the libm values
+    f(lo), f(hi) differ from TF's by a few ulp of lo and hi, divided by the step."""
+    codes, grad_a, step, shift, gamma, beta = args
+    want_g, want_gx = reference.bn_grad_reduce(*args, bits, act)
+    got_g, got_gx = ops.bn_grad_reduce(*args, bits, act)
     assert got_g.shape == want_g.shape == (shape[-1],)
-    # Float summation tolerance: a few ulps of the sum of magnitudes per channel.
-    y_dec, mask = reference.decode(codes, shape, p["step"], p["shift"], bits)
-    g = np.where(mask.numpy(), grad_a, 0.0).astype(np.float64)
-    x_hat = ((y_dec - p["beta"]) / p["gamma"]).numpy().astype(np.float64)
+    g, y_dec = reference._act_grad(codes, tf.constant(grad_a), step, shift, bits, act)
+    g = g.numpy().astype(np.float64)
+    x_hat = ((y_dec - beta) / gamma).numpy().astype(np.float64)
+    slope_tol = np.zeros(shape)
+    if act.name not in EXACT_VALUES:
+        c = reference._codes(codes, shape, bits).numpy()
+        st, sh = step.numpy(), shift.numpy()
+        lo, hi = (c - sh) * st, (c + (1.0 - sh)) * st
+        slope_tol = 8 * (np.spacing(np.abs(lo)) + np.spacing(np.abs(hi))) / st
+    g_tol = np.abs(grad_a) * slope_tol
     axes = tuple(range(len(shape) - 1))
     exact_g, exact_gx = g.sum(axes), (g * x_hat).sum(axes)
-    tol_g = 1e-5 * np.abs(g).sum(axes) + 1e-6
-    tol_gx = 1e-5 * np.abs(g * x_hat).sum(axes) + 1e-6
+    tol_g = 1e-5 * np.abs(g).sum(axes) + g_tol.sum(axes) + 1e-6
+    tol_gx = 1e-5 * np.abs(g * x_hat).sum(axes) + (g_tol * np.abs(x_hat)).sum(axes) + 1e-6
     assert np.all(np.abs(got_g.numpy() - exact_g) <= tol_g)
     assert np.all(np.abs(got_gx.numpy() - exact_gx) <= tol_gx)
     assert np.all(np.abs(want_g.numpy() - exact_g) <= tol_g)  # the oracle too
 
     count = float(np.prod(shape[:-1]))
     mean_g, mean_gx = want_g / count, want_gx / count
-    want_dx = reference.bn_grad_input(*args, scale, mean_g, mean_gx, bits)
-    got_dx = ops.bn_grad_input(*args, scale, mean_g, mean_gx, bits)
+    want_dx = reference.bn_grad_input(*args, coef, mean_g, mean_gx, bits, act)
+    got_dx = ops.bn_grad_input(*args, coef, mean_g, mean_gx, bits, act)
     assert got_dx.shape == shape
     # The same quantity by another float formula (the reference expands it per
     # channel as coef * g + a * y_dec + b): equal to float32 rounding.
-    np.testing.assert_allclose(got_dx.numpy(), want_dx.numpy(), rtol=1e-5, atol=1e-6)
+    want_dx = want_dx.numpy()
+    coef = np.asarray(coef.numpy() if hasattr(coef, "numpy") else coef, np.float64)
+    # Plus the rounding of the reference's two large terms, which cancel where
+    # |beta| >> |gamma| (saturated channels): a * y_dec and b.
+    a = -coef * mean_gx.numpy() / gamma.numpy()
+    b = coef * (mean_gx.numpy() * beta.numpy() / gamma.numpy() - mean_g.numpy())
+    big = np.abs(a * y_dec.numpy()) + np.abs(b)
+    tol = 1e-5 * np.abs(want_dx) + 1e-6 + np.abs(coef) * g_tol + 4 * np.spacing(big.astype(np.float32))
+    assert np.all(np.abs(got_dx.numpy() - want_dx) <= tol), np.max(np.abs(got_dx.numpy() - want_dx) / tol)
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS, ids=_act_id)
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_grad_kernels_match_reference(ops, bits, act):
+    for shape in [(1, 1, 1, 1), (3, 5, 7, 3), (2, 9, 9, 257), (16, 16, 16, 32)]:
+        rng = np.random.default_rng(7 + bits)
+        codes, grad_a, p, scale = _grad_inputs(shape, bits, rng, act)
+        args = (codes, grad_a, p["step"], p["shift"], p["gamma"], p["beta"])
+        _check_grads(ops, act, bits, shape, args, scale)
+
+
+# Channels whose window does not contain 0: beta >= 3 |gamma| (shift < 1, the
+# window wholly above 0), beta < -3 |gamma| (shift > 2^K - 1, wholly below),
+# |beta| = 10 |gamma| as in pretrained BN layers, and |beta| so large that shift
+# reaches its bound +-2^24; then the window's ends and two inside (not saturated).
+SATURATED_GAMMA = np.array([1.0, -0.5, 2.0, 0.3, -0.3, 1.0, -1.0, 0.7, 1.2, 1.0, 0.8], np.float32)
+SATURATED_BETA = np.array([10.0, 5.0, -20.0, 3.0, -3.01, 1e8, -1e8, 3.5, -3.7, 0.5, -0.2], np.float32)
+
+
+def _saturated_case(bits, act, rng):
+    """(y, params, gamma): values around each channel's window and 0, its bin
+    edges and just beside them, specials."""
+    gamma, beta = SATURATED_GAMMA, SATURATED_BETA
+    p = reference.channel_params(gamma, beta, bits, act)
+    top = 2**bits - 1
+    shift = p["shift"].numpy()
+    if act.name != "relu6":  # relu6's own bins keep shift in [1, top - 1]
+        assert np.any(shift < 1) and np.any(shift > top) and np.any(np.abs(shift) == 2.0**24)
+    ag, b = np.abs(gamma), beta
+    spread = np.concatenate([
+        b + ag * rng.uniform(-4.0, 4.0, (64, gamma.size)),  # the window
+        ag * rng.uniform(-4.0, 4.0, (32, gamma.size)),  # around 0
+        rng.normal(size=(16, gamma.size)) * 10.0 ** rng.uniform(-40, 9, (16, gamma.size)),
+    ]).astype(np.float32)
+    edges = ((np.arange(top + 2, dtype=np.float32)[:, None] - shift) * p["step"].numpy())
+    beside = np.concatenate([edges, np.nextafter(edges, np.inf), np.nextafter(edges, -np.inf)])
+    base = np.repeat(SPECIALS[:, None], gamma.size, 1)
+    y = np.concatenate([base, spread, beside.astype(np.float32)]).astype(np.float32)
+    return y, p, gamma
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS, ids=_act_id)
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_saturated_channels_match_reference(ops, bits, act):
+    """Saturated-high and saturated-low channels (shift < 1 or > 2^K - 1, down to
+    -2^24): codes bit for bit, the mask code >= clip(shift, 1, 2^K - 1) equal to
+    y > 0, the decoded output as the reference and its gradients."""
+    rng = np.random.default_rng(bits)
+    y, p, gamma = _saturated_case(bits, act, rng)
+    C = gamma.size
+    ones, zeros = tf.ones([C]), tf.zeros([C])
+    enc = (y, ones, zeros, p["inv_step"], p["shift"], bits, act)
+    want_a, want_codes = reference.bn_act_encode(*enc)
+    got_a, got_codes = ops.bn_act_encode(*enc)
+    np.testing.assert_array_equal(got_codes.numpy(), want_codes.numpy())
+    _assert_values(act, got_a, want_a, y, exact=True)
+    codes = reference.unpack(got_codes, y.size, bits).numpy().reshape(y.shape)
+    edge = reference.mask_edge(p["shift"], bits).numpy()
+    positive = (tf.constant(y) > 0.0).numpy()  # TF's: denormals count as 0
+    np.testing.assert_array_equal(codes >= edge, positive)
+    dec = (want_codes, y.shape, p["step"], p["shift"], bits, act)
+    y_dec, mask = reference.decode(want_codes, y.shape, p["step"], p["shift"], bits)
+    np.testing.assert_array_equal(mask.numpy(), positive)
+    # The decoded y lies on the side of 0 that y does, saturated channels included.
+    assert np.all(np.where(positive, y_dec.numpy() >= 0, y_dec.numpy() <= 0))
+    _assert_values(act, ops.decode_activation(*dec), reference.decode_activation(*dec), y_dec)
+    grad_a = rng.normal(size=y.shape).astype(np.float32)
+    args = (want_codes, grad_a, p["step"], p["shift"], p["gamma"], p["beta"])
+    _check_grads(ops, act, bits, y.shape, args, tf.constant(rng.uniform(0.5, 2.0, C), tf.float32))
+    # And through a BN fold with random statistics (x -> y = x * scale + offset).
+    x = _input((3, 5, 7, C), rng)
+    inv_std = rng.uniform(0.5, 2.0, C).astype(np.float32)
+    mean = rng.normal(scale=0.3, size=C).astype(np.float32)
+    scale = tf.constant(gamma * inv_std)
+    offset = tf.constant(SATURATED_BETA) - tf.constant(mean) * scale
+    enc = (x, scale, offset, p["inv_step"], p["shift"], bits, act)
+    (want_a, want_codes), (got_a, got_codes) = reference.bn_act_encode(*enc), ops.bn_act_encode(*enc)
+    np.testing.assert_array_equal(got_codes.numpy(), want_codes.numpy())
+    _assert_values(act, got_a, want_a, None, exact=True)
+    dec = (want_codes, x.shape, p["step"], p["shift"], bits, act)
+    y_dec, _ = reference.decode(want_codes, x.shape, p["step"], p["shift"], bits)
+    _assert_values(act, ops.decode_activation(*dec), reference.decode_activation(*dec), y_dec)
 
 
 def test_unknown_batch_in_tf_function(ops):
@@ -203,10 +406,10 @@ def test_unknown_batch_in_tf_function(ops):
 
     @tf.function(input_signature=[tf.TensorSpec([None, 3, 3, channels], tf.float32)])
     def round_trip(x):
-        a, codes = ops.bn_relu_encode(x, scale, offset, p["inv_step"], p["shift"], bits)
+        a, codes = ops.bn_act_encode(x, scale, offset, p["inv_step"], p["shift"], bits)
         assert codes.shape.as_list() == [None]
         assert a.shape.as_list() == [None, 3, 3, channels]
-        dec = ops.decode_relu(codes, tf.shape(x), p["step"], p["shift"], bits)
+        dec = ops.decode_activation(codes, tf.shape(x), p["step"], p["shift"], bits)
         assert dec.shape.as_list() == [None, 3, 3, channels]
         s_g, _ = ops.bn_grad_reduce(codes, x, p["step"], p["shift"], p["gamma"], p["beta"], bits)
         assert s_g.shape.as_list() == [channels]
@@ -214,11 +417,11 @@ def test_unknown_batch_in_tf_function(ops):
 
     x = _input((3, 3, 3, channels), rng)
     codes, dec = round_trip(x)
-    _, want = reference.bn_relu_encode(x, scale, offset, p["inv_step"], p["shift"], bits)
+    _, want = reference.bn_act_encode(x, scale, offset, p["inv_step"], p["shift"], bits)
     np.testing.assert_array_equal(codes.numpy(), want.numpy())
     # Static shapes known: the packed length is computed by the shape function.
     concrete = tf.function(
-        lambda x: ops.bn_relu_encode(x, scale, offset, p["inv_step"], p["shift"], bits)[1]
+        lambda x: ops.bn_act_encode(x, scale, offset, p["inv_step"], p["shift"], bits)[1]
     ).get_concrete_function(tf.TensorSpec([2, 3, 3, channels], tf.float32))
     assert concrete.output_shapes.as_list() == [packed_size(2 * 9 * channels, bits)]
 
@@ -226,9 +429,9 @@ def test_unknown_batch_in_tf_function(ops):
 def test_empty_tensor(ops):
     p, scale, offset = _params(3, 4, np.random.default_rng(0))
     x = tf.zeros([0, 2, 2, 3])
-    a, codes = ops.bn_relu_encode(x, scale, offset, p["inv_step"], p["shift"], 4)
+    a, codes = ops.bn_act_encode(x, scale, offset, p["inv_step"], p["shift"], 4)
     assert a.shape == (0, 2, 2, 3) and codes.shape == (0,)
-    dec = ops.decode_relu(codes, tf.shape(x), p["step"], p["shift"], 4)
+    dec = ops.decode_activation(codes, tf.shape(x), p["step"], p["shift"], 4)
     assert dec.shape == (0, 2, 2, 3)
     s_g, s_gx = ops.bn_grad_reduce(codes, x, p["step"], p["shift"], p["gamma"], p["beta"], 4)
     np.testing.assert_array_equal(s_g.numpy(), np.zeros(3))
@@ -243,8 +446,8 @@ def test_zero_channels_in_subprocess(ops):
         from keras_blpa.backends.tensorflow import native, reference
         x, v = tf.zeros([4, 0]), tf.zeros([0])
         for k in (native.load(), reference):
-            a, codes = k.bn_relu_encode(x, v, v, v, v, 4)
-            outs = [a, codes, k.decode_relu(codes, tf.shape(x), v, v, 4),
+            a, codes = k.bn_act_encode(x, v, v, v, v, 4)
+            outs = [a, codes, k.decode_activation(codes, tf.shape(x), v, v, 4),
                     *k.bn_grad_reduce(codes, x, v, v, v, v, 4),
                     k.bn_grad_input(codes, x, v, v, v, v, v, v, v, 4)]
             print([tuple(t.shape) for t in outs])
@@ -265,22 +468,29 @@ def test_op_requires_errors(ops):
     p, scale, offset = _params(3, 4, rng)
     x = tf.constant(rng.normal(size=(2, 3)).astype(np.float32))
     with pytest.raises(tf.errors.InvalidArgumentError, match="bits must be 2, 4 or 8, got 3"):
-        ops.bn_relu_encode(x, scale, offset, p["inv_step"], p["shift"], 3)
+        ops.bn_act_encode(x, scale, offset, p["inv_step"], p["shift"], 3)
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"scale must be a vector of 3 floats"):
-        ops.bn_relu_encode(x, scale[:2], offset, p["inv_step"], p["shift"], 4)
+        ops.bn_act_encode(x, scale[:2], offset, p["inv_step"], p["shift"], 4)
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"shift must be a vector of 3"):
-        ops.bn_relu_encode(x, scale, offset, p["inv_step"], tf.ones([4]), 4)
+        ops.bn_act_encode(x, scale, offset, p["inv_step"], tf.ones([4]), 4)
     with pytest.raises(tf.errors.InvalidArgumentError, match="rank >= 1"):
-        ops.bn_relu_encode(tf.constant(1.0), scale[:1], offset[:1], p["inv_step"][:1], p["shift"][:1], 4)
-    _, codes = ops.bn_relu_encode(x, scale, offset, p["inv_step"], p["shift"], 4)
+        ops.bn_act_encode(tf.constant(1.0), scale[:1], offset[:1], p["inv_step"][:1], p["shift"][:1], 4)
+    _, codes = ops.bn_act_encode(x, scale, offset, p["inv_step"], p["shift"], 4)
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"ceil\(n \* bits / 8\) = 3 bytes"):
-        ops.decode_relu(codes[:2], [2, 3], p["step"], p["shift"], 4)
+        ops.decode_activation(codes[:2], [2, 3], p["step"], p["shift"], 4)
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"ceil\(n \* bits / 8\) = 2 bytes"):
-        ops.decode_relu(codes, [2, 3], p["step"], p["shift"], 2)
+        ops.decode_activation(codes, [2, 3], p["step"], p["shift"], 2)
     with pytest.raises(tf.errors.InvalidArgumentError, match="step must be a vector of 3"):
-        ops.decode_relu(codes, [2, 3], p["step"][:1], p["shift"], 4)
+        ops.decode_activation(codes, [2, 3], p["step"][:1], p["shift"], 4)
     with pytest.raises(tf.errors.InvalidArgumentError, match="bits must be 2, 4 or 8, got 16"):
-        ops.decode_relu(codes, [2, 3], p["step"], p["shift"], 16)
+        ops.decode_activation(codes, [2, 3], p["step"], p["shift"], 16)
+    bad = Activation.__new__(Activation)
+    object.__setattr__(bad, "name", "swish")
+    object.__setattr__(bad, "negative_slope", 0.0)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="activation must be one of relu, .*got 'swish'"):
+        ops.decode_activation(codes, [2, 3], p["step"], p["shift"], 4, bad)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="got 'swish'"):
+        ops.bn_act_encode(x, scale, offset, p["inv_step"], p["shift"], 4, bad)
     args = (codes, x, p["step"], p["shift"], p["gamma"], p["beta"])
     with pytest.raises(tf.errors.InvalidArgumentError, match="gamma must be a vector of 3"):
         ops.bn_grad_reduce(codes, x, p["step"], p["shift"], p["gamma"][:2], p["beta"], 4)
@@ -290,7 +500,7 @@ def test_op_requires_errors(ops):
         ops.bn_grad_input(codes[:1], *args[1:], scale, scale, scale, 4)
     # Wrong dtype of the codes is rejected by the op signature.
     with pytest.raises((TypeError, tf.errors.InvalidArgumentError, ValueError)):
-        ops.decode_relu(tf.cast(codes, tf.int32), [2, 3], p["step"], p["shift"], 4)
+        ops.decode_activation(tf.cast(codes, tf.int32), [2, 3], p["step"], p["shift"], 4)
 
 
 def test_shape_function_rejects_static_mismatch(ops):
@@ -298,7 +508,7 @@ def test_shape_function_rejects_static_mismatch(ops):
 
     @tf.function
     def bad(x):
-        return ops.bn_relu_encode(x, scale[:2], offset, p["inv_step"], p["shift"], 4)
+        return ops.bn_act_encode(x, scale[:2], offset, p["inv_step"], p["shift"], 4)
 
     with pytest.raises((ValueError, tf.errors.InvalidArgumentError)):
         bad(tf.zeros([2, 3]))

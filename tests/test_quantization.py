@@ -20,21 +20,24 @@ def flush(a):
 
 
 def numpy_codes(y, gamma, beta, bits):
-    """Paper formula in numpy: bins 6/2^K of the BN std, ReLU threshold on a bin edge."""
+    """Paper formula in numpy: bins 6/2^K of the BN std, ReLU threshold on a bin edge;
+    the window centred on beta even where it does not contain 0 (then one end code
+    alone holds the other side of 0)."""
     levels = 2.0**bits
     gamma, beta = flush(gamma), flush(beta)
     g = np.where(gamma >= 0, np.maximum(gamma, 1e-8), np.minimum(gamma, -1e-8)).astype(np.float32)
     abs_g = np.abs(g)
     inv_step = (np.float32(levels) / (np.float32(6.0) * abs_g)).astype(np.float32)
     centre = np.floor(flush(flush(beta / abs_g) * np.float32(levels / 6.0)))
-    shift = np.clip(levels / 2 - centre, 1, levels - 1).astype(np.float32)
+    shift = np.clip(levels / 2 - centre, -2.0**24, 2.0**24).astype(np.float32)
+    edge = np.clip(shift, 1, levels - 1)
     with np.errstate(invalid="ignore", over="ignore"):
-        t = np.floor((y * inv_step).astype(np.float32)) + shift
-        t = np.where(y > 0, np.maximum(t, shift), np.minimum(t, shift - 1))
+        raw = np.floor((y * inv_step).astype(np.float32)) + shift
+        t = np.where(y > 0, np.maximum(raw, edge), np.minimum(raw, edge - 1))
         t = np.clip(t, 0, levels - 1)
     t = np.where(np.isnan(t), 0, t)
     step = (abs_g * np.float32(6.0 / levels)).astype(np.float32)
-    return t.astype(np.uint8), shift, step
+    return t.astype(np.uint8), raw, step
 
 
 def numpy_pack(codes, bits):
@@ -63,14 +66,14 @@ channel_data = st.tuples(st.integers(1, 9), st.integers(1, 5)).flatmap(
 def test_codes_match_numpy_formula_and_mask_is_exact(data, bits):
     y, gamma, beta = data
     packed = encode_np(y, gamma, beta, bits)
-    codes, shift, step = numpy_codes(y, gamma, beta, bits)
+    codes, raw, step = numpy_codes(y, gamma, beta, bits)
     np.testing.assert_array_equal(packed, numpy_pack(codes, bits))
     y_dec, mask = quantization.decode(packed, y.shape, gamma, beta, bits)
     # The ReLU mask read back from the codes is exactly y > 0, element by element.
     np.testing.assert_array_equal(mask.numpy(), y > 0)
-    # Inside the coded range (code not clipped) the decoded value is within half a bin.
-    raw = np.floor(y * (1.0 / step)) + shift
-    inside = (raw >= 0) & (raw <= 2**bits - 1)
+    # In its own bin (the code neither clipped nor moved across 0) the decoded
+    # value is within half a bin.
+    inside = codes == raw
     err = np.abs(y_dec.numpy() - y)
     half_bin = np.broadcast_to(step / 2, y.shape)
     assert np.all(err[inside] <= half_bin[inside] * (1 + 1e-4) + 1e-6)

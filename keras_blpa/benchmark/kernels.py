@@ -2,8 +2,8 @@
 
     python -m keras_blpa.benchmark.kernels [--quick] [--output FILE.json]
 
-Part 1, kernels: encode (``bn_relu_encode``: BN + ReLU + K-bit code from the
-block input) and decode (``decode_relu``) of a block activation, through the
+Part 1, kernels: encode (``bn_act_encode``: BN + ReLU + K-bit code from the
+block input) and decode (``decode_activation``) of a block activation, through the
 TensorFlow ops, for the native library and the pure-TF reference, next to a
 plain copy of the same bytes (``tf.raw_ops.DeepCopy``) timed in the same run.
 GB/s counts bytes read + written: encode reads 4n and writes 4n + the codes,
@@ -11,8 +11,9 @@ decode reads the codes and writes 4n, the copy reads and writes 4n.
 
 Part 2, block: training-step time (forward + gradients of every variable) of a
 stack of ApproxConvBlock(bits=4) against the stock Keras
-BatchNormalization -> ReLU -> Conv2D stack with the same shapes, batch 64, on
-the native and the reference path. Modes are interleaved step by step so that
+BatchNormalization -> activation -> Conv2D stack with the same shapes, batch
+64, on the native and the reference path, for each of ``--activations``
+(default relu). Modes are interleaved step by step so that
 load from other processes hits them alike; medians are reported.
 
 Each kernel row also records ``max_error_steps``: the largest distance, in bins,
@@ -59,7 +60,7 @@ def _kernel_fns(kernels, x, scale, offset, params, bits):
 
     @tf.function
     def encode(x):
-        return kernels.bn_relu_encode(
+        return kernels.bn_act_encode(
             x, scale, offset, params["inv_step"], params["shift"], bits
         )
 
@@ -67,7 +68,7 @@ def _kernel_fns(kernels, x, scale, offset, params, bits):
 
     @tf.function
     def decode(packed):
-        return kernels.decode_relu(packed, shape, params["step"], params["shift"], bits)
+        return kernels.decode_activation(packed, shape, params["step"], params["shift"], bits)
 
     return (lambda: encode(x)), (lambda: decode(packed)), int(packed.shape[0]), decode(packed)
 
@@ -145,17 +146,17 @@ def bench_kernels(shape, bits_list, reps):
     return rows
 
 
-def _stock_block(filters):
+def _stock_block(filters, activation):
     import keras
 
     return [
         keras.layers.BatchNormalization(epsilon=1e-3),
-        keras.layers.ReLU(),
+        activation.stock_layer(),
         keras.layers.Conv2D(filters, 3, padding="same", use_bias=False),
     ]
 
 
-def _model(kind, blocks, shape):
+def _model(kind, blocks, shape, activation):
     import keras
 
     import keras_blpa
@@ -164,10 +165,10 @@ def _model(kind, blocks, shape):
     h = inputs
     for _ in range(blocks):
         if kind == "stock":
-            for layer in _stock_block(shape[-1]):
+            for layer in _stock_block(shape[-1], activation):
                 h = layer(h)
         else:
-            h = keras_blpa.ApproxConvBlock(shape[-1], 3, bits=4)(h)
+            h = keras_blpa.ApproxConvBlock(shape[-1], 3, bits=4, activation=activation)(h)
     return keras.Model(inputs, h)
 
 
@@ -183,25 +184,28 @@ def _step_fn(model, x):
     return lambda: step()
 
 
-def bench_block(shape, blocks, reps):
+def bench_block(shape, blocks, reps, activation="relu"):
     """Training-step ms of a stack of `blocks` ApproxConvBlock(bits=4) (native
-    and pure-TF paths) against the stock BN -> ReLU -> Conv2D stack."""
+    and pure-TF paths) against the stock BN -> activation -> Conv2D stack."""
     from keras_blpa.backends.tensorflow import native
+    from keras_blpa.blocks import Activation
 
+    activation = Activation.get(activation)
     x = tf.constant(np.random.default_rng(1).normal(size=shape).astype(np.float32))
-    fns = {"stock": _step_fn(_model("stock", blocks, shape), x)}
+    fns = {"stock": _step_fn(_model("stock", blocks, shape, activation), x)}
     real_load = native.load
     if real_load() is not None:
-        fns["blpa4_native"] = _step_fn(_model("blpa", blocks, shape), x)
+        fns["blpa4_native"] = _step_fn(_model("blpa", blocks, shape, activation), x)
         fns["blpa4_native"]()  # trace while the native path is active
     native.load = lambda: None  # trace the reference path
     try:
-        fns["blpa4_reference"] = _step_fn(_model("blpa", blocks, shape), x)
+        fns["blpa4_reference"] = _step_fn(_model("blpa", blocks, shape, activation), x)
         fns["blpa4_reference"]()
     finally:
         native.load = real_load
     t = _median_times(fns, reps)
     result = {
+        "activation": activation.name,
         "batch_shape": list(shape),
         "blocks": blocks,
         "step_ms": {k: 1e3 * v for k, v in t.items()},
@@ -228,6 +232,8 @@ def main(argv=None):
     parser.add_argument("--block-reps", type=int, default=None, help="timed steps (block)")
     parser.add_argument("--blocks", type=int, default=4, help="blocks in the timed stack")
     parser.add_argument("--no-block", action="store_true", help="skip the block timing")
+    parser.add_argument("--activations", default="relu",
+                        help="comma list of the block's activations to time (default relu)")
     args = parser.parse_args(argv)
     reps = validation.check_int(args.reps or (10 if args.quick else 40), "reps")
     block_reps = validation.check_int(
@@ -256,16 +262,17 @@ def main(argv=None):
     for r in rows:
         print(f"{r['path']:<10} {r['bits']:>4} {r['encode_ms']:>8.2f} {r['decode_ms']:>8.2f} "
               f"{r['enc_dec_gb_s']:>7.2f} {r['copy_gb_s']:>9.2f} {r['fraction_of_copy']:>7.0%}")
-    block = None
-    if not args.no_block:
-        block = bench_block(shape, args.blocks, block_reps)
-        print(f"\nTraining step, {args.blocks} blocks, batch {shape} "
+    blocks = []
+    for activation in ([] if args.no_block else args.activations.split(",")):
+        block = bench_block(shape, args.blocks, block_reps, activation)
+        blocks.append(block)
+        print(f"\nTraining step, {args.blocks} {block['activation']} blocks, batch {shape} "
               f"(median of {block_reps}, interleaved):")
         for k, v in block["step_ms"].items():
             ratio = block.get(f"ratio_{k}_vs_stock")
             extra = f"  {ratio:.2f}x stock" if ratio else ""
             print(f"  {k:<16} {v:9.1f} ms{extra}")
-    result = {"info": info, "kernels": rows, "block_step": block}
+    result = {"info": info, "kernels": rows, "block_step": blocks}
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2)

@@ -5,8 +5,10 @@ its docstring: bins, shift, packing order), written with jnp so that XLA
 fuses it; the compressed block is a `jax.custom_vjp` whose residuals are only
 the packed codes, the per-channel vectors and the kernels. The backward decodes
 the codes, takes the filter and input gradients of the convolutions from the
-decoded ReLU output, then runs the BN backward with the ReLU mask and x_hat read
-from the codes. Nothing here imports TensorFlow.
+decoded activation output, then runs the BN backward with dL/dy = dL/da * f'
+(f' read from the codes: the ReLU mask for ReLU) and x_hat read from the codes.
+The activation itself (forward and decoded output) is `blocks.Activation`'s,
+i.e. keras.ops on JAX, what stock Keras gives. Nothing here imports TensorFlow.
 """
 
 import functools
@@ -15,18 +17,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from keras_blpa.blocks import RELU
 from keras_blpa.codes import GAMMA_FLOOR
 from keras_blpa.codes import codes_per_byte
 
 __all__ = [
+    "RELU6_CAP",
+    "bn_act_encode",
     "bn_grad_reduce",
-    "bn_relu_encode",
     "channel_params",
     "compressed",
     "compressed_block",
     "conv",
     "decode",
-    "decode_relu",
+    "decode_activation",
     "encode",
     "encode_codes",
     "pack",
@@ -40,8 +44,23 @@ __all__ = [
 # ---------------------------------------------------------------- the code
 
 
-def channel_params(gamma, beta, bits):
-    """Per-channel quantiser vectors (as the TensorFlow `reference.channel_params`)."""
+# relu6's upper breakpoint.
+RELU6_CAP = 6.0
+# |shift| is bounded where float32 stops holding every integer (the reference's).
+SHIFT_BOUND = float(2**24)
+
+
+def _clip(t, low, high):
+    """``tf.clip_by_value``'s order, ``max(min(t, high), low)`` (jnp.clip's differs when low > high)."""
+    return jnp.maximum(jnp.minimum(t, high), low)
+
+
+def channel_params(gamma, beta, bits, act=RELU):
+    """Per-channel quantiser vectors (as the TensorFlow `reference.channel_params`).
+
+    Args:
+        act: the block's `keras_blpa.blocks.Activation` (relu6 has its own bins).
+    """
     gamma = jnp.asarray(gamma, jnp.float32)
     beta = jnp.asarray(beta, jnp.float32)
     levels = float(2**bits)
@@ -49,24 +68,62 @@ def channel_params(gamma, beta, bits):
         gamma >= 0.0, jnp.maximum(gamma, GAMMA_FLOOR), jnp.minimum(gamma, -GAMMA_FLOOR)
     )
     abs_gamma = jnp.abs(gamma)
+    step = abs_gamma * (6.0 / levels)
+    inv_step = levels / (6.0 * abs_gamma)
     centre = jnp.floor(beta / abs_gamma * (levels / 6.0))
-    shift = jnp.clip(levels / 2.0 - centre, 1.0, levels - 1.0)
+    if act.name == "relu6":
+        return _relu6_params(gamma, beta, step, inv_step, centre, levels)
+    shift = _clip(levels / 2.0 - centre, -SHIFT_BOUND, SHIFT_BOUND)
     shift = jnp.where(jnp.isnan(shift), levels / 2.0, shift)
     return {
-        "inv_step": levels / (6.0 * abs_gamma),
-        "step": abs_gamma * (6.0 / levels),
+        "inv_step": inv_step,
+        "step": step,
         "shift": shift,
         "gamma": gamma,
         "beta": beta,
     }
 
 
-def encode_codes(y, inv_step, shift, bits):
+def _relu6_params(gamma, beta, step0, inv_step0, centre0, levels):
+    """channel_params for relu6: 6 on a bin edge as well as 0 (the reference's docstring)."""
+    top = levels - 1.0
+    shift0 = _clip(levels / 2.0 - centre0, 1.0, top - 1.0)
+    shift0 = jnp.where(jnp.isnan(shift0), levels / 2.0, shift0)
+    m = jnp.maximum(jnp.round(RELU6_CAP / step0), 1.0)
+    inside = m <= top - shift0  # 6 lies inside the paper's window (NaN: False)
+    step = jnp.where(inside, RELU6_CAP / m, step0)
+    shift = _clip(levels / 2.0 - jnp.floor(beta / step), 1.0, top - m)
+    shift = jnp.where(jnp.isnan(shift), jnp.minimum(levels / 2.0, top - m), shift)
+    return {
+        "inv_step": jnp.where(inside, m / RELU6_CAP, inv_step0),
+        "step": step,
+        "shift": jnp.where(inside, shift, shift0),
+        "gamma": gamma,
+        "beta": beta,
+    }
+
+
+def _relu6_upper(shift, inverse_step, bits):
+    """The code from which y >= 6: ``min(shift + round(6 / step), 2^K - 1)`` (round half to even)."""
+    return jnp.minimum(shift + jnp.round(RELU6_CAP * inverse_step), float(2**bits - 1))
+
+
+def mask_edge(shift, bits):
+    """The first code of y > 0: ``clip(shift, 1, 2^K - 1)`` (the reference's docstring)."""
+    return _clip(shift, 1.0, float(2**bits - 1))
+
+
+def encode_codes(y, inv_step, shift, bits, act=RELU):
     """K-bit codes (uint8, shape of y) of the BN output y (channels last)."""
     y = jnp.asarray(y, jnp.float32)
+    edge = mask_edge(shift, bits)
     t = jnp.floor(y * inv_step) + shift
-    t = jnp.where(y > 0.0, jnp.maximum(t, shift), jnp.minimum(t, shift - 1.0))
+    t = jnp.where(y > 0.0, jnp.maximum(t, edge), jnp.minimum(t, edge - 1.0))
+    if act.name == "relu6":
+        upper = _relu6_upper(shift, inv_step, bits)
+        t = jnp.where(y >= RELU6_CAP, jnp.maximum(t, upper), jnp.minimum(t, upper - 1.0))
     t = jnp.clip(t, 0.0, float(2**bits - 1))
+    # NaN survives the arithmetic above; it becomes code 0 (inactive).
     return jnp.where(jnp.isnan(t), 0.0, t).astype(jnp.uint8)
 
 
@@ -97,33 +154,79 @@ def unpack(packed, num_elements, bits):
     return fields.reshape(-1)[:num_elements]
 
 
-def encode(y, inv_step, shift, bits):
-    """Packed codes of y."""
-    return pack(encode_codes(y, inv_step, shift, bits), bits)
+def encode(y, inv_step, shift, bits, act=RELU):
+    """Packed codes of y: ``pack(encode_codes(y, ...))``."""
+    return pack(encode_codes(y, inv_step, shift, bits, act), bits)
+
+
+def _codes(packed, shape, bits):
+    """The codes as float32, shaped `shape`."""
+    return unpack(packed, int(np.prod(shape)), bits).reshape(shape).astype(jnp.float32)
+
+
+def _decoded_y(codes, step, shift, bits):
+    """(y_dec, mask): the bin centre kept on its side of 0, and ``code >= edge`` (= y > 0)."""
+    mask = codes >= mask_edge(shift, bits)
+    centre = (codes + (0.5 - shift)) * step
+    return jnp.where(mask, jnp.maximum(centre, 0.0), jnp.minimum(centre, 0.0)), mask
 
 
 def decode(packed, shape, step, shift, bits):
-    """Bin-centre value of y (float32) and the exact ReLU mask ``y > 0``."""
-    codes = unpack(packed, int(np.prod(shape)), bits).reshape(shape)
-    y_dec = (codes.astype(jnp.float32) + (0.5 - shift)) * step
-    return y_dec, y_dec > 0.0
+    """Decoded value of y (float32, the bin centre) and the exact ReLU mask ``y > 0``."""
+    return _decoded_y(_codes(packed, shape, bits), step, shift, bits)
 
 
-def decode_relu(packed, shape, step, shift, bits):
-    """Decoded ReLU output: bin centre where the mask is on, else 0."""
-    return jax.nn.relu(decode(packed, shape, step, shift, bits)[0])
+def _decoded_output(codes, y_dec, mask, step, shift, bits, act):
+    """The activation output rebuilt from the codes (y_dec, mask: `_decoded_y`)."""
+    if act.name == "relu":
+        return jnp.where(mask, y_dec, 0.0)
+    if act.name == "relu6":
+        upper = _relu6_upper(shift, 1.0 / step, bits)
+        return jnp.where(codes >= upper, RELU6_CAP, jax.nn.relu(y_dec))
+    return act(y_dec)
 
 
-def bn_relu_encode(x, scale, offset, inv_step, shift, bits):
-    """(relu(y), packed codes of y) with y = x * scale + offset (folded BN)."""
+def _derivative(codes, mask, step, shift, bits, act):
+    """f'(y) read back from the codes, as the reference's: exact for piecewise-linear f,
+    the secant of f across the bin for smooth f (0 and 1 in the open end bins)."""
+    if act.name in ("relu", "linear", "leaky_relu"):
+        slope = 1.0 if act.name == "linear" else act.negative_slope
+        return jnp.where(mask, 1.0, slope)
+    if act.name == "relu6":
+        upper = _relu6_upper(shift, 1.0 / step, bits)
+        return jnp.where(mask & (codes < upper), 1.0, 0.0)
+    lo = act((codes - shift) * step)
+    hi = act((codes + (1.0 - shift)) * step)
+    secant = (hi - lo) / step
+    return jnp.where(codes <= 0.0, 0.0, jnp.where(codes >= float(2**bits - 1), 1.0, secant))
+
+
+def decode_activation(packed, shape, step, shift, bits, act=RELU):
+    """The activation output decoded from the code (ReLU: bin centre where the mask is on, else 0)."""
+    codes = _codes(packed, shape, bits)
+    y_dec, mask = _decoded_y(codes, step, shift, bits)
+    return _decoded_output(codes, y_dec, mask, step, shift, bits, act)
+
+
+def bn_act_encode(x, scale, offset, inv_step, shift, bits, act=RELU):
+    """(f(y), packed codes of y) with y = x * scale + offset (folded BN); f(y) is `act`'s (keras.ops)."""
     y = jnp.asarray(x, jnp.float32) * scale + offset
-    return jax.nn.relu(y), encode(y, inv_step, shift, bits)
+    return act(y), encode(y, inv_step, shift, bits, act)
 
 
-def bn_grad_reduce(packed, grad_a, step, shift, gamma, beta, bits):
-    """(sum g, sum g * x_hat) per channel, g = grad_a * mask, x_hat from the code."""
-    y_dec, mask = decode(packed, grad_a.shape, step, shift, bits)
-    g = jnp.where(mask, grad_a.astype(jnp.float32), 0.0)
+def _act_grad(packed, grad_a, step, shift, bits, act):
+    """(dL/dy, y_dec): the incoming gradient times f' read from the code, and decoded y."""
+    codes = _codes(packed, grad_a.shape, bits)
+    y_dec, mask = _decoded_y(codes, step, shift, bits)
+    if act.name == "relu":
+        return jnp.where(mask, grad_a.astype(jnp.float32), 0.0), y_dec
+    grad_y = grad_a.astype(jnp.float32) * _derivative(codes, mask, step, shift, bits, act)
+    return grad_y, y_dec
+
+
+def bn_grad_reduce(packed, grad_a, step, shift, gamma, beta, bits, act=RELU):
+    """(sum g, sum g * x_hat) per channel, g = grad_a * f' and x_hat from the code."""
+    g, y_dec = _act_grad(packed, grad_a, step, shift, bits, act)
     axes = tuple(range(grad_a.ndim - 1))
     sum_g = jnp.sum(g, axes)
     return sum_g, (jnp.sum(g * y_dec, axes) - beta * sum_g) / gamma
@@ -133,13 +236,27 @@ def bn_grad_reduce(packed, grad_a, step, shift, gamma, beta, bits):
 
 
 def conv(a, kernel, head):
-    """NHWC x HWIO convolution of one `blocks.Head`."""
+    """The output of one `blocks.Head` on the NHWC activation `a` (the kernel in
+    Keras' shape of its kind), as Keras' JAX backend computes it.
+
+    "conv": HWIO ``conv_general_dilated``; "depthwise": the same with
+    ``feature_group_count=C`` and the (kh, kw, C, m) kernel read as HWIO
+    (kh, kw, 1, C * m), output channel ``c * m + j`` (Keras' order); "dense":
+    ``jnp.matmul`` over the channels (``keras.ops.matmul``).
+    """
+    if head.kind == "dense":
+        return jnp.matmul(a, kernel)
     if head.explicit_padding is not None:
         padding = [tuple(p) for p in head.explicit_padding]
     else:
         padding = head.padding.upper()
+    groups = 1
+    if head.kind == "depthwise":
+        groups = kernel.shape[2]
+        kernel = jnp.reshape(kernel, kernel.shape[:2] + (1, groups * kernel.shape[3]))
     return jax.lax.conv_general_dilated(
-        a, kernel, head.strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+        a, kernel, head.strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=groups,
     )
 
 
@@ -205,16 +322,24 @@ def compressed_block(config):
         mean and variance get zero gradients (the BN backward includes theirs).
     """
     bits, epsilon, compute_dtype = config.bits, config.epsilon, config.compute_dtype
-    specs = config.heads
+    specs, act = config.heads, config.activation
+
+    unnormalised = config.normalization == "none"
 
     def forward(x, gamma, beta, mean, variance, kernels):
-        scale = gamma * jax.lax.rsqrt(variance + epsilon)
-        p = channel_params(gamma, beta, bits)
-        activation, packed = bn_relu_encode(
-            x, scale, beta - mean * scale, p["inv_step"], p["shift"], bits
+        if unnormalised:
+            # y = x exactly; the batch statistics size the code (TF block's `_normalisation`).
+            scale, offset = jnp.ones_like(mean), jnp.zeros_like(mean)
+            p = channel_params(jnp.sqrt(variance + epsilon), mean, bits, act)
+        else:
+            scale = gamma * jax.lax.rsqrt(variance + epsilon)
+            offset = beta - mean * scale
+            p = channel_params(gamma, beta, bits, act)
+        activation, packed = bn_act_encode(
+            x, scale, offset, p["inv_step"], p["shift"], bits, act
         )
         if config.naive:
-            activation = decode_relu(packed, x.shape, p["step"], p["shift"], bits)
+            activation = decode_activation(packed, x.shape, p["step"], p["shift"], bits, act)
         activation = activation.astype(compute_dtype)
         outs = tuple(conv(activation, k, h) for k, h in zip(kernels, specs))
         if config.with_activation:
@@ -234,7 +359,9 @@ def compressed_block(config):
         packed, (step, shift, gamma, beta, scale), kernels = residuals
         d_outs = d_results[: len(kernels)]
         # Ordering (a) of the TensorFlow block: decode only once the gradient has arrived.
-        a_dec = decode_relu(_after(d_outs, packed), x_shape, step, shift, bits).astype(compute_dtype)
+        a_dec = decode_activation(
+            _after(d_outs, packed), x_shape, step, shift, bits, act
+        ).astype(compute_dtype)
         d_kernels, d_a = [], jnp.zeros(x_shape, jnp.float32)
         for kernel, head, d_out in zip(kernels, specs, d_outs):
             _, conv_vjp = jax.vjp(lambda a, k, h=head: conv(a, k, h), a_dec, kernel)
@@ -243,14 +370,19 @@ def compressed_block(config):
             d_a = d_a + d_in.astype(jnp.float32)
         if config.with_activation:
             d_a = d_a + d_results[-1].astype(jnp.float32)
-        sum_g, sum_gx = bn_grad_reduce(_after(d_a, packed), d_a, step, shift, gamma, beta, bits)
+        zeros = jnp.zeros_like(step)
+        if unnormalised:
+            d_x, _ = _act_grad(_after(d_a, packed), d_a, step, shift, bits, act)
+            d_x, *d_kernels = _first_order_only([d_x, *d_kernels], config)
+            return (d_x, zeros, zeros, zeros, zeros, *d_kernels)
+        sum_g, sum_gx = bn_grad_reduce(
+            _after(d_a, packed), d_a, step, shift, gamma, beta, bits, act
+        )
         count = float(np.prod(x_shape[:-1]))
         mean_g, mean_gx = sum_g / count, sum_gx / count
-        # d_x = scale * (g - mean_g - x_hat * mean_gx), x_hat = (y_dec - beta) / gamma.
-        y_dec, mask = decode(_after((sum_g, sum_gx), packed), x_shape, step, shift, bits)
-        g = jnp.where(mask, d_a, 0.0)
+        # d_x = scale * (g - mean_g - x_hat * mean_gx), g = d_a * f', x_hat = (y_dec - beta) / gamma.
+        g, y_dec = _act_grad(_after((sum_g, sum_gx), packed), d_a, step, shift, bits, act)
         d_x = scale * (g - mean_g - (y_dec - beta) / gamma * mean_gx)
-        zeros = jnp.zeros_like(step)
         d_x, d_gamma, d_beta, *d_kernels = _first_order_only(
             [d_x, sum_gx, sum_g, *d_kernels], config
         )

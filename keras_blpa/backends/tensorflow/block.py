@@ -4,9 +4,9 @@ The fused ops are the native library's (ops/, cc/) when it loads, else the
 pure-TF `reference`; both have the same functions and signatures.
 
 The compressed backward runs as named steps: decode the code once the incoming
-gradient exists, the filter gradient from the decoded ReLU output
-(`_conv_backward`), the input gradient through the kernel, then the ReLU mask
-and the BN backward from the code (`_bn_relu_backward`).
+gradient exists, the filter gradient from the decoded activation output
+(`_conv_backward`), the input gradient through the kernel, then the
+activation's derivative and the BN backward from the code (`_bn_act_backward`).
 
 Memory ordering. Inside `tf.function`, TensorFlow's executor runs an op as soon
 as its inputs exist; the peak memory, not the stored bytes, is what counts, so
@@ -39,7 +39,11 @@ def read(variable):
 
 
 def _conv_args(head):
-    """Keyword arguments of tf.raw_ops.Conv2D / Conv2DBackprop* for a `blocks.Head`."""
+    """Keyword arguments of the raw ops of a `blocks.Head`: Conv2D / Conv2DBackprop*,
+    DepthwiseConv2dNative / DepthwiseConv2dNativeBackprop* (both take explicit
+    paddings, so a folded ZeroPadding2D makes no padded copy); {} for "dense"."""
+    if head.kind == "dense":
+        return {}
     args = {"strides": (1,) + head.strides + (1,)}
     if head.explicit_padding is None:
         args["padding"] = head.padding.upper()
@@ -51,8 +55,40 @@ def _conv_args(head):
 
 
 def conv(a, kernel, head):
-    """NHWC x HWIO convolution of one `blocks.Head`."""
-    return tf.raw_ops.Conv2D(input=a, filter=kernel, **_conv_args(head))
+    """The output of one `blocks.Head` on the NHWC activation `a` (the kernel in
+    Keras' shape of its kind), with the op stock Keras uses: Conv2D,
+    DepthwiseConv2dNative (``tf.nn.depthwise_conv2d`` at dilation 1) or
+    ``tf.tensordot`` over the channels (``keras.ops.matmul``, i.e. Dense)."""
+    if head.kind == "dense":
+        return tf.tensordot(a, kernel, axes=[[-1], [0]])
+    op = tf.raw_ops.DepthwiseConv2dNative if head.kind == "depthwise" else tf.raw_ops.Conv2D
+    return op(input=a, filter=kernel, **_conv_args(head))
+
+
+def _kernel_gradient(a, kernel, d_out, head):
+    """dL/dkernel of `conv` from the (decoded) activation `a`."""
+    if head.kind == "dense":
+        channels, units = kernel.shape[0], kernel.shape[1]
+        return tf.matmul(
+            tf.reshape(a, [-1, channels]), tf.reshape(d_out, [-1, units]), transpose_a=True
+        )
+    if head.kind == "depthwise":
+        op = tf.raw_ops.DepthwiseConv2dNativeBackpropFilter
+    else:
+        op = tf.raw_ops.Conv2DBackpropFilter
+    return op(input=a, filter_sizes=tf.shape(kernel), out_backprop=d_out, **_conv_args(head))
+
+
+def _input_gradient(a_shape, kernel, d_out, head):
+    """dL/da of `conv`, which needs only the kernel."""
+    if head.kind == "dense":
+        d = tf.matmul(tf.reshape(d_out, [-1, kernel.shape[1]]), kernel, transpose_b=True)
+        return tf.reshape(d, a_shape)
+    if head.kind == "depthwise":
+        op = tf.raw_ops.DepthwiseConv2dNativeBackpropInput
+    else:
+        op = tf.raw_ops.Conv2DBackpropInput
+    return op(input_sizes=a_shape, filter=kernel, out_backprop=d_out, **_conv_args(head))
 
 
 def _after(dependencies, tensor):
@@ -90,63 +126,53 @@ def _cross_replica_sum(values, synchronized):
 class _Code:
     """The packed K-bit code of one block and what decoding it needs."""
 
-    def __init__(self, ops, packed, shape, params, bits):
+    def __init__(self, ops, packed, shape, params, bits, act):
         self.ops, self.packed, self.shape = ops, packed, shape
-        self.params, self.bits = params, bits
+        self.params, self.bits, self.act = params, bits, act
 
     def read_after(self, dependencies):
         """The packed code, read only once `dependencies` exist (ordering (a))."""
         return _after(dependencies, self.packed)
 
-    def decode_relu(self, dependencies):
-        """The decoded ReLU output (float32), computed after `dependencies`."""
+    def decode_activation(self, dependencies):
+        """The decoded activation output (float32), computed after `dependencies`."""
         p = self.params
-        return self.ops.decode_relu(
-            self.read_after(dependencies), self.shape, p["step"], p["shift"], self.bits
+        return self.ops.decode_activation(
+            self.read_after(dependencies), self.shape, p["step"], p["shift"], self.bits, self.act
         )
 
 
-def _conv_backward(code, kernels, d_outs, conv_args):
-    """(d_kernels, d_activation) of the convolutions ``conv_i(relu_output, kernel_i)``.
+def _conv_backward(code, kernels, d_outs, heads):
+    """(d_kernels, d_activation) of the heads ``conv(activation, kernel_i, head_i)``.
 
-    The decode waits for the incoming gradients; the filter gradients read the
-    decoded ReLU output, then the input gradients (which need only the kernels)
-    wait for them, so that the decoded activation is released before the next
-    full-size temporaries are made.
+    The decode waits for the incoming gradients; the filter gradients (Conv2D,
+    depthwise or dense alike) read the decoded activation output, then the
+    input gradients (which need only the kernels) wait for them, so that the
+    decoded activation is released before the next full-size temporaries are made.
     """
-    a_dec = code.decode_relu(list(d_outs))
+    a_dec = code.decode_activation(list(d_outs))
     d_kernels = [
-        tf.raw_ops.Conv2DBackpropFilter(
-            input=tf.cast(a_dec, d_out.dtype),
-            filter_sizes=tf.shape(kernel),
-            out_backprop=d_out,
-            **args,
-        )
-        for kernel, d_out, args in zip(kernels, d_outs, conv_args)
+        _kernel_gradient(tf.cast(a_dec, d_out.dtype), kernel, d_out, head)
+        for kernel, d_out, head in zip(kernels, d_outs, heads)
     ]
     d_a = None
     with tf.control_dependencies(d_kernels):
-        for kernel, d_out, args in zip(kernels, d_outs, conv_args):
-            d = tf.cast(
-                tf.raw_ops.Conv2DBackpropInput(
-                    input_sizes=code.shape, filter=kernel, out_backprop=d_out, **args
-                ),
-                tf.float32,
-            )
+        for kernel, d_out, head in zip(kernels, d_outs, heads):
+            d = tf.cast(_input_gradient(code.shape, kernel, d_out, head), tf.float32)
             d_a = d if d_a is None else d_a + d
     return d_kernels, d_a
 
 
-def _bn_relu_backward(code, d_a, beta, scale, synchronized):
-    """(d_x, d_gamma, d_beta) from the gradient of the ReLU output.
+def _bn_act_backward(code, d_a, beta, scale, synchronized):
+    """(d_x, d_gamma, d_beta) from the gradient of the activation output.
 
-    The ReLU mask and the normalised input come from the code; the two
+    The activation's derivative and the normalised input come from the code; the two
     per-channel sums are all-reduced across replicas when `synchronized`
     (d_gamma and d_beta stay per-replica: the optimizer sums them).
     """
-    p, bits, ops = code.params, code.bits, code.ops
+    p, bits, ops, act = code.params, code.bits, code.ops, code.act
     sum_g, sum_gx = ops.bn_grad_reduce(
-        code.read_after([d_a]), d_a, p["step"], p["shift"], p["gamma"], beta, bits
+        code.read_after([d_a]), d_a, p["step"], p["shift"], p["gamma"], beta, bits, act
     )
     d_gamma, d_beta = sum_gx, sum_g
     count = tf.cast(tf.reduce_prod(code.shape[:-1]), tf.float32)
@@ -162,8 +188,36 @@ def _bn_relu_backward(code, d_a, beta, scale, synchronized):
         sum_g / count,
         sum_gx / count,
         bits,
+        act,
     )
     return d_x, d_gamma, d_beta
+
+
+def _unnormalised_backward(code, d_a, ones):
+    """d_x = dL/dy for normalization "none" (y = x): the fused BN input
+    gradient with coef 1 and zero means is exactly ``g``."""
+    p, zeros = code.params, tf.zeros_like(ones)
+    return code.ops.bn_grad_input(
+        code.read_after([d_a]), d_a, p["step"], p["shift"], p["gamma"], p["beta"],
+        ones, zeros, zeros, code.bits, code.act,
+    )
+
+
+def _normalisation(gamma, beta, mean, variance, config):
+    """(scale, offset, code params) of the block's y = x * scale + offset.
+
+    "batch": BN folded (gamma / std, beta - mean * scale), the code sized by
+    gamma and beta. "none": y = x exactly (scale 1, offset 0), the code sized by
+    the batch statistics as if they were gamma (std) and beta (mean).
+    """
+    if config.normalization == "none":
+        params = fused.channel_params(
+            tf.sqrt(variance + config.epsilon), mean, config.bits, config.activation
+        )
+        return tf.ones_like(mean), tf.zeros_like(mean), params
+    scale = gamma * tf.math.rsqrt(variance + config.epsilon)
+    params = fused.channel_params(gamma, beta, config.bits, config.activation)
+    return scale, beta - mean * scale, params
 
 
 def compressed(x, gamma, beta, mean, variance, kernels, config):
@@ -171,7 +225,8 @@ def compressed(x, gamma, beta, mean, variance, kernels, config):
 
     Args:
         x: the block input (float32); gamma, beta: BN vectors; mean, variance:
-            the batch statistics (their gradients are part of the BN backward).
+            the batch statistics (for "batch", their gradients are part of
+            the BN backward; for "none", they only size the code).
         kernels: one conv kernel per head, in ``config.compute_dtype``.
         config: a `keras_blpa.blocks.BlockConfig`.
 
@@ -179,34 +234,35 @@ def compressed(x, gamma, beta, mean, variance, kernels, config):
         (list of head outputs, the activation or None).
     """
     ops = fused.ops()
-    bits, epsilon = config.bits, config.epsilon
-    conv_args = [_conv_args(h) for h in config.heads]
+    bits, act = config.bits, config.activation
     n = len(kernels)
 
     @tf.custom_gradient
     def block(x, gamma, beta, mean, variance, *kernels):
-        scale = gamma * tf.math.rsqrt(variance + epsilon)
-        p = fused.channel_params(gamma, beta, bits)
+        scale, offset, p = _normalisation(gamma, beta, mean, variance, config)
         x_shape = tf.shape(x)
-        activation, packed = ops.bn_relu_encode(
-            x, scale, beta - mean * scale, p["inv_step"], p["shift"], bits
+        activation, packed = ops.bn_act_encode(
+            x, scale, offset, p["inv_step"], p["shift"], bits, act
         )
         if config.naive:
-            activation = ops.decode_relu(packed, x_shape, p["step"], p["shift"], bits)
+            activation = ops.decode_activation(packed, x_shape, p["step"], p["shift"], bits, act)
         activation = tf.cast(activation, config.compute_dtype)
         with tf.control_dependencies([packed]):  # ordering (b)
-            outs = [
-                tf.raw_ops.Conv2D(input=activation, filter=k, **args)
-                for k, args in zip(kernels, conv_args)
-            ]
-        code = _Code(ops, packed, x_shape, p, bits)
+            outs = [conv(activation, k, head) for k, head in zip(kernels, config.heads)]
+        code = _Code(ops, packed, x_shape, p, bits, act)
 
         def grad(*d_results):
             d_outs = d_results[:n]
-            d_kernels, d_a = _conv_backward(code, kernels, d_outs, conv_args)
+            d_kernels, d_a = _conv_backward(code, kernels, d_outs, config.heads)
             if config.with_activation:
                 d_a += tf.cast(d_results[n], tf.float32)
-            d_x, d_gamma, d_beta = _bn_relu_backward(code, d_a, beta, scale, config.synchronized)
+            if config.normalization == "batch":
+                d_x, d_gamma, d_beta = _bn_act_backward(
+                    code, d_a, beta, scale, config.synchronized
+                )
+            else:
+                d_x = _unnormalised_backward(code, d_a, scale)
+                d_gamma, d_beta = tf.zeros_like(gamma), tf.zeros_like(beta)
             d_x, d_gamma, d_beta, *d_kernels = _first_order_only(
                 [tf.cast(d_x, x.dtype), d_gamma, d_beta, *d_kernels], config
             )

@@ -1,9 +1,9 @@
 """The fused block ops in use: the native library's if it loads, else the pure-TF reference.
 
-Both have the same functions and signatures (``bn_relu_encode``,
-``decode_relu``, ``bn_grad_reduce``, ``bn_grad_input``) and give the same
-codes; the native ones fuse BN + ReLU + encode and decode straight into what the
-backward consumes. `ops()` loads (and, if needed, builds) the library on first
+Both have the same functions and signatures (``bn_act_encode``,
+``decode_activation``, ``bn_grad_reduce``, ``bn_grad_input``) and give the same
+codes; the native ones fuse BN + activation + encode and decode straight into
+what the backward consumes. `ops()` loads (and, if needed, builds) the library on first
 call, which the block makes at its first training step.
 """
 

@@ -1,9 +1,10 @@
 """Lazy loader of the compiled quantisation ops (ops/blpa_ops.cc + cc/).
 
 `load()` returns an object exposing the fused ops of `reference`
-with the same signatures (``bn_relu_encode, decode_relu, bn_grad_reduce,
-bn_grad_input``), backed by the op library, or None when the pure-TF path must
-be used. The library is found, in this order:
+with the same signatures (``bn_act_encode, decode_activation, bn_grad_reduce,
+bn_grad_input``, each with a trailing ``act``, a `keras_blpa.blocks.Activation`
+passed to the ops as their ``activation`` and ``negative_slope`` attrs), backed
+by the op library, or None when the pure-TF path must be used. The library is found, in this order:
 
 1. ``KERAS_BLPA_OPS_LIBRARY=/path/to/lib.so`` (e.g. the Bazel output
    ``bazel-bin/_blpa_ops.so``), loaded unless its stamp names another TensorFlow;
@@ -29,6 +30,8 @@ import threading
 import warnings
 
 from keras_blpa.backends.tensorflow import native_build
+from keras_blpa.blocks import RELU
+from keras_blpa.blocks import Activation
 
 __all__ = [
     "BUILD_ENV",
@@ -58,8 +61,8 @@ _error = None
 _origin = None
 
 _OP_FUNCTIONS = (
-    "blpa_bn_relu_encode",
-    "blpa_decode_relu",
+    "blpa_bn_act_encode",
+    "blpa_decode_activation",
     "blpa_bn_grad_reduce",
     "blpa_bn_grad_input",
 )
@@ -122,20 +125,29 @@ class NativeOps:
         """The instruction set the CPU kernels run with: avx512, avx2, avx (baseline off x86)."""
         return self._module.blpa_cpu_isa().numpy().decode()
 
-    def bn_relu_encode(self, x, scale, offset, inv_step, shift, bits):
+    def bn_act_encode(self, x, scale, offset, inv_step, shift, bits, act=RELU):
+        """The op's f(y) and codes; silu and gelu (both forms): the op's linear
+        y (their code is linear's) through TensorFlow's own f, so the output
+        has the reference's (and stock Keras') bits, at Eigen's vectorised speed."""
         import tensorflow as tf
 
-        activation, packed = self._module.blpa_bn_relu_encode(
+        tf_forward = act.name in _TF_FORWARD
+        activation, packed = self._module.blpa_bn_act_encode(
             x=tf.cast(x, tf.float32),
             scale=tf.cast(scale, tf.float32),
             offset=tf.cast(offset, tf.float32),
             inv_step=tf.cast(inv_step, tf.float32),
             shift=tf.cast(shift, tf.float32),
             bits=int(bits),
+            **_act_attrs(_LINEAR if tf_forward else act),
         )
+        if tf_forward:
+            from keras_blpa.backends.tensorflow import reference
+
+            activation = reference.activation_forward(act, activation)
         return activation, packed
 
-    def decode_relu(self, packed, shape, step, shift, bits):
+    def decode_activation(self, packed, shape, step, shift, bits, act=RELU):
         import tensorflow as tf
 
         if isinstance(shape, tf.TensorShape):
@@ -143,15 +155,16 @@ class NativeOps:
         shape = tf.convert_to_tensor(shape)
         if shape.dtype not in (tf.int32, tf.int64):
             shape = tf.cast(shape, tf.int64)
-        return self._module.blpa_decode_relu(
+        return self._module.blpa_decode_activation(
             packed=packed,
             shape=shape,
             step=tf.cast(step, tf.float32),
             shift=tf.cast(shift, tf.float32),
             bits=int(bits),
+            **_act_attrs(act),
         )
 
-    def bn_grad_reduce(self, packed, grad_a, step, shift, gamma, beta, bits):
+    def bn_grad_reduce(self, packed, grad_a, step, shift, gamma, beta, bits, act=RELU):
         import tensorflow as tf
 
         sum_g, sum_gx = self._module.blpa_bn_grad_reduce(
@@ -162,11 +175,12 @@ class NativeOps:
             gamma=tf.cast(gamma, tf.float32),
             beta=tf.cast(beta, tf.float32),
             bits=int(bits),
+            **_act_attrs(act),
         )
         return sum_g, sum_gx
 
     def bn_grad_input(
-        self, packed, grad_a, step, shift, gamma, beta, coef, mean_g, mean_gx, bits
+        self, packed, grad_a, step, shift, gamma, beta, coef, mean_g, mean_gx, bits, act=RELU
     ):
         import tensorflow as tf
 
@@ -181,7 +195,20 @@ class NativeOps:
             mean_g=tf.cast(mean_g, tf.float32),
             mean_gx=tf.cast(mean_gx, tf.float32),
             bits=int(bits),
+            **_act_attrs(act),
         )
+
+
+# Smooth activations whose forward bn_act_encode leaves to TensorFlow: the
+# op's own calls libm (a few ulp from Eigen, and slow); hard_silu's is TF's bits
+# already, fused.
+_TF_FORWARD = ("silu", "gelu", "gelu_approximate")
+_LINEAR = Activation("linear")
+
+
+def _act_attrs(act):
+    """The ops' attrs of a `keras_blpa.blocks.Activation`."""
+    return {"activation": act.name, "negative_slope": float(act.negative_slope)}
 
 
 def _load_library(path):

@@ -1,0 +1,241 @@
+"""The block's activations (relu6, leaky_relu, linear, silu, gelu, hard_silu) on
+TensorFlow, both fused-ops paths, against the stock Keras chain and numpy."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from chains import GOALS
+from chains import assert_forward_and_statistics_match
+from chains import assert_gradients_meet_goal
+from chains import input_and_weight_gradients
+from keras_blpa import ApproxConvBlock
+from keras_blpa.backends.tensorflow import reference
+from keras_blpa.blocks import Activation
+from stacks import ACTIVATIONS
+from stacks import PIECEWISE_LINEAR
+from stacks import stock_activation
+
+IDS = [name for name, _ in ACTIVATIONS]
+
+
+def stock_chain(name, slope, filters, kernel_size, strides=1):
+    return keras.Sequential([
+        keras.layers.BatchNormalization(epsilon=1e-3),
+        stock_activation(name, slope),
+        keras.layers.Conv2D(filters, kernel_size, strides=strides, padding="same", use_bias=True),
+    ])
+
+
+def block_and_stock(name, slope, bits, shape, rng, filters=6, strides=1, beta_scale=1.0):
+    """A block and the equivalent stock chain with the same random weights: gamma of
+    both signs with |gamma| in [0.3, 1.5], beta in +-beta_scale * |gamma|."""
+    block = ApproxConvBlock(filters, 3, strides=strides, bits=bits, use_bias=True,
+                            activation=name, negative_slope=slope)
+    block.build(shape)
+    c = shape[-1]
+    gamma = rng.uniform(0.3, 1.5, c) * np.where(np.arange(c) % 2 == 0, 1.0, -1.0)
+    beta = rng.uniform(-beta_scale, beta_scale, c) * np.abs(gamma)
+    values = {
+        "gamma": gamma, "beta": beta, "moving_mean": rng.uniform(-0.5, 0.5, c),
+        "moving_variance": rng.uniform(0.5, 2.0, c),
+        "kernel": rng.normal(0, 0.2, (3, 3, c, filters)), "bias": rng.normal(0, 0.1, filters),
+    }
+    for name_, value in values.items():
+        getattr(block, name_).assign(value.astype(np.float32))
+    stock = stock_chain(name, slope, filters, 3, strides)
+    stock.build(shape)
+    bn, _, conv = stock.layers
+    bn.set_weights([w.numpy() for w in (block.gamma, block.beta, block.moving_mean,
+                                        block.moving_variance)])
+    conv.set_weights([block.kernel.numpy(), block.bias.numpy()])
+    return block, stock
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+@pytest.mark.parametrize("name, slope", ACTIVATIONS, ids=IDS)
+def test_forward_equals_stock_chain(ops_path, name, slope, bits):
+    """Training and inference outputs and the moving statistics equal the stock chain's."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(0.5, 2.0, (2, 9, 9, 5)).astype(np.float32)
+    block, stock = block_and_stock(name, slope, bits, x.shape, rng, strides=2, beta_scale=3.0)
+    assert_forward_and_statistics_match(block, stock, x)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("name, slope", ACTIVATIONS, ids=IDS)
+def test_gradients_close_to_stock(ops_path, name, slope, bits):
+    """Every gradient (input, gamma, beta, kernel, bias) against the stock chain's, with
+    gamma of both signs and beta within +-1.5 |gamma| (shifts that do not saturate);
+    for piecewise-linear activations the derivative read from the code is exact, so
+    d_beta (the sum of dL/dy) equals stock's to float rounding."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(0.3, 1.5, (8, 10, 10, 8)).astype(np.float32)
+    block, stock = block_and_stock(name, slope, bits, x.shape, rng, beta_scale=1.5)
+    dy = rng.normal(size=(8, 10, 10, 6)).astype(np.float32)
+    got = input_and_weight_gradients(block, x, dy)
+    want = input_and_weight_gradients(stock, x, dy)
+    assert_gradients_meet_goal(
+        got, want, GOALS["piecewise_linear" if name in PIECEWISE_LINEAR else "smooth"][bits])
+    if name in PIECEWISE_LINEAR:
+        np.testing.assert_allclose(got[2], want[2], rtol=1e-4, atol=1e-4)  # d_beta
+    np.testing.assert_allclose(got[-1], want[-1], rtol=1e-4, atol=1e-4)  # d_bias: exact
+
+
+def _numpy_relu6_mask(y):
+    return (y > 0) & (y < 6)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_relu6_code_keeps_both_breakpoints_exact(bits):
+    """The codes tell y <= 0, 0 < y < 6 and y >= 6 apart exactly, for every element
+    (y exactly 0 and 6, one ulp either side, far outside the window) and for channels
+    where 6 lies inside and outside the paper's window (gamma tiny to large, beta of
+    both signs). Checked from the packed codes with numpy: the codes below shift are
+    y <= 0, those from upper on are y >= 6."""
+    rng = np.random.default_rng(2)
+    gamma = np.array([1.0, -1.0, 0.05, 3.0, 20.0, -0.3, 1e-6, 200.0], np.float32)
+    beta = np.array([0.0, 2.0, 0.1, -4.0, 30.0, 5.0, 0.0, 0.0], np.float32)
+    special = np.array([0.0, 6.0, np.nextafter(6, 0), np.nextafter(6, 7), np.nextafter(0, 1),
+                        -1e-30, 1e4, -1e4], np.float32)
+    y = np.concatenate([np.tile(special[:, None], (1, 8)),
+                        rng.normal(2.0, 4.0, (500, 8)).astype(np.float32)])
+    act = Activation.get("relu6")
+    p = reference.channel_params(gamma, beta, bits, act)
+    codes = reference.encode_codes(y, p["inv_step"], p["shift"], bits, act).numpy()
+    step, shift = p["step"].numpy(), p["shift"].numpy()
+    upper = np.minimum(shift + np.round(6.0 / step), 2**bits - 1)
+    np.testing.assert_array_equal(codes >= shift, y > 0)
+    np.testing.assert_array_equal(codes >= upper, y >= 6)
+    # Where 6 lies inside the paper's window, it is a whole number of bins above 0.
+    inside = upper < 2**bits - 1
+    assert inside.any() and (~inside).any()
+    np.testing.assert_allclose((6.0 / step)[inside], np.round(6.0 / step)[inside], rtol=1e-6)
+    # The decoded output is 0 below the first edge, 6 above the second, a bin centre between.
+    dec = reference.decode_activation(
+        reference.pack(codes, bits), y.shape, p["step"], p["shift"], bits, act).numpy()
+    np.testing.assert_array_equal(dec[y <= 0], 0.0)
+    np.testing.assert_array_equal(dec[y >= 6], 6.0)
+    # Elements coded in their own bin (not saturated) decode to within half a bin.
+    own = (codes == np.floor(y * p["inv_step"].numpy()) + shift) & _numpy_relu6_mask(y)
+    assert own.sum() > 1000
+    err = np.abs(dec - np.clip(y, 0, 6))
+    assert np.all(err[own] <= np.broadcast_to(step / 2, y.shape)[own] * 1.0001)
+
+
+SECOND_DERIVATIVE_MAX = {"silu": 0.5, "gelu": 0.80, "gelu_approximate": 0.80, "hard_silu": 1 / 3}
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("name", sorted(SECOND_DERIVATIVE_MAX))
+def test_smooth_derivative_within_secant_bound(name, bits):
+    """The derivative read from the code is f's secant over the element's bin: within
+    step * max|f''| of the true f'(y) inside the window (numpy's central difference),
+    and the asymptote 0 / 1 in the end bins. One element per channel, so the
+    per-channel sum of bn_grad_reduce is the element's dL/dy with dL/da = 1."""
+    act = Activation.get(name)
+    y = np.linspace(-6.0, 6.0, 2001).astype(np.float32)
+    gamma = np.ones_like(y)
+    beta = np.zeros_like(y)
+    p = reference.channel_params(gamma, beta, bits, act)
+    packed = reference.encode(y.reshape(1, 1, 1, -1), p["inv_step"], p["shift"], bits, act)
+    d_code, _ = reference.bn_grad_reduce(packed, tf.ones([1, 1, 1, y.size]), p["step"],
+                                         p["shift"], p["gamma"], p["beta"], bits, act)
+    d_code = d_code.numpy()
+    y64 = y.astype(np.float64)
+    h = 1e-4
+    f = {
+        "silu": lambda v: v / (1 + np.exp(-v)),
+        "hard_silu": lambda v: v * np.clip(v + 3, 0, 6) / 6,
+        "gelu": lambda v: keras.ops.convert_to_numpy(
+            keras.activations.gelu(tf.constant(v, tf.float64), approximate=False)),
+        "gelu_approximate": lambda v: keras.ops.convert_to_numpy(
+            keras.activations.gelu(tf.constant(v, tf.float64), approximate=True)),
+    }[name]
+    true = (f(y64 + h) - f(y64 - h)) / (2 * h)
+    step = 6.0 / 2**bits
+    codes = reference.unpack(packed, y.size, bits).numpy()
+    inner = (codes > 0) & (codes < 2**bits - 1)
+    assert inner.sum() > 100
+    assert np.all(np.abs(d_code - true)[inner] <= step * SECOND_DERIVATIVE_MAX[name] * 1.01)
+    np.testing.assert_array_equal(d_code[codes == 0], 0.0)
+    np.testing.assert_array_equal(d_code[codes == 2**bits - 1], 1.0)
+
+
+def test_relu_block_is_todays_block(ops_path):
+    """activation="relu" (the default) gives the same outputs and gradients, bit for
+    bit, as the block with no activation argument: ReLU's code is unchanged."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(4, 8, 8, 4)).astype(np.float32)
+    default = ApproxConvBlock(5, 3, bits=4)
+    default.build(x.shape)
+    relu = ApproxConvBlock(5, 3, bits=4, activation="relu")
+    relu.build(x.shape)
+    relu.set_weights(default.get_weights())
+    dy = rng.normal(size=(4, 8, 8, 5)).astype(np.float32)
+    for a, b in zip(input_and_weight_gradients(default, x, dy), input_and_weight_gradients(relu, x, dy)):
+        np.testing.assert_array_equal(a, b)
+    assert "activation" in default.get_config()
+
+
+@pytest.mark.parametrize("activation, slope", [("leaky_relu", 0.05), ("gelu_approximate", None),
+                                               ("swish", None), ("hard_swish", None)])
+def test_activation_config_round_trip(tmp_path, activation, slope):
+    """get_config / from_config and a .keras file keep the activation (aliases are
+    standardised to Keras' canonical names), and the outputs."""
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(2, 6, 6, 3)).astype(np.float32)
+    inp = keras.Input(x.shape[1:])
+    model = keras.Model(inp, ApproxConvBlock(4, 3, activation=activation,
+                                             negative_slope=slope, name="b")(inp))
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    block = loaded.get_layer("b")
+    assert block.activation == model.get_layer("b").activation
+    assert block.activation.name == {"swish": "silu", "hard_swish": "hard_silu"}.get(
+        activation, activation)
+    if slope is not None:
+        assert block.activation.negative_slope == slope
+    np.testing.assert_array_equal(loaded(x, training=False), model(x, training=False))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(activation="tanh"), "activation='tanh'"),
+        (dict(activation="relu", negative_slope=0.1), "negative_slope applies to activation='leaky_relu'"),
+        (dict(activation="leaky_relu", negative_slope=-0.1), "negative_slope=-0.1"),
+        (dict(activation={"name": "relu", "alpha": 1}), "activation dict"),
+        (dict(activation=None), "activation=None"),
+    ],
+)
+def test_bad_activation_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ApproxConvBlock(4, 3, **kwargs)
+
+
+SATURATING = [("relu", None), ("leaky_relu", 0.1), ("silu", None), ("gelu", None), ("hard_silu", None)]
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("name, slope", SATURATING, ids=[n for n, _ in SATURATING])
+def test_saturated_channels_keep_the_gradients(ops_path, name, slope, bits):
+    """Channels whose window lies wholly above or below 0 (|beta| = 3.5 to 10 |gamma|,
+    gamma of both signs, as pretrained BN layers have): the window follows the data
+    and one end code holds the other side of 0, so every gradient stays at the goals.
+    The paper's clipped shift gave d_gamma cosines of -0.66 to 0.95 here."""
+    rng = np.random.default_rng(5)
+    ratio = np.array([10.0, 5.0, -5.0, -10.0, 3.5, -3.5, 7.0, -7.0])
+    x = rng.normal(size=(16, 10, 10, 8)).astype(np.float32)
+    block, stock = block_and_stock(name, slope, bits, x.shape, rng)
+    block.beta.assign((ratio * np.abs(block.gamma.numpy())).astype(np.float32))
+    block.moving_mean.assign(np.zeros(8, np.float32))
+    copy = [w.numpy() for w in (block.gamma, block.beta, block.moving_mean, block.moving_variance)]
+    stock.layers[0].set_weights(copy)
+    dy = rng.normal(size=(16, 10, 10, 6)).astype(np.float32)
+    got = input_and_weight_gradients(block, x, dy)
+    want = input_and_weight_gradients(stock, x, dy)
+    assert_gradients_meet_goal(
+        got, want, GOALS["piecewise_linear" if name in PIECEWISE_LINEAR else "smooth"][bits])
