@@ -136,3 +136,25 @@ def test_unknown_batch_and_xla():
 def test_bits_validation_names_value():
     with pytest.raises(ValueError, match="bits=3"):
         quantization.encode(tf.zeros([2, 2]), tf.ones([2]), tf.zeros([2]), bits=3)
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_saturated_windows_keep_the_data_and_the_sign(bits):
+    """Windows wholly above 0 (beta = 10 |gamma|) and below (beta = -10 |gamma|): the
+    codes of the values around beta keep their bins (decoded within half a bin), one end
+    code holds the other side of 0, the mask is exactly y > 0, and every decoded value
+    lies on its own side of 0."""
+    gamma = np.array([1.0, -2.0, 0.5, -1.0], np.float32)
+    beta = np.array([10.0, 20.0, -5.0, -10.0], np.float32)
+    rng = np.random.default_rng(9)
+    y = (beta + np.abs(gamma) * rng.normal(size=(400, 4))).astype(np.float32)
+    y = np.concatenate([y, [[-0.5, -3.0, 0.25, 2.0], [0.0, 1e-3, -1e-3, 0.0]]]).astype(np.float32)
+    packed = encode_np(y, gamma, beta, bits)
+    y_dec, mask = (t.numpy() for t in quantization.decode(packed, y.shape, gamma, beta, bits))
+    np.testing.assert_array_equal(mask, y > 0)
+    assert np.all(y_dec[y > 0] >= 0) and np.all(y_dec[y <= 0] <= 0)
+    codes, raw, step = numpy_codes(y, gamma, beta, bits)
+    own = codes == raw  # in its own bin: neither clipped nor moved across 0
+    assert own.sum() > 0.75 * y.size
+    err = np.abs(y_dec - y)
+    assert np.all(err[own] <= np.broadcast_to(step / 2, y.shape)[own] * (1 + 1e-4) + 1e-6)
