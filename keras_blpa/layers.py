@@ -458,10 +458,7 @@ class ApproxConvBlock(keras.layers.Layer):
                 # A frozen BN is computed here (autodiff gives d_x = scale * dL/dy);
                 # the block codes its output as an unnormalised input, sized by
                 # batch statistics computed for that only (no gradient, no state).
-                code_mean, code_variance = keras.ops.moments(
-                    keras.ops.stop_gradient(pre), axes=[0, 1, 2],
-                    synchronized=self.synchronized and ops.EXPLICIT_CROSS_REPLICA,
-                )
+                code_mean, code_variance = self._moments(keras.ops.stop_gradient(pre))
                 ones = keras.ops.ones_like(code_mean)
                 vectors = (pre, ones, keras.ops.zeros_like(code_mean), code_mean, code_variance)
         if compress:
@@ -480,20 +477,25 @@ class ApproxConvBlock(keras.layers.Layer):
         outs = [_permute(o, _FROM_NHWC[self.data_format]) for o in outs]
         return outs[0] if self._single_output else outs
 
+    def _moments(self, x):
+        """Per-channel mean and variance of NHWC `x`, across replicas when synchronized.
+
+        Where a distributed batch is one global array (JAX under
+        keras.distribution), these moments and the backward's per-channel sums
+        are global already (XLA inserts the all-reduces).
+        """
+        return keras.ops.moments(
+            x, axes=[0, 1, 2],
+            synchronized=self.synchronized and self._backend.EXPLICIT_CROSS_REPLICA,
+        )
+
     def _batch_statistics(self, x, moving_mean, moving_variance):
         """The batch mean and variance, with the moving statistics updated as
         keras.layers.BatchNormalization updates them."""
         # Exact mode differentiates through the statistics like stock Keras;
         # the compressed backward computes their gradient itself.
         stats_input = x if self.bits is None else keras.ops.stop_gradient(x)
-        # Where a distributed batch is one global array (JAX under
-        # keras.distribution), these moments and the backward's per-channel
-        # sums are global already (XLA inserts the all-reduces).
-        mean, variance = keras.ops.moments(
-            stats_input,
-            axes=[0, 1, 2],
-            synchronized=self.synchronized and self._backend.EXPLICIT_CROSS_REPLICA,
-        )
+        mean, variance = self._moments(stats_input)
         self.moving_mean.assign(moving_mean * self.momentum + mean * (1.0 - self.momentum))
         self.moving_variance.assign(
             moving_variance * self.momentum + variance * (1.0 - self.momentum)
