@@ -28,6 +28,8 @@ __all__ = [
     "NORMALIZATIONS",
     "PADDINGS",
     "RELU",
+    "SQUEEZE_EXCITE_GATES",
+    "SqueezeExcite",
     "WEIGHT_OPTIONS",
     "option_module",
 ]
@@ -145,6 +147,92 @@ RELU = Activation()
 
 # What normalises the block's input before the activation (the layer's argument).
 NORMALIZATIONS = ("batch", "frozen", "none")
+
+
+# The gate functions of a squeeze-excite (EfficientNet: sigmoid; MobileNetV3: hard_sigmoid).
+SQUEEZE_EXCITE_GATES = ("sigmoid", "hard_sigmoid")
+_SQUEEZE_EXCITE_KEYS = ("filters", "activation", "gate", "use_bias")
+
+
+@dataclasses.dataclass(frozen=True)
+class SqueezeExcite:
+    """A squeeze-excite gate between the block's activation a and its heads.
+
+    The heads read ``a * s``, with the per-sample, per-channel gate
+    ``s = gate(W2 f(W1 mean_hw(a) + b1) + b2)`` (EfficientNet's and
+    MobileNetV3's squeeze-excite: GlobalAveragePooling2D -> 1x1 Conv2D with
+    activation f -> 1x1 Conv2D -> gate -> Multiply). ``filters`` is W1's
+    output width. The weights are the two 1x1 convs' (Conv2D's shapes:
+    ``(1, 1, C, filters)``, ``(1, 1, filters, C)``, biases if ``use_bias``).
+
+    In the compressed backward, dL/ds and the kernel gradients are computed
+    from the decoded activation, so neither ``a`` nor ``a * s`` is kept as
+    floats; the pooled vector and ``s`` (per sample and channel) are.
+    """
+
+    filters: int
+    activation: Activation = RELU
+    gate: str = "sigmoid"
+    use_bias: bool = True
+
+    @classmethod
+    def get(cls, value):
+        """None, a SqueezeExcite, or a dict of its fields (`get_config`'s form)."""
+        if value is None or isinstance(value, SqueezeExcite):
+            return value
+        if not isinstance(value, dict) or "filters" not in value or (
+            set(value) - set(_SQUEEZE_EXCITE_KEYS)
+        ):
+            raise ValueError(
+                "Expected squeeze_excite to be None or a dict with key 'filters' and "
+                f"optionally {list(_SQUEEZE_EXCITE_KEYS[1:])}. Received: squeeze_excite={value!r}"
+            )
+        gate = value.get("gate", "sigmoid")
+        return cls(
+            filters=check_int(value["filters"], "squeeze_excite filters"),
+            activation=Activation.get(value.get("activation", "relu")),
+            gate=check_choice(gate, "squeeze_excite gate", SQUEEZE_EXCITE_GATES),
+            use_bias=bool(value.get("use_bias", True)),
+        )
+
+    def get_config(self):
+        return {
+            "filters": self.filters,
+            "activation": self.activation.get_config(),
+            "gate": self.gate,
+            "use_bias": self.use_bias,
+        }
+
+    def weight_shapes(self, channels):
+        """[(name, shape)] of the gate's weights, in the order `__call__` reads them."""
+        shapes = [("se_reduce_kernel", (1, 1, channels, self.filters))]
+        shapes += [("se_reduce_bias", (self.filters,))] if self.use_bias else []
+        shapes += [("se_expand_kernel", (1, 1, self.filters, channels))]
+        shapes += [("se_expand_bias", (channels,))] if self.use_bias else []
+        return shapes
+
+    def squeeze(self, a, weights):
+        """(pooled, s): the spatial mean of the NHWC activation `a` (batch, C) and the gate."""
+        pooled = keras.ops.mean(a, axis=(1, 2))
+        return pooled, self(pooled, weights)
+
+    @staticmethod
+    def excite(a, s):
+        """``a * s``, the gate broadcast over the spatial axes (Multiply's)."""
+        return a * keras.ops.expand_dims(keras.ops.expand_dims(s, 1), 1)
+
+    def __call__(self, pooled, weights):
+        """The gate s (batch, C) of the pooled activation (batch, C), with keras.ops."""
+        ops = keras.ops
+        weights = list(weights)
+
+        def dense(v):
+            kernel = weights.pop(0)
+            out = ops.matmul(v, ops.reshape(kernel, kernel.shape[2:]))
+            return out + weights.pop(0) if self.use_bias else out
+
+        s = dense(self.activation(dense(pooled)))
+        return ops.sigmoid(s) if self.gate == "sigmoid" else ops.hard_sigmoid(s)
 
 
 def option_module(name):
@@ -334,6 +422,8 @@ class BlockConfig:
             backward) or "none" (y = x; the code sized by the batch statistics,
             computed for that only). The layer's "frozen" is "none" on the
             frozen BN's output.
+        squeeze_excite: a `SqueezeExcite` between the activation and the
+            heads, or None.
     """
 
     bits: int
@@ -345,6 +435,7 @@ class BlockConfig:
     synchronized: bool = False
     activation: Activation = RELU
     normalization: str = "batch"
+    squeeze_excite: Optional[SqueezeExcite] = None
 
     def second_order_error(self):
         """The ValueError for differentiating the compressed backward again."""

@@ -289,8 +289,9 @@ def _conv_problem(node, act_out, source, pad=None):
 class _Chain:
     """A convertible [BN ->] activation -> conv heads group, and the block it becomes."""
 
-    def __init__(self, bn, act, heads, others):
+    def __init__(self, bn, act, heads, others, gate=None):
         self.bn, self.act = bn, act  # bn None: an activation with no BN in front
+        self.gate = gate  # a _Gate between the activation and the heads, or None
         self.heads = heads  # [(conv node, ZeroPadding2D node or None)]
         self.others = others  # nodes (or model outputs) reading the activation
         first = heads[0][0].operation
@@ -307,7 +308,8 @@ class _Chain:
     def nodes(self):
         pads = [pad for _, pad in self.heads if pad is not None]
         first = [self.act] if self.bn is None else [self.bn, self.act]
-        return first + pads + [conv for conv, _ in self.heads]
+        gate = [] if self.gate is None else self.gate.nodes
+        return first + gate + pads + [conv for conv, _ in self.heads]
 
     @property
     def return_activation(self):
@@ -334,11 +336,128 @@ def _activation_problem(act, source):
     return None
 
 
+# The gate functions of a squeeze-excite's second 1x1 conv, by the block's name.
+_GATE_FUNCTIONS = {
+    keras.activations.sigmoid: "sigmoid",
+    keras.activations.hard_sigmoid: "hard_sigmoid",
+}
+
+
+class _Gate:
+    """A squeeze-excite reading a block's activation, as EfficientNet writes it:
+    GlobalAveragePooling2D [-> Reshape((1, 1, C))] -> Conv2D(1x1, activation) ->
+    Conv2D(1x1, sigmoid or hard_sigmoid) -> Multiply with the activation."""
+
+    def __init__(self, nodes, reduce, expand, multiply):
+        self.nodes, self.reduce, self.expand, self.multiply = nodes, reduce, expand, multiply
+
+    @property
+    def output(self):
+        return self.multiply.outputs[0]
+
+    @property
+    def config(self):
+        reduce, expand = self.reduce.operation, self.expand.operation
+        return dict(
+            filters=reduce.filters,
+            activation=_ACTIVATION_FUNCTIONS[reduce.activation],
+            gate=_GATE_FUNCTIONS[expand.activation],
+            use_bias=reduce.use_bias,
+        )
+
+    def weights(self):
+        """The stock weights in `SqueezeExcite.weight_shapes`' order."""
+        reduce, expand = self.reduce.operation, self.expand.operation
+        if not reduce.use_bias:
+            return [reduce.kernel, expand.kernel]
+        return [reduce.kernel, reduce.bias, expand.kernel, expand.bias]
+
+
+def _gate_conv_ok(node, channels, functions, source):
+    """Whether `node` is a 1x1 Conv2D of a squeeze-excite the block computes."""
+    conv = node.operation
+    return (
+        type(conv) is keras.layers.Conv2D
+        and tuple(conv.kernel_size) == (1, 1)
+        and tuple(conv.strides) == (1, 1)
+        and tuple(conv.dilation_rate) == (1, 1)
+        and conv.groups == 1
+        and conv.data_format == "channels_last"
+        and conv.activation in functions
+        and (channels is None or conv.filters == channels)
+        and conv.activity_regularizer is None
+        and all(getattr(conv, n) is None for n in (
+            "kernel_regularizer", "bias_regularizer", "kernel_constraint", "bias_constraint"))
+        and getattr(conv, "quantization_mode", None) is None
+        and not getattr(conv, "lora_enabled", False)
+        and conv.dtype_policy.name == source.dtype_policy.name
+        and _single_call(conv)
+    )
+
+
+def _gate(graph, act, source):
+    """The `_Gate` that reads the activation node `act` (of a block starting at
+    layer `source`), or None."""
+    activation = act.outputs[0]
+    channels = activation.shape[-1]
+    for pool in graph.users(activation):
+        layer = pool.operation
+        if type(layer) is not keras.layers.GlobalAveragePooling2D or (
+            layer.data_format != "channels_last" or not _single_call(layer)
+        ):
+            continue
+        nodes, node = [pool], graph.only_user(pool.outputs[0])
+        if node is not None and type(node.operation) is keras.layers.Reshape:
+            if tuple(node.operation.target_shape) != (1, 1, channels):
+                continue
+            nodes.append(node)
+            node = graph.only_user(node.outputs[0])
+        elif not layer.keepdims:
+            continue
+        if node is None or not _gate_conv_ok(node, None, _ACTIVATION_FUNCTIONS, source):
+            continue
+        reduce = node
+        expand = graph.only_user(reduce.outputs[0])
+        if expand is None or not _gate_conv_ok(expand, channels, _GATE_FUNCTIONS, source):
+            continue
+        if expand.operation.use_bias != reduce.operation.use_bias:
+            continue
+        multiply = graph.only_user(expand.outputs[0])
+        if multiply is None or type(multiply.operation) is not keras.layers.Multiply:
+            continue
+        ids = {id(t) for t in multiply.input_tensors}
+        if len(multiply.input_tensors) != 2 or ids != {id(activation), id(expand.outputs[0])}:
+            continue
+        if multiply.operation.activity_regularizer is not None or not _single_call(
+            multiply.operation
+        ):
+            continue
+        return _Gate(nodes + [reduce, expand, multiply], reduce, expand, multiply)
+    return None
+
+
 def _heads(graph, act, source, rejected):
-    """(heads, others, reasons) of the activation node `act` of a block starting at
+    """(heads, others, reasons, gate) of the activation node `act` of a block
+    starting at layer `source`, with a squeeze-excite `_Gate` between them where
+    one reads the activation and only heads read its Multiply (else gate None)."""
+    gate = _gate(graph, act, source)
+    if gate is not None:
+        scratch = dict(rejected)
+        heads, others, reasons = _readers(graph, gate.output, source, scratch)
+        if heads and not others:
+            rejected.update(scratch)
+            readers = {id(n) for n in gate.nodes}
+            others = [u for u in graph.users(act.outputs[0]) if id(u) not in readers]
+            if id(act.outputs[0]) in graph.output_ids:
+                others.append(None)
+            return heads, others, reasons, gate
+    return (*_readers(graph, act.outputs[0], source, rejected), None)
+
+
+def _readers(graph, activation, source, rejected):
+    """(heads, others, reasons) of the tensor `activation` of a block starting at
     layer `source`: the convs (after a ZeroPadding2D or not) that can read its code,
     the other readers, and why the rejected convs cannot."""
-    activation = act.outputs[0]
     heads, others, reasons = [], [], []
     for user in graph.users(activation):
         layer = user.operation
@@ -389,12 +508,13 @@ def _find_chain(graph, node, rejected):
     problem = _activation_problem(act, bn)
     if problem:
         return None, problem
-    heads, others, reasons = _heads(graph, act, bn, rejected)
+    heads, others, reasons, gate = _heads(graph, act, bn, rejected)
     if not heads:
         return None, _no_heads_reason("BN -> activation", others, reasons)
-    if len({conv.operation.trainable for conv, _ in heads}) > 1:
-        return None, "its conv heads differ in trainable (one block trains all or none)"
-    return _Chain(node, act, heads, others), None
+    problem = _trainable_problem(heads, gate)
+    if problem:
+        return None, problem
+    return _Chain(node, act, heads, others, gate), None
 
 
 def _find_unnormalised_chain(graph, act, rejected):
@@ -403,12 +523,23 @@ def _find_unnormalised_chain(graph, act, rejected):
     problem = _activation_problem(act, act.operation)
     if problem:
         return None, problem
-    heads, others, reasons = _heads(graph, act, act.operation, rejected)
+    heads, others, reasons, gate = _heads(graph, act, act.operation, rejected)
     if not heads:
         return None, _no_heads_reason("activation", others, reasons)
-    if len({conv.operation.trainable for conv, _ in heads}) > 1:
-        return None, "its conv heads differ in trainable (one block trains all or none)"
-    return _Chain(None, act, heads, others), None
+    problem = _trainable_problem(heads, gate)
+    if problem:
+        return None, problem
+    return _Chain(None, act, heads, others, gate), None
+
+
+def _trainable_problem(heads, gate):
+    """Why the heads (and the squeeze-excite's convs) cannot be one block's, or None."""
+    layers = [conv.operation for conv, _ in heads]
+    if gate is not None:
+        layers += [gate.reduce.operation, gate.expand.operation]
+    if len({layer.trainable for layer in layers}) > 1:
+        return "its conv heads differ in trainable (one block trains all or none)"
+    return None
 
 
 def _plan(graph):
@@ -753,6 +884,7 @@ def _make_block(chain, bits, quantization):
         return_activation=chain.return_activation,
         activation=_block_activation(chain.act.operation),
         normalization=chain.normalization,
+        squeeze_excite=None if chain.gate is None else chain.gate.config,
         data_format="channels_last",  # the only layout converted, whatever the Keras config
         trainable=convs[0].trainable,
         dtype=source.dtype_policy,
@@ -778,6 +910,8 @@ def _copy_block_weights(chain, block):
         pairs.append((kernel, _kernel(conv.operation)[0]))
         if bias is not None:
             pairs.append((bias, conv.operation.bias))
+    if chain.gate is not None:
+        pairs += list(zip(block.gate_weights, chain.gate.weights()))
     for target, source in pairs:
         # A copy: on JAX assign would alias the source array, which fit on
         # the converted model donates (and deletes).

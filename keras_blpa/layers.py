@@ -24,6 +24,7 @@ from keras_blpa.blocks import WEIGHT_OPTIONS
 from keras_blpa.blocks import Activation
 from keras_blpa.blocks import BlockConfig
 from keras_blpa.blocks import Head
+from keras_blpa.blocks import SqueezeExcite
 from keras_blpa.blocks import option_module
 from keras_blpa.validation import check_bits
 from keras_blpa.validation import check_choice
@@ -149,6 +150,17 @@ class ApproxConvBlock(keras.layers.Layer):
             built with ``trainable=False`` normalises as "frozen", as a
             non-trainable BatchNormalization does, and still compresses the
             activation that the input gradient needs.
+        squeeze_excite: None, or a squeeze-excite gate between the activation
+            and the heads (EfficientNet, MobileNetV3): a dict with ``filters``
+            (the reduced width), ``activation`` (its inner activation, "relu"
+            by default; EfficientNet's is "swish"), ``gate`` ("sigmoid" or
+            "hard_sigmoid") and ``use_bias`` (True). The heads read ``a * s``
+            with ``s = gate(W2 f(W1 mean_hw(a) + b1) + b2)``, the weights
+            ``se_reduce_kernel`` (1, 1, C, filters), ``se_reduce_bias``,
+            ``se_expand_kernel`` (1, 1, filters, C), ``se_expand_bias`` in
+            Conv2D's shapes; see `keras_blpa.blocks.SqueezeExcite`. The
+            compressed backward computes the gate's gradient from the decoded
+            activation: neither ``a`` nor ``a * s`` is kept as floats.
         return_activation: if True, the BN+activation output is returned as well
             (last), so that it can also feed a residual shortcut or any other
             layer (the default shortcut is the block input, before BN+activation).
@@ -243,6 +255,7 @@ class ApproxConvBlock(keras.layers.Layer):
         normalization="batch",
         kind="conv",
         depth_multiplier=1,
+        squeeze_excite=None,
         **kwargs,
     ):
         self._backend = backends.get()
@@ -289,6 +302,7 @@ class ApproxConvBlock(keras.layers.Layer):
         self.bits = check_bits(bits, allow_none=True)
         self.activation = Activation.get(activation, negative_slope)
         self.normalization = check_choice(normalization, "normalization", NORMALIZATIONS)
+        self.squeeze_excite = SqueezeExcite.get(squeeze_excite)
         self.quantization = check_choice(
             quantization, "quantization", QUANTIZATION_MODES
         )
@@ -315,6 +329,7 @@ class ApproxConvBlock(keras.layers.Layer):
             synchronized=self.synchronized,
             activation=self.activation,
             normalization="batch" if self._normalization() == "batch" else "none",
+            squeeze_excite=self.squeeze_excite,
         )
 
     def _normalization(self):
@@ -387,6 +402,13 @@ class ApproxConvBlock(keras.layers.Layer):
                 else None
             )
         self.kernel, self.bias = self.kernels[0], self.biases[0]
+        self.gate_weights = []
+        if self.squeeze_excite is not None:
+            for name, shape in self.squeeze_excite.weight_shapes(channels):
+                initializer = self.kernel_initializer if name.endswith("kernel") else "zeros"
+                self.gate_weights.append(
+                    self.add_weight(name=name, shape=shape, initializer=initializer)
+                )
 
     def _build_normalization(self, channels):
         """The BN weights (none for normalization="none"; frozen: not trainable)."""
@@ -441,6 +463,9 @@ class ApproxConvBlock(keras.layers.Layer):
         x = keras.ops.cast(_permute(inputs, _TO_NHWC[self.data_format]), dtype)
         ops = self._backend
         kernels = [keras.ops.cast(ops.read(k), self.compute_dtype) for k in self.kernels]
+        gate_weights = [
+            keras.ops.cast(ops.read(w), self.compute_dtype) for w in self.gate_weights
+        ]
         normalization = self._normalization()
         compress = bool(training) and self.bits is not None
         if normalization != "none":
@@ -465,10 +490,16 @@ class ApproxConvBlock(keras.layers.Layer):
             # The code and the fused kernels are float32 (casts are no-ops but
             # under a float64 policy; autodiff casts their gradients back).
             vectors = [keras.ops.cast(v, "float32") for v in vectors]
-            outs, activation = ops.compressed(*vectors, kernels, self._block_config())
+            outs, activation = ops.compressed(
+                *vectors, kernels, self._block_config(), gate_weights
+            )
         else:
             activation = keras.ops.cast(self.activation(pre), self.compute_dtype)
-            outs = [ops.conv(activation, k, head) for k, head in zip(kernels, self.heads)]
+            gated = activation
+            if self.squeeze_excite is not None:
+                _, s = self.squeeze_excite.squeeze(activation, gate_weights)
+                gated = self.squeeze_excite.excite(activation, s)
+            outs = [ops.conv(gated, k, head) for k, head in zip(kernels, self.heads)]
         outs = [
             o if b is None else o + keras.ops.cast(b, o.dtype)
             for o, b in zip(outs, self.biases)
@@ -534,6 +565,9 @@ class ApproxConvBlock(keras.layers.Layer):
                 "data_format": self.data_format,
                 "activation": self.activation.get_config(),
                 "normalization": self.normalization,
+                "squeeze_excite": (
+                    None if self.squeeze_excite is None else self.squeeze_excite.get_config()
+                ),
             }
         )
         config.update(

@@ -68,7 +68,30 @@ def depthwise_stack(mode, depth=20, channels=64, size=32, activation="relu6"):
     return keras.Model(inp, x)
 
 
-STACKS = {"residual": residual_stack, "depthwise": depthwise_stack}
+def squeeze_excite_stack(mode, depth=20, channels=64, size=32, activation="silu"):
+    """`depth` BN -> activation -> squeeze-excite (EfficientNet's: GAP, 1x1 convs to
+    channels / 4 with silu and back with sigmoid, Multiply) -> 1x1 conv units with
+    identity adds (seed 0). mode: "stock" or a bit width as a string."""
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((size, size, channels))
+    x = inp
+    reduced = channels // 4
+    for _ in range(depth):
+        if mode == "stock":
+            a = stock_activation(activation)(keras.layers.BatchNormalization()(x))
+            s = keras.layers.Reshape((1, 1, channels))(keras.layers.GlobalAveragePooling2D()(a))
+            s = keras.layers.Conv2D(reduced, 1, activation="silu")(s)
+            s = keras.layers.Conv2D(channels, 1, activation="sigmoid")(s)
+            h = keras.layers.Conv2D(channels, 1, use_bias=False)(keras.layers.Multiply()([a, s]))
+        else:
+            h = ApproxConvBlock(channels, 1, activation=activation, bits=int(mode),
+                                squeeze_excite=dict(filters=reduced, activation="silu"))(x)
+        x = keras.layers.Add()([x, h])
+    return keras.Model(inp, x)
+
+
+STACKS = {"residual": residual_stack, "depthwise": depthwise_stack,
+          "squeeze_excite": squeeze_excite_stack}
 
 _STEP = textwrap.dedent(
     """

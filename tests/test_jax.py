@@ -366,6 +366,57 @@ def test_residuals_are_codes_vectors_and_kernel(act):
     assert max(leaf.size for leaf in jax.tree_util.tree_leaves(vjp) if leaf.dtype != jnp.uint8) < x.size
 
 
+@pytest.mark.parametrize("case", [("silu", "silu", "sigmoid"), ("hard_silu", "relu", "hard_sigmoid")],
+                         ids=["efficientnet", "mobilenet_v3"])
+def test_squeeze_excite_block_matches_stock_and_keeps_codes(case):
+    """A block with a squeeze-excite gate against the stock chain BN -> activation ->
+    GAP / 1x1 convs / Multiply -> Conv2D: the training and inference forward equal,
+    every gradient (the gate's weights included) within the smooth 4-bit cosine, and
+    the residuals only codes and vectors (no float array of the activation's size)."""
+    activation, inner, gate = case
+    rng = np.random.default_rng(23)
+    x = rng.normal(0.3, 1.5, size=(4, 8, 8, 6)).astype(np.float32)
+    block = ApproxConvBlock(5, 1, bits=4, activation=activation,
+                            squeeze_excite=dict(filters=3, activation=inner, gate=gate))
+    block.build(x.shape)
+    for v in block.trainable_variables:
+        v.assign(rng.normal(0, 0.5, v.shape))
+    inp = keras.Input(x.shape[1:])
+    bn = keras.layers.BatchNormalization(epsilon=1e-3)
+    a = Activation.get(activation).stock_layer()(bn(inp))
+    reduce = keras.layers.Conv2D(3, 1, activation=inner)
+    expand = keras.layers.Conv2D(6, 1, activation=keras.activations.get(gate))
+    s = expand(reduce(keras.layers.Reshape((1, 1, 6))(keras.layers.GlobalAveragePooling2D()(a))))
+    conv = keras.layers.Conv2D(5, 1, use_bias=False)
+    stock = keras.Model(inp, conv(keras.layers.Multiply()([a, s])))
+    bn.set_weights([np.asarray(v) for v in (block.gamma, block.beta, block.moving_mean,
+                                            block.moving_variance)])
+    conv.set_weights([np.asarray(block.kernel)])
+    reduce.set_weights([np.asarray(w) for w in block.gate_weights[:2]])
+    expand.set_weights([np.asarray(w) for w in block.gate_weights[2:]])
+    for training in (True, False):
+        np.testing.assert_allclose(block(x, training=training), stock(x, training=training),
+                                   rtol=1e-5, atol=1e-5)
+    g = flat(layer_grads(block, x))
+    d_x, d_stock = flat(layer_grads(stock, x))[:1], layer_grads(stock, x)[1]
+    by_variable = dict(zip([id(v) for v in stock.trainable_variables], d_stock))
+    order = [bn.gamma, bn.beta, conv.kernel, reduce.kernel, reduce.bias, expand.kernel, expand.bias]
+    g_ref = d_x + [np.asarray(by_variable[id(v)], np.float32) for v in order]
+    assert [a.shape for a in g] == [b.shape for b in g_ref]
+    for a, b in zip(g, g_ref):
+        a, b = np.ravel(a), np.ravel(b)
+        assert a @ b / (np.linalg.norm(a) * np.linalg.norm(b)) >= COSINE[4][1]
+    config = block._block_config()
+    fn = jax_ops.compressed_block(config)
+    x32 = jnp.asarray(x)
+    mean, var = x32.mean((0, 1, 2)), x32.var((0, 1, 2))
+    weights = [v.value for v in block.kernels + block.gate_weights]
+    _, residuals = fn.fwd(x.shape, x32, block.gamma.value, block.beta.value, mean, var, *weights)
+    leaves = jax.tree_util.tree_leaves(residuals)
+    assert [r.shape for r in leaves if r.dtype == jnp.uint8] == [(x.size // 2,)]
+    assert max(r.size for r in leaves if r.dtype != jnp.uint8) < x.size // 4
+
+
 # ------------------------------------------------------------------ layers
 
 

@@ -31,11 +31,14 @@ class Backend(Protocol):
     def conv(self, a, kernel, head) -> Any:
         """The NHWC x HWIO convolution of one head (a `keras_blpa.blocks.Head`)."""
 
-    def compressed(self, x, gamma, beta, mean, variance, kernels, config) -> tuple:
+    def compressed(
+        self, x, gamma, beta, mean, variance, kernels, config, gate_weights=()
+    ) -> tuple:
         """The block's training forward whose backward reads only the K-bit code.
 
-        `config` is a `keras_blpa.blocks.BlockConfig`. Returns (list of head
-        outputs, the activation or None).
+        `config` is a `keras_blpa.blocks.BlockConfig`; `gate_weights` are its
+        squeeze-excite's weights (``config.squeeze_excite``). Returns (list of
+        head outputs, the activation or None).
         """
 
     def residual_call(self, x, shortcut, stride, padding, extra) -> Any:

@@ -297,36 +297,43 @@ def read(variable):
     return variable.value
 
 
-def compressed(x, gamma, beta, mean, variance, kernels, config):
+def compressed(x, gamma, beta, mean, variance, kernels, config, gate_weights=()):
     """The TensorFlow block's `compressed` on JAX: (list of head outputs, the activation or None).
 
     ``config.synchronized`` needs no code here: under keras.distribution the
     block runs on one global (sharded) array, so the statistics and the
     backward's sums are over the global batch and XLA inserts the all-reduces.
     """
-    result = compressed_block(config)(tuple(x.shape), x, gamma, beta, mean, variance, *kernels)
+    result = compressed_block(config)(
+        tuple(x.shape), x, gamma, beta, mean, variance, *kernels, *gate_weights
+    )
     n = len(kernels)
     return list(result[:n]), (result[-1] if config.with_activation else None)
 
 
 @functools.lru_cache(maxsize=None)
 def compressed_block(config):
-    """The compressed training block ``f(x_shape, x, gamma, beta, mean, variance, *kernels)``.
+    """The compressed training block ``f(x_shape, x, gamma, beta, mean, variance, *kernels,
+    *gate_weights)``.
 
     Args:
         config: a `keras_blpa.blocks.BlockConfig` (hashable: one function each).
 
     Returns:
         A `jax.custom_vjp` function returning the tuple of head outputs (and the
-        activation). Its residuals: packed codes, per-channel vectors, kernels.
+        activation). Its residuals: packed codes, per-channel vectors, kernels
+        (and a squeeze-excite's weights, pooled activation and gate, per
+        sample and channel).
         mean and variance get zero gradients (the BN backward includes theirs).
     """
     bits, epsilon, compute_dtype = config.bits, config.epsilon, config.compute_dtype
     specs, act = config.heads, config.activation
 
     unnormalised = config.normalization == "none"
+    se, n = config.squeeze_excite, len(specs)
 
-    def forward(x, gamma, beta, mean, variance, kernels):
+    def forward(x, gamma, beta, mean, variance, weights):
+        kernels, gate_weights = weights[:n], weights[n:]
         if unnormalised:
             # y = x exactly; the batch statistics size the code (TF block's `_normalisation`).
             scale, offset = jnp.ones_like(mean), jnp.zeros_like(mean)
@@ -341,33 +348,41 @@ def compressed_block(config):
         if config.naive:
             activation = decode_activation(packed, x.shape, p["step"], p["shift"], bits, act)
         activation = activation.astype(compute_dtype)
-        outs = tuple(conv(activation, k, h) for k, h in zip(kernels, specs))
+        head_in, gate = activation, ()
+        if se is not None:
+            pooled, s = se.squeeze(activation, gate_weights)
+            head_in, gate = se.excite(activation, s), (pooled, s, tuple(gate_weights))
+        outs = tuple(conv(head_in, k, h) for k, h in zip(kernels, specs))
         if config.with_activation:
             outs += (activation,)
         vectors = (p["step"], p["shift"], p["gamma"], p["beta"], scale)
-        return outs, (packed, vectors, tuple(kernels))
+        return outs, (packed, vectors, tuple(kernels), gate)
 
     # x_shape (static) is the only trace of x that the backward keeps.
     @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-    def block(x_shape, x, gamma, beta, mean, variance, *kernels):
-        return forward(x, gamma, beta, mean, variance, kernels)[0]
+    def block(x_shape, x, gamma, beta, mean, variance, *weights):
+        return forward(x, gamma, beta, mean, variance, weights)[0]
 
-    def fwd(x_shape, x, gamma, beta, mean, variance, *kernels):
-        return forward(x, gamma, beta, mean, variance, kernels)
+    def fwd(x_shape, x, gamma, beta, mean, variance, *weights):
+        return forward(x, gamma, beta, mean, variance, weights)
 
     def bwd(x_shape, residuals, d_results):
-        packed, (step, shift, gamma, beta, scale), kernels = residuals
+        packed, (step, shift, gamma, beta, scale), kernels, gate = residuals
         d_outs = d_results[: len(kernels)]
         # Ordering (a) of the TensorFlow block: decode only once the gradient has arrived.
         a_dec = decode_activation(
             _after(d_outs, packed), x_shape, step, shift, bits, act
         ).astype(compute_dtype)
+        head_in = a_dec if se is None else se.excite(a_dec, gate[1])
         d_kernels, d_a = [], jnp.zeros(x_shape, jnp.float32)
         for kernel, head, d_out in zip(kernels, specs, d_outs):
-            _, conv_vjp = jax.vjp(lambda a, k, h=head: conv(a, k, h), a_dec, kernel)
+            _, conv_vjp = jax.vjp(lambda a, k, h=head: conv(a, k, h), head_in, kernel)
             d_in, d_kernel = conv_vjp(d_out.astype(compute_dtype))
             d_kernels.append(d_kernel.astype(kernel.dtype))
             d_a = d_a + d_in.astype(jnp.float32)
+        if se is not None:
+            d_a, d_gate = _gate_backward(se, gate, a_dec, d_a)
+            d_kernels += d_gate
         if config.with_activation:
             d_a = d_a + d_results[-1].astype(jnp.float32)
         zeros = jnp.zeros_like(step)
@@ -390,6 +405,18 @@ def compressed_block(config):
 
     block.defvjp(fwd, bwd)
     return block
+
+
+def _gate_backward(se, gate, a_dec, d_gated):
+    """(dL/da, the squeeze-excite weights' gradients) from the decoded activation
+    and dL/d(a * s): the TensorFlow block's `_Gate.backward`."""
+    pooled, s, weights = gate
+    d_s = jnp.sum(a_dec.astype(jnp.float32) * d_gated, axis=(1, 2))
+    _, gate_vjp = jax.vjp(lambda p, w: se(p, w), pooled, weights)
+    d_pooled, d_weights = gate_vjp(d_s.astype(s.dtype))
+    area = float(a_dec.shape[1] * a_dec.shape[2])
+    d_a = d_gated * s.astype(jnp.float32)[:, None, None, :]
+    return d_a + (d_pooled.astype(jnp.float32) / area)[:, None, None, :], list(d_weights)
 
 
 def recompute_call(block, inputs, training):

@@ -142,17 +142,20 @@ class _Code:
         )
 
 
-def _conv_backward(code, kernels, d_outs, heads):
-    """(d_kernels, d_activation) of the heads ``conv(activation, kernel_i, head_i)``.
+def _conv_backward(code, kernels, d_outs, heads, gate=None):
+    """(d_kernels, d_activation, d_gate_weights) of the heads ``conv(head_in, kernel_i, head_i)``.
 
-    The decode waits for the incoming gradients; the filter gradients (Conv2D,
-    depthwise or dense alike) read the decoded activation output, then the
-    input gradients (which need only the kernels) wait for them, so that the
-    decoded activation is released before the next full-size temporaries are made.
+    ``head_in`` is the activation, or with a squeeze-excite `_Gate` the gated
+    ``a * s``. The decode waits for the incoming gradients; the filter
+    gradients (Conv2D, depthwise or dense alike) read the decoded head input,
+    then the input gradients (which need only the kernels) wait for them, so
+    that the decoded tensor is released before the next full-size temporaries
+    are made (with a gate the decoded activation stays until dL/ds is summed).
     """
     a_dec = code.decode_activation(list(d_outs))
+    head_in = a_dec if gate is None else gate.excite(a_dec)
     d_kernels = [
-        _kernel_gradient(tf.cast(a_dec, d_out.dtype), kernel, d_out, head)
+        _kernel_gradient(tf.cast(head_in, d_out.dtype), kernel, d_out, head)
         for kernel, d_out, head in zip(kernels, d_outs, heads)
     ]
     d_a = None
@@ -160,7 +163,41 @@ def _conv_backward(code, kernels, d_outs, heads):
         for kernel, d_out, head in zip(kernels, d_outs, heads):
             d = tf.cast(_input_gradient(code.shape, kernel, d_out, head), tf.float32)
             d_a = d if d_a is None else d_a + d
-    return d_kernels, d_a
+    if gate is None:
+        return d_kernels, d_a, []
+    d_a, d_gate_weights = gate.backward(a_dec, d_a)
+    return d_kernels, d_a, d_gate_weights
+
+
+class _Gate:
+    """A block's squeeze-excite (`blocks.SqueezeExcite`): what its backward keeps
+    (the pooled activation and the gate s, per sample and channel; the weights)."""
+
+    def __init__(self, config, activation, weights):
+        self.se, self.weights = config, list(weights)
+        self.pooled, self.s = config.squeeze(activation, self.weights)
+
+    def excite(self, a):
+        return self.se.excite(a, tf.cast(self.s, a.dtype))
+
+    def backward(self, a_dec, d_gated):
+        """(dL/da, the weights' gradients) from the decoded activation and dL/d(a * s).
+
+        dL/ds = sum_hw(a * dL/d(a * s)); the gate's own backward (on vectors)
+        is autodiff's, from the pooled activation kept in the forward; its
+        pooled gradient reaches a as ``dL/dpooled / (H * W)`` everywhere.
+        """
+        d_s = tf.reduce_sum(a_dec * d_gated, axis=[1, 2])
+        with tf.GradientTape() as tape:
+            tape.watch([self.pooled] + self.weights)
+            s = self.se(self.pooled, self.weights)
+        d_pooled, *d_weights = tape.gradient(
+            s, [self.pooled] + self.weights, output_gradients=tf.cast(d_s, s.dtype)
+        )
+        area = tf.cast(tf.reduce_prod(tf.shape(a_dec)[1:3]), tf.float32)
+        d_pooled = tf.cast(d_pooled, tf.float32) / area
+        d_a = d_gated * tf.cast(self.s, tf.float32)[:, None, None, :]
+        return d_a + d_pooled[:, None, None, :], d_weights
 
 
 def _bn_act_backward(code, d_a, beta, scale, synchronized):
@@ -220,7 +257,7 @@ def _normalisation(gamma, beta, mean, variance, config):
     return scale, beta - mean * scale, params
 
 
-def compressed(x, gamma, beta, mean, variance, kernels, config):
+def compressed(x, gamma, beta, mean, variance, kernels, config, gate_weights=()):
     """The training forward of ApproxConvBlock whose backward reads only the packed codes.
 
     Args:
@@ -229,6 +266,8 @@ def compressed(x, gamma, beta, mean, variance, kernels, config):
             the BN backward; for "none", they only size the code).
         kernels: one conv kernel per head, in ``config.compute_dtype``.
         config: a `keras_blpa.blocks.BlockConfig`.
+        gate_weights: the squeeze-excite's weights (``config.squeeze_excite``),
+            in the compute dtype.
 
     Returns:
         (list of head outputs, the activation or None).
@@ -238,7 +277,8 @@ def compressed(x, gamma, beta, mean, variance, kernels, config):
     n = len(kernels)
 
     @tf.custom_gradient
-    def block(x, gamma, beta, mean, variance, *kernels):
+    def block(x, gamma, beta, mean, variance, *weights):
+        kernels, gate_weights = weights[:n], weights[n:]
         scale, offset, p = _normalisation(gamma, beta, mean, variance, config)
         x_shape = tf.shape(x)
         activation, packed = ops.bn_act_encode(
@@ -247,13 +287,18 @@ def compressed(x, gamma, beta, mean, variance, kernels, config):
         if config.naive:
             activation = ops.decode_activation(packed, x_shape, p["step"], p["shift"], bits, act)
         activation = tf.cast(activation, config.compute_dtype)
+        gate = None
+        head_in = activation
+        if config.squeeze_excite is not None:
+            gate = _Gate(config.squeeze_excite, activation, gate_weights)
+            head_in = gate.excite(activation)
         with tf.control_dependencies([packed]):  # ordering (b)
-            outs = [conv(activation, k, head) for k, head in zip(kernels, config.heads)]
+            outs = [conv(head_in, k, head) for k, head in zip(kernels, config.heads)]
         code = _Code(ops, packed, x_shape, p, bits, act)
 
         def grad(*d_results):
             d_outs = d_results[:n]
-            d_kernels, d_a = _conv_backward(code, kernels, d_outs, config.heads)
+            d_kernels, d_a, d_gate = _conv_backward(code, kernels, d_outs, config.heads, gate)
             if config.with_activation:
                 d_a += tf.cast(d_results[n], tf.float32)
             if config.normalization == "batch":
@@ -263,17 +308,17 @@ def compressed(x, gamma, beta, mean, variance, kernels, config):
             else:
                 d_x = _unnormalised_backward(code, d_a, scale)
                 d_gamma, d_beta = tf.zeros_like(gamma), tf.zeros_like(beta)
-            d_x, d_gamma, d_beta, *d_kernels = _first_order_only(
-                [tf.cast(d_x, x.dtype), d_gamma, d_beta, *d_kernels], config
+            d_x, d_gamma, d_beta, *d_weights = _first_order_only(
+                [tf.cast(d_x, x.dtype), d_gamma, d_beta, *d_kernels, *d_gate], config
             )
-            return (d_x, d_gamma, d_beta, None, None, *d_kernels)
+            return (d_x, d_gamma, d_beta, None, None, *d_weights)
 
         # Ordering (c): return the activation only when the caller uses it.
         if config.with_activation:
             return (*outs, activation), grad
         return tuple(outs), grad
 
-    result = list(block(x, gamma, beta, mean, variance, *kernels))
+    result = list(block(x, gamma, beta, mean, variance, *kernels, *gate_weights))
     return result[:n], (result[n] if config.with_activation else None)
 
 
