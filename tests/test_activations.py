@@ -216,7 +216,8 @@ def test_bad_activation_arguments(kwargs, match):
         ApproxConvBlock(4, 3, **kwargs)
 
 
-SATURATING = [("relu", None), ("leaky_relu", 0.1), ("silu", None), ("gelu", None), ("hard_silu", None)]
+SATURATING = [("relu", None), ("relu6", None), ("leaky_relu", 0.1), ("silu", None),
+              ("gelu", None), ("hard_silu", None)]
 
 
 @pytest.mark.parametrize("bits", [8, 4])

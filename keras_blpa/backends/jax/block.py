@@ -87,17 +87,21 @@ def channel_params(gamma, beta, bits, act=RELU):
 def _relu6_params(gamma, beta, step0, inv_step0, centre0, levels):
     """channel_params for relu6: 6 on a bin edge as well as 0 (the reference's docstring)."""
     top = levels - 1.0
-    shift0 = _clip(levels / 2.0 - centre0, 1.0, top - 1.0)
+    raw0 = _clip(levels / 2.0 - centre0, -SHIFT_BOUND, SHIFT_BOUND)
+    shift0 = _clip(raw0, 1.0, top - 1.0)
     shift0 = jnp.where(jnp.isnan(shift0), levels / 2.0, shift0)
     m = jnp.maximum(jnp.round(RELU6_CAP / step0), 1.0)
     inside = m <= top - shift0  # 6 lies inside the paper's window (NaN: False)
-    step = jnp.where(inside, RELU6_CAP / m, step0)
-    shift = _clip(levels / 2.0 - jnp.floor(beta / step), 1.0, top - m)
+    above = raw0 < 1.0  # the window lies wholly above 0 (NaN: False)
+    resized = inside | above
+    step = jnp.where(resized, RELU6_CAP / m, step0)
+    shift = levels / 2.0 - jnp.floor(beta / step)
+    shift = jnp.where(above, _clip(shift, 2.0 - m, top - 1.0), _clip(shift, 1.0, top - m))
     shift = jnp.where(jnp.isnan(shift), jnp.minimum(levels / 2.0, top - m), shift)
     return {
-        "inv_step": jnp.where(inside, m / RELU6_CAP, inv_step0),
+        "inv_step": jnp.where(resized, m / RELU6_CAP, inv_step0),
         "step": step,
-        "shift": jnp.where(inside, shift, shift0),
+        "shift": jnp.where(resized, shift, shift0),
         "gamma": gamma,
         "beta": beta,
     }

@@ -50,9 +50,14 @@ code, with these differences:
   shift0``, with the paper's step0 and shift0, shift0 clipped to
   [1, 2^K - 2]), the bins are resized so that 6 is m whole bins above 0:
   ``step = 6 / m``, ``shift = clip(2^(K-1) - floor(beta / step), 1,
-  2^K - 1 - m)`` (step within the rounding of m of step0). Elsewhere the
-  paper's bins stay and only the top code means y >= 6; the code below it
-  also holds the values between the window's end and 6.
+  2^K - 1 - m)`` (step within the rounding of m of step0). Where the
+  window lies wholly above 0 (the paper's shift < 1) the bins are resized
+  the same way and shift follows the data as for ReLU, clipped to
+  ``[2 - m, 2^K - 2]`` so that code 0 alone means y <= 0 and code 1 still
+  holds 0 < y < 6 below upper (a window above 6 codes its values from 6 up).
+  Elsewhere the paper's bins stay (shift clipped to [1, 2^K - 2]) and only
+  the top code means y >= 6; the code below it also holds the values
+  between the window's end and 6.
 * smooth (silu, gelu both forms, hard_silu): the ReLU code. The decoded
   output is f(bin centre); the derivative is the secant slope across the bin,
   ``(f(hi) - f(lo)) / step`` with ``lo = (code - shift) * step`` and
@@ -133,17 +138,27 @@ def channel_params(gamma, beta, bits, act=RELU):
 def _relu6_params(gamma, beta, step0, inv_step0, centre0, levels):
     """channel_params for relu6: 6 on a bin edge as well as 0 (module docstring)."""
     top = levels - 1.0
-    shift0 = tf.clip_by_value(levels / 2.0 - centre0, 1.0, top - 1.0)
+    raw0 = tf.clip_by_value(levels / 2.0 - centre0, -SHIFT_BOUND, SHIFT_BOUND)
+    shift0 = tf.clip_by_value(raw0, 1.0, top - 1.0)
     shift0 = tf.where(tf.math.is_nan(shift0), levels / 2.0, shift0)
     m = tf.maximum(tf.round(RELU6_CAP / step0), 1.0)
     inside = m <= top - shift0  # 6 lies inside the paper's window (NaN: False)
-    step = tf.where(inside, RELU6_CAP / m, step0)
-    shift = tf.clip_by_value(levels / 2.0 - tf.floor(beta / step), 1.0, top - m)
+    above = raw0 < 1.0  # the window lies wholly above 0 (NaN: False)
+    resized = inside | above
+    step = tf.where(resized, RELU6_CAP / m, step0)
+    shift = levels / 2.0 - tf.floor(beta / step)
+    # Above 0, shift is not clipped to the window: code 0 alone holds y <= 0,
+    # and shift >= 2 - m keeps code 1 for 0 < y < 6 below upper = shift + m.
+    shift = tf.where(
+        above,
+        tf.clip_by_value(shift, 2.0 - m, top - 1.0),
+        tf.clip_by_value(shift, 1.0, top - m),
+    )
     shift = tf.where(tf.math.is_nan(shift), tf.minimum(levels / 2.0, top - m), shift)
     return {
-        "inv_step": tf.where(inside, m / RELU6_CAP, inv_step0),
+        "inv_step": tf.where(resized, m / RELU6_CAP, inv_step0),
         "step": step,
-        "shift": tf.where(inside, shift, shift0),
+        "shift": tf.where(resized, shift, shift0),
         "gamma": gamma,
         "beta": beta,
     }
