@@ -2,7 +2,7 @@
 
 Backprop with Approximate Activations (Chakrabarti & Moseley, NeurIPS 2019): the
 forward pass is exact, the backward pass reads a 2/4/8-bit code of each block's
-batch-normalised activation.
+batch-normalised activation; `ArgmaxPooling2D` keeps each max pooling's argmax.
 
 Importing keras_blpa changes no setting and loads no compiled library; on JAX
 it never imports TensorFlow (`quantization` and `native_ops_available`, the
@@ -17,6 +17,7 @@ from keras_blpa.layers import ApproxConvBlock
 from keras_blpa.layers import ResidualBuffer
 from keras_blpa.models import from_preset
 from keras_blpa.models import resnet
+from keras_blpa.pooling import ArgmaxPooling2D
 
 __version__ = "0.1.0"
 
@@ -32,6 +33,7 @@ def __getattr__(name):
 
 __all__ = [
     "ApproxConvBlock",
+    "ArgmaxPooling2D",
     "ResidualBuffer",
     "convert",
     "from_preset",

@@ -47,7 +47,10 @@ class LayerMemory:
             converted layer: the K-bit code, counted on the BatchNormalization).
         converted_into: name of the ApproxConvBlock it went into, or None.
         reason: why it still keeps float activations (None when it keeps none
-            or was converted).
+            or was converted), or, for a row of `codes`, what it keeps.
+        codes: True when what it keeps after conversion is a code, not float
+            activations: the argmax of an ArgmaxPooling2D, or of a
+            MaxPooling2D that `convert` makes one. Such rows are not in `still_float`.
     """
 
     name: str
@@ -56,6 +59,7 @@ class LayerMemory:
     after: int
     converted_into: object = None
     reason: object = None
+    codes: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +108,7 @@ class MemoryReport:
         return [
             row
             for row in self.layers
-            if row.converted_into is None and row.after > 0
+            if row.converted_into is None and row.after > 0 and not row.codes
         ]
 
     @property
@@ -120,7 +124,9 @@ class MemoryReport:
             f"{_mib(self.after_bytes)} (saved {_mib(self.saved_bytes)}, "
             f"{self.before_bytes / max(self.after_bytes, 1):.2f}x)",
             f"  converted: {len(self.blocks)} blocks from "
-            f"{len(self.converted)} layers; still float: "
+            f"{len(self.converted)} layers; argmax codes: "
+            f"{_mib(sum(r.after for r in self.layers if r.codes))} in "
+            f"{sum(r.codes for r in self.layers)} poolings; still float: "
             f"{_mib(self.float_after_bytes)} in {len(self.still_float)} layers",
             f"  transient working set (peak tolerance): ~{_mib(self.transient_bytes)}",
             f"  {'layer':<36} {'type':<20} {'before':>12} {'after':>12}  note",

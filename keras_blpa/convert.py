@@ -14,7 +14,9 @@ stock 1x1 Conv2D named after it, after the block) or a Dense on a 4D input
 ZeroPadding2D between the activation and a "valid" conv is folded into the
 conv as explicit padding; if the BN+activation output also feeds other layers
 (a residual add, a pooling), the block returns it as well. Everything else is copied unchanged, so the forward pass is
-exactly the original's.
+exactly the original's. Every ``keras.layers.MaxPooling2D`` becomes an
+`ArgmaxPooling2D` with its config: the same forward, and a backward that
+keeps the argmax code instead of the float input and output.
 
 `memory_report(model, ...)` tells, per layer, which activation bytes the
 backward pass keeps before and after conversion, and why what stays float
@@ -37,9 +39,11 @@ from keras_blpa.activation_report import LayerMemory
 from keras_blpa.activation_report import MemoryReport
 from keras_blpa.blocks import RELU
 from keras_blpa.blocks import Activation
+from keras_blpa.pooling import ArgmaxPooling2D
 from keras_blpa.validation import check_bits
 from keras_blpa.validation import check_choice
 from keras_blpa.validation import check_int
+from keras_blpa.windows import index_dtype
 
 __all__ = ["convert", "memory_report"]
 
@@ -624,6 +628,8 @@ def _keeps(node, spec):
         return [(tin[0], _nbytes(ins[0]))]
     if isinstance(layer, keras.layers.Dropout):
         return [((new, 0), _nbytes(ins[0]))] if layer.rate > 0 else []
+    if isinstance(layer, ArgmaxPooling2D):
+        return _argmax_keeps(node, spec)
     if isinstance(layer, _KEEPS_INPUT_AND_OUTPUT):
         return [(tin[0], _nbytes(ins[0])), (tout[0], _nbytes(outs[0]))]
     if isinstance(layer, keras.layers.SeparableConv2D):
@@ -648,6 +654,28 @@ def _keeps(node, spec):
     return [(k, _nbytes(s)) for k, s in zip(tin, ins)]
 
 
+def _argmax_dtype(layer):
+    """The argmax code's dtype of a MaxPooling2D or ArgmaxPooling2D."""
+    return index_dtype(int(np.prod(layer.pool_size)))
+
+
+def _argmax_keeps(node, spec):
+    """[(key, bytes)] the `ArgmaxPooling2D` of `node` keeps (or would keep): its argmax code."""
+    out = spec[id(node.outputs[0])]
+    itemsize = np.dtype(_argmax_dtype(node.operation)).itemsize
+    return [(("new", id(node)), int(np.prod(out.shape, dtype=np.int64)) * itemsize)]
+
+
+def _argmax_reason(layer):
+    """The report's note of a max pooling that keeps (or will keep) the argmax code."""
+    dtype = _argmax_dtype(layer)
+    size = np.dtype(dtype).itemsize
+    return (
+        f"ArgmaxPooling2D: keeps the {dtype} index of each output's max within its window "
+        f"({size} byte{'s' if size > 1 else ''} per output), not its float input and output"
+    )
+
+
 def _float_reason(node, graph, reasons):
     """Why an unconverted node keeps float activations."""
     if id(node) in reasons:
@@ -655,7 +683,10 @@ def _float_reason(node, graph, reasons):
     layer = node.operation
     name = type(layer).__name__
     if isinstance(layer, _KEEPS_INPUT_AND_OUTPUT):
-        return f"{name} keeps its input and output (max pooling is not compressed)"
+        return (
+            f"{name} keeps its input and output (only MaxPooling2D is compressed: "
+            "ArgmaxPooling2D)"
+        )
     if type(layer) in _HEAD_KINDS:
         producer = graph.producer.get(id(node.input_tensors[0]))
         source = "the model input" if producer is None else _describe(producer)
@@ -741,12 +772,18 @@ def _report(graph, chains, reasons, batch_shapes, bits):
                 )
             rows.append(LayerMemory(node.operation.name, type(node.operation).__name__, before, after, chain.name, None))
             continue
+        layer = node.operation
+        argmax = _becomes_argmax(layer) or isinstance(layer, ArgmaxPooling2D)
         after = 0
-        for key, nbytes in _keeps(node, spec):
+        for key, nbytes in _argmax_keeps(node, spec) if argmax else _keeps(node, spec):
             if key not in claimed_after:
                 claimed_after.add(key)
                 after += nbytes
-        layer = node.operation
+        if argmax:
+            # Codes, not float activations (not in `still_float`).
+            rows.append(LayerMemory(layer.name, type(layer).__name__, before, after, None,
+                                    _argmax_reason(layer), codes=True))
+            continue
         if isinstance(layer, blpa_layers.ApproxConvBlock) and layer.bits is not None:
             # Already compressed: it keeps its code.
             rows.append(LayerMemory(layer.name, type(layer).__name__, before, after, layer.name, None))
@@ -761,7 +798,14 @@ def _report(graph, chains, reasons, batch_shapes, bits):
 # ------------------------------------------------------------- the rebuild
 
 
+def _becomes_argmax(layer):
+    """Whether `convert` replaces `layer` by an ArgmaxPooling2D (stock MaxPooling2D only)."""
+    return type(layer) is keras.layers.MaxPooling2D
+
+
 def _clone(layer):
+    if _becomes_argmax(layer):
+        return ArgmaxPooling2D.from_config(layer.get_config())
     if isinstance(layer, keras.layers.Layer):
         if isinstance(layer, keras.Model):
             return keras.models.clone_model(layer)
@@ -1000,8 +1044,10 @@ def convert(model, bits=4, quantization="blpa", return_report=False, batch_size=
     ReLU, ReLU(6.0), LeakyReLU, Activation("swish"), ...) -> [ZeroPadding2D] ->
     Conv2D is computed by one `ApproxConvBlock`; several convs reading one
     BN+activation share one block and one code; a BN+activation output that
-    also feeds other layers is returned by the block for them. What cannot be
-    converted is copied as it was: the forward pass is exactly the original's.
+    also feeds other layers is returned by the block for them. Every
+    MaxPooling2D becomes an `ArgmaxPooling2D` (same config and output; its
+    backward keeps the argmax code). What cannot be converted is copied as it
+    was: the forward pass is exactly the original's.
     Call it inside ``strategy.scope()`` to get mirrored variables.
 
     Args:
@@ -1032,9 +1078,14 @@ def convert(model, bits=4, quantization="blpa", return_report=False, batch_size=
     chains, reasons = _plan(graph)
     if not chains:
         why = sorted(set(reasons.values()))[:3]
+        pools = sum(_becomes_argmax(node.operation) for node in graph.nodes)
+        rest = (
+            f"only its {pools} MaxPooling2D layer(s) become ArgmaxPooling2D."
+            if pools else "returning an unchanged copy."
+        )
         warnings.warn(
             f"keras_blpa.convert: model {model.name!r} has no BatchNormalization -> "
-            "activation -> Conv2D chain to convert; returning an unchanged copy."
+            f"activation -> Conv2D chain to convert; {rest}"
             + (f" Reasons: {'; '.join(why)}" if why else ""),
             UserWarning,
             stacklevel=2,

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# JAX-backend tests (tests/test_jax.py) on CPU with jax from PyPI.
+# JAX-backend tests (tests/test_jax.py, and the backend-agnostic tests/test_pooling.py) on
+# CPU with jax from PyPI.
 #
 # Creates (or updates) a virtual environment with keras_blpa's extras [jax], [test] and
 # [tensorflow-cpu] (the cross-backend .keras test saves on one backend and loads on the
@@ -23,4 +24,4 @@ if [ "$(cat "$venv/.keras_blpa_requirements" 2>/dev/null)" != "$installed" ]; th
 fi
 "$venv/bin/pip" check
 export KERAS_BACKEND=jax PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TF_CPP_MIN_LOG_LEVEL=2
-exec "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/test_jax.py "$@"
+exec "$venv/bin/python" -m pytest -q -p no:cacheprovider tests/test_jax.py tests/test_pooling.py "$@"

@@ -11,6 +11,7 @@ import textwrap
 import keras
 
 from keras_blpa import ApproxConvBlock
+from keras_blpa import ArgmaxPooling2D
 from keras_blpa import ResidualBuffer
 from keras_blpa.blocks import Activation
 
@@ -90,8 +91,27 @@ def squeeze_excite_stack(mode, depth=20, channels=64, size=32, activation="silu"
     return keras.Model(inp, x)
 
 
+def pool_stack(mode, depth=8, channels=32, size=32, activation="relu"):
+    """`depth` 4-bit blocks, each followed by a 3x3 stride-1 "same" max pooling (seed 0).
+
+    mode: "stock" (keras.layers.MaxPooling2D) or "argmax" / a bit width
+    (ArgmaxPooling2D; the blocks are 4-bit in every mode). A
+    block keeps the 4-bit code of its input, not its float output, so the
+    pooling's input (and its output, which the next block codes) is kept only
+    by a stock pooling's backward.
+    """
+    keras.utils.set_random_seed(0)
+    pool = keras.layers.MaxPooling2D if mode == "stock" else ArgmaxPooling2D
+    inp = keras.Input((size, size, channels))
+    x = inp
+    for _ in range(depth):
+        x = ApproxConvBlock(channels, 3, bits=4, activation=activation)(x)
+        x = pool(3, strides=1, padding="same")(x)
+    return keras.Model(inp, x)
+
+
 STACKS = {"residual": residual_stack, "depthwise": depthwise_stack,
-          "squeeze_excite": squeeze_excite_stack}
+          "squeeze_excite": squeeze_excite_stack, "pool": pool_stack}
 
 _STEP = textwrap.dedent(
     """
@@ -132,3 +152,4 @@ def peak_bytes(stack, mode, pure_tf, depth=30, channels=64, size=32, batch=64, a
     out = subprocess.run([sys.executable, "-c", _STEP, *args], env=env, capture_output=True,
                          text=True, timeout=600, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+

@@ -142,7 +142,9 @@ def test_resnet50v2():
     assert converted.get_layer("conv2_block1_2_conv").heads[0].explicit_padding == ((1, 1), (1, 1))
     assert "conv2_block1_2_pad" not in {l.name for l in converted.layers}
     still = {row.name: row.reason for row in report.still_float}
-    assert "MaxPooling2D" in still["pool1_pool"]
+    # The stem's MaxPooling2D becomes an ArgmaxPooling2D: it keeps codes, not floats.
+    assert "pool1_pool" not in still
+    assert type(converted.get_layer("pool1_pool")) is keras_blpa.ArgmaxPooling2D
     assert "not from BN -> activation" in still["conv1_conv"]
     assert "GlobalAveragePooling2D" in still["post_bn"]
 
@@ -754,3 +756,64 @@ def test_trained_batch_norm_statistics_keep_block_gradients():
         assert min(cosines) >= {8: 0.99, 4: 0.97}[bits], (chain[0].name, bits, cosines)
         assert min(cosines[0], cosines[2], cosines[4]) >= 0.9999, (chain[0].name, bits, cosines)
 
+
+
+def pooled_cnn(bn=False):
+    """Conv -> [BN ->] ReLU -> MaxPooling2D(3, 2, "same") -> Conv -> pool -> Dense (seed 0).
+
+    Without BN no chain converts (the ReLU feeds a pooling): only the poolings change.
+    """
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((15, 15, 3))
+    x = keras.layers.Conv2D(8, 3, padding="same")(inp)
+    if bn:
+        x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.MaxPooling2D(3, 2, padding="same", name="pool1")(x)
+    if bn:
+        x = keras.layers.ReLU()(keras.layers.BatchNormalization()(x))
+    x = keras.layers.Conv2D(8, 3, name="conv2")(x)
+    x = keras.layers.MaxPooling2D(name="pool2")(x)
+    return keras.Model(inp, keras.layers.Dense(4)(keras.layers.Flatten()(x)))
+
+
+def test_max_pooling_becomes_argmax_pooling_with_the_same_forward_and_gradients():
+    """No chain to convert: the poolings still become ArgmaxPooling2D (with the same
+    config); outputs in both modes and every gradient are bit-identical to the
+    original's (ReLU -> pool: all-zero windows tie)."""
+    model = pooled_cnn()
+    with pytest.warns(UserWarning, match="only its 2 MaxPooling2D layer"):
+        converted, report = keras_blpa.convert(model, return_report=True, batch_size=BATCH)
+    for name in ("pool1", "pool2"):
+        assert type(converted.get_layer(name)) is keras_blpa.ArgmaxPooling2D
+        assert converted.get_layer(name).get_config() == model.get_layer(name).get_config()
+    x = np.random.default_rng(0).normal(size=(BATCH, 15, 15, 3)).astype("float32")
+    for training in (True, False):
+        np.testing.assert_array_equal(converted(x, training=training), model(x, training=training))
+    want = input_and_weight_gradients(model, x, 1.0)
+    got = input_and_weight_gradients(converted, x, 1.0)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
+    rows = {row.name: row for row in report.layers}
+    pool = rows["pool1"]
+    assert pool.codes and "pool1" not in {r.name for r in report.still_float}
+    assert "uint8 index of each output's max" in pool.reason
+    assert pool.after == BATCH * 8 * 8 * 8  # one byte per output
+    assert pool.before > 0 and rows["pool2"].after == BATCH * 3 * 3 * 8
+    again = {row.name: row for row in keras_blpa.memory_report(converted, BATCH).layers}
+    assert again["pool1"].codes and again["pool1"].before == again["pool1"].after == pool.after
+
+
+def test_max_pooling_converts_beside_chains_and_round_trips(tmp_path):
+    model = pooled_cnn(bn=True)
+    randomize_bn(model)
+    converted = keras_blpa.convert(model, bits=8)
+    assert isinstance(converted.get_layer("conv2"), ApproxConvBlock)
+    assert type(converted.get_layer("pool1")) is keras_blpa.ArgmaxPooling2D
+    x = np.random.default_rng(1).normal(size=(BATCH, 15, 15, 3)).astype("float32")
+    np.testing.assert_array_equal(converted(x, training=False), model(x, training=False))
+    path = str(tmp_path / "converted.keras")
+    converted.save(path)
+    loaded = keras.saving.load_model(path)
+    assert type(loaded.get_layer("pool1")) is keras_blpa.ArgmaxPooling2D
+    np.testing.assert_array_equal(loaded(x, training=True), converted(x, training=True))

@@ -44,6 +44,15 @@ class Backend(Protocol):
     def residual_call(self, x, shortcut, stride, padding, extra) -> Any:
         """ResidualBuffer's ``x + adapt(shortcut)``, a backward that keeps only shapes."""
 
+    def max_pool_argmax(self, x, pool_size, strides, padding) -> Any:
+        """NHWC max pooling (the stock op: the same output, bit for bit) whose
+        backward keeps only each output's argmax code (`keras_blpa.windows`)
+        and shapes, and adds the gradient at that position.
+
+        `pool_size` and `strides` are pairs of ints, `padding` "valid" or "same"
+        (-inf semantics: a padded position is never the max).
+        """
+
     def recompute_call(self, block, inputs, training) -> Any:
         """`block(inputs)` under activation checkpointing (models.RecomputeGrad)."""
 

@@ -3,6 +3,8 @@
 * `block`: the compressed block, a ``jax.custom_vjp`` whose residuals are only
   the packed codes, per-channel vectors and kernels, with the code in jnp
   (byte for byte the TensorFlow reference's);
+* `pooling`: `ArgmaxPooling2D`'s max pooling, a ``jax.custom_vjp`` whose
+  residual is the argmax code;
 * `memory`: device statistics, XLA's compiled-step memory, ``keras_blpa.info``'s facts.
 """
 
@@ -18,6 +20,7 @@ from keras_blpa.backends.jax.memory import memory_device
 from keras_blpa.backends.jax.memory import memory_stats
 from keras_blpa.backends.jax.memory import reset_peak_memory
 from keras_blpa.backends.jax.memory import versions
+from keras_blpa.backends.jax.pooling import max_pool_argmax
 
 NAME = "jax"
 # Under keras.distribution a distributed batch is one global (sharded) array.
@@ -51,6 +54,7 @@ __all__ = [
     "conv",
     "facts",
     "jit_compatible",
+    "max_pool_argmax",
     "memory_device",
     "memory_stats",
     "read",

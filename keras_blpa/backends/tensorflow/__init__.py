@@ -6,6 +6,8 @@
   of the code, and the fallback);
 * `native`, `native_build`: the op library's loader and its build (at install
   time or at first use);
+* `pooling`: `ArgmaxPooling2D`'s max pooling, a ``tf.custom_gradient`` that
+  keeps the argmax code;
 * `memory`: the allocator's statistics, `facts` for ``keras_blpa.info``.
 """
 
@@ -22,6 +24,7 @@ from keras_blpa.backends.tensorflow.memory import memory_device
 from keras_blpa.backends.tensorflow.memory import memory_stats
 from keras_blpa.backends.tensorflow.memory import reset_peak_memory
 from keras_blpa.backends.tensorflow.memory import versions
+from keras_blpa.backends.tensorflow.pooling import max_pool_argmax
 
 NAME = "tensorflow"
 COMPILED_STEP_MEMORY = False
@@ -57,6 +60,7 @@ __all__ = [
     "conv",
     "facts",
     "jit_compatible",
+    "max_pool_argmax",
     "memory_device",
     "memory_stats",
     "read",
