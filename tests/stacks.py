@@ -1,6 +1,6 @@
-"""The deep stacks the memory tests measure (one definition for both backends), the
-allocator peak of one training step of a stack in its own process, and the stock
-Keras layer a user writes for each activation of the block."""
+"""The allocator peak of one training step of a deep stack in its own process
+(the stacks are `keras_blpa.benchmark.stacks`', shared with the block-step
+benchmark), and the activations the tests use."""
 
 import json
 import os
@@ -8,12 +8,6 @@ import subprocess
 import sys
 import textwrap
 
-import keras
-
-from keras_blpa import ApproxConvBlock
-from keras_blpa import ArgmaxPooling2D
-from keras_blpa import ResidualBuffer
-from keras_blpa.blocks import Activation
 
 # The block's activations with the arguments the tests use (leaky_relu: a slope
 # other than the default).
@@ -24,102 +18,13 @@ ACTIVATIONS = [
 PIECEWISE_LINEAR = ("relu", "relu6", "leaky_relu", "linear")
 
 
-def stock_activation(name, negative_slope=None):
-    """The stock Keras layer of the block's activation `name`, as models write it."""
-    return Activation.get(name, negative_slope).stock_layer()
-
-
-def residual_stack(mode, depth=30, channels=64, size=32, activation="relu"):
-    """`depth` BN -> activation -> 3x3 conv blocks with identity shortcuts (seed 0).
-
-    mode: "stock" (stock Keras layers) or a bit width as a string ("8", "4",
-    "2": ApproxConvBlock + ResidualBuffer).
-    """
-    keras.utils.set_random_seed(0)
-    inp = keras.Input((size, size, channels))
-    x = inp
-    for _ in range(depth):
-        if mode == "stock":
-            y = keras.layers.BatchNormalization()(x)
-            y = stock_activation(activation)(y)
-            y = keras.layers.Conv2D(channels, 3, padding="same", use_bias=False)(y)
-            x = keras.layers.Add()([y, x])
-        else:
-            y = ApproxConvBlock(channels, 3, bits=int(mode), activation=activation)(x)
-            x = ResidualBuffer()([y, x])
-    return keras.Model(inp, x)
-
-
-def depthwise_stack(mode, depth=20, channels=64, size=32, activation="relu6"):
-    """`depth` BN -> activation -> 3x3 DepthwiseConv2D units with identity adds (seed 0).
-
-    mode: "stock" or a bit width as a string (depthwise-head ApproxConvBlocks).
-    """
-    keras.utils.set_random_seed(0)
-    inp = keras.Input((size, size, channels))
-    x = inp
-    for _ in range(depth):
-        if mode == "stock":
-            h = stock_activation(activation)(keras.layers.BatchNormalization()(x))
-            h = keras.layers.DepthwiseConv2D(3, padding="same")(h)
-        else:
-            h = ApproxConvBlock(kernel_size=3, kind="depthwise", use_bias=True,
-                                activation=activation, bits=int(mode))(x)
-        x = keras.layers.Add()([x, h])
-    return keras.Model(inp, x)
-
-
-def squeeze_excite_stack(mode, depth=20, channels=64, size=32, activation="silu"):
-    """`depth` BN -> activation -> squeeze-excite (EfficientNet's: GAP, 1x1 convs to
-    channels / 4 with silu and back with sigmoid, Multiply) -> 1x1 conv units with
-    identity adds (seed 0). mode: "stock" or a bit width as a string."""
-    keras.utils.set_random_seed(0)
-    inp = keras.Input((size, size, channels))
-    x = inp
-    reduced = channels // 4
-    for _ in range(depth):
-        if mode == "stock":
-            a = stock_activation(activation)(keras.layers.BatchNormalization()(x))
-            s = keras.layers.Reshape((1, 1, channels))(keras.layers.GlobalAveragePooling2D()(a))
-            s = keras.layers.Conv2D(reduced, 1, activation="silu")(s)
-            s = keras.layers.Conv2D(channels, 1, activation="sigmoid")(s)
-            h = keras.layers.Conv2D(channels, 1, use_bias=False)(keras.layers.Multiply()([a, s]))
-        else:
-            h = ApproxConvBlock(channels, 1, activation=activation, bits=int(mode),
-                                squeeze_excite=dict(filters=reduced, activation="silu"))(x)
-        x = keras.layers.Add()([x, h])
-    return keras.Model(inp, x)
-
-
-def pool_stack(mode, depth=8, channels=32, size=32, activation="relu"):
-    """`depth` 4-bit blocks, each followed by a 3x3 stride-1 "same" max pooling (seed 0).
-
-    mode: "stock" (keras.layers.MaxPooling2D) or "argmax" / a bit width
-    (ArgmaxPooling2D; the blocks are 4-bit in every mode). A
-    block keeps the 4-bit code of its input, not its float output, so the
-    pooling's input (and its output, which the next block codes) is kept only
-    by a stock pooling's backward.
-    """
-    keras.utils.set_random_seed(0)
-    pool = keras.layers.MaxPooling2D if mode == "stock" else ArgmaxPooling2D
-    inp = keras.Input((size, size, channels))
-    x = inp
-    for _ in range(depth):
-        x = ApproxConvBlock(channels, 3, bits=4, activation=activation)(x)
-        x = pool(3, strides=1, padding="same")(x)
-    return keras.Model(inp, x)
-
-
-STACKS = {"residual": residual_stack, "depthwise": depthwise_stack,
-          "squeeze_excite": squeeze_excite_stack, "pool": pool_stack}
-
 _STEP = textwrap.dedent(
     """
     import json, sys
     import tensorflow as tf
     import keras_blpa
 
-    from stacks import STACKS
+    from keras_blpa.benchmark.stacks import STACKS
 
     stack, mode, activation = sys.argv[1:4]
     depth, channels, size, batch = map(int, sys.argv[4:])
@@ -143,11 +48,10 @@ _STEP = textwrap.dedent(
 
 def peak_bytes(stack, mode, pure_tf, depth=30, channels=64, size=32, batch=64, activation="relu"):
     """{"peak": allocator peak bytes of one training step, "native": native ops used}
-    of `STACKS[stack]` in a fresh process (TensorFlow, CPU BFC statistics)."""
+    of `keras_blpa.benchmark.stacks.STACKS[stack]` in a fresh process (TensorFlow,
+    CPU BFC statistics)."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     env["KERAS_BLPA_PURE_TF"] = "1" if pure_tf else "0"
-    tests = os.path.dirname(os.path.abspath(__file__))  # for this module
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (tests, env.get("PYTHONPATH")) if p)
     args = [stack, mode, activation, str(depth), str(channels), str(size), str(batch)]
     out = subprocess.run([sys.executable, "-c", _STEP, *args], env=env, capture_output=True,
                          text=True, timeout=600, check=True)

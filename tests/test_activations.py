@@ -12,10 +12,10 @@ from chains import assert_gradients_meet_goal
 from chains import input_and_weight_gradients
 from keras_blpa import ApproxConvBlock
 from keras_blpa.backends.tensorflow import reference
+from keras_blpa.benchmark.stacks import stock_activation
 from keras_blpa.blocks import Activation
 from stacks import ACTIVATIONS
 from stacks import PIECEWISE_LINEAR
-from stacks import stock_activation
 
 IDS = [name for name, _ in ACTIVATIONS]
 

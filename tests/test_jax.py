@@ -34,7 +34,7 @@ from keras_blpa.blocks import BlockConfig  # noqa: E402
 from keras_blpa.blocks import Head  # noqa: E402
 from keras_blpa.codes import packed_size  # noqa: E402
 from keras_blpa.backends.tensorflow import reference  # noqa: E402
-from stacks import residual_stack  # noqa: E402
+from keras_blpa.benchmark.stacks import residual_stack  # noqa: E402
 from trajectories import assert_same_steps  # noqa: E402
 from trajectories import fit_batch  # noqa: E402
 from trajectories import forced_steps  # noqa: E402

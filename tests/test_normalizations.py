@@ -11,7 +11,7 @@ from chains import GOALS
 from chains import assert_gradients_meet_goal
 from chains import input_and_weight_gradients
 from keras_blpa import ApproxConvBlock
-from stacks import stock_activation
+from keras_blpa.benchmark.stacks import stock_activation
 
 ACTS = [("relu", None), ("relu6", None), ("leaky_relu", 0.1), ("silu", None), ("gelu", None)]
 IDS = [name for name, _ in ACTS]

@@ -246,7 +246,7 @@ def test_training_step_keeps_the_codes_not_the_float_input():
         argmax = peak_bytes("pool", "argmax", False, **size)["peak"]
         per_pool = 5 * 2**20
     else:
-        from stacks import pool_stack
+        from keras_blpa.benchmark.stacks import pool_stack
 
         stock = _fit_step_bytes_jax(pool_stack("stock", depth), batch)
         argmax = _fit_step_bytes_jax(pool_stack("argmax", depth), batch)

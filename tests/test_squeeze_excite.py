@@ -17,12 +17,12 @@ import tensorflow as tf
 
 import keras_blpa
 from chains import GOALS
-from chains import cosine
 from chains import assert_gradients_meet_goal
+from chains import cosine
 from keras_blpa import ApproxConvBlock
+from keras_blpa.benchmark.stacks import stock_activation
 from keras_blpa.blocks import SqueezeExcite
 from stacks import peak_bytes
-from stacks import stock_activation
 
 SHAPE = (4, 8, 8, 6)
 REDUCED = 3

@@ -9,12 +9,14 @@ plain copy of the same bytes (``tf.raw_ops.DeepCopy``) timed in the same run.
 GB/s counts bytes read + written: encode reads 4n and writes 4n + the codes,
 decode reads the codes and writes 4n, the copy reads and writes 4n.
 
-Part 2, block: training-step time (forward + gradients of every variable) of a
-stack of ApproxConvBlock(bits=4) against the stock Keras
-BatchNormalization -> activation -> Conv2D stack with the same shapes, batch
-64, on the native and the reference path, for each of ``--activations``
-(default relu). Modes are interleaved step by step so that
-load from other processes hits them alike; medians are reported.
+Part 2, block: training-step time (forward + gradients of every variable) of
+``--blocks`` units of each of ``--stacks`` (`keras_blpa.benchmark.stacks`:
+"residual" BN -> activation -> 3x3 Conv2D with identity shortcuts, for each of
+``--activations``; "depthwise" BN -> ReLU6 -> DepthwiseConv2D; "squeeze_excite"
+BN -> SiLU -> squeeze-excite -> 1x1 Conv2D) at 4 bits, against the same stack
+in stock Keras layers, on the native and the reference path. Modes are
+interleaved step by step so that load from other processes hits them alike;
+medians are reported.
 
 Each kernel row also records ``max_error_steps``: the largest distance, in bins,
 between the timed decode(encode(x)) and the exact ReLU(BN(x)) over the elements
@@ -146,32 +148,6 @@ def bench_kernels(shape, bits_list, reps):
     return rows
 
 
-def _stock_block(filters, activation):
-    import keras
-
-    return [
-        keras.layers.BatchNormalization(epsilon=1e-3),
-        activation.stock_layer(),
-        keras.layers.Conv2D(filters, 3, padding="same", use_bias=False),
-    ]
-
-
-def _model(kind, blocks, shape, activation):
-    import keras
-
-    import keras_blpa
-
-    inputs = keras.Input(shape[1:], batch_size=shape[0])
-    h = inputs
-    for _ in range(blocks):
-        if kind == "stock":
-            for layer in _stock_block(shape[-1], activation):
-                h = layer(h)
-        else:
-            h = keras_blpa.ApproxConvBlock(shape[-1], 3, bits=4, activation=activation)(h)
-    return keras.Model(inputs, h)
-
-
 def _step_fn(model, x):
     @tf.function
     def step():
@@ -184,28 +160,37 @@ def _step_fn(model, x):
     return lambda: step()
 
 
-def bench_block(shape, blocks, reps, activation="relu"):
-    """Training-step ms of a stack of `blocks` ApproxConvBlock(bits=4) (native
-    and pure-TF paths) against the stock BN -> activation -> Conv2D stack."""
-    from keras_blpa.backends.tensorflow import native
-    from keras_blpa.blocks import Activation
+def bench_block(shape, blocks, reps, activation=None, stack="residual"):
+    """Training-step ms of `blocks` units of `keras_blpa.benchmark.stacks.STACKS[stack]`
+    at 4 bits (native and pure-TF paths) against the same stack in stock layers.
 
-    activation = Activation.get(activation)
+    `activation`: the block's (None: the stack's default)."""
+    from keras_blpa.backends.tensorflow import native
+    from keras_blpa.benchmark.stacks import STACKS
+
+    build = STACKS[stack]
+    kwargs = {} if activation is None else {"activation": activation}
+    size, channels = shape[1], shape[3]
+
+    def model(mode):
+        return build(mode, depth=blocks, channels=channels, size=size, **kwargs)
+
     x = tf.constant(np.random.default_rng(1).normal(size=shape).astype(np.float32))
-    fns = {"stock": _step_fn(_model("stock", blocks, shape, activation), x)}
+    fns = {"stock": _step_fn(model("stock"), x)}
     real_load = native.load
     if real_load() is not None:
-        fns["blpa4_native"] = _step_fn(_model("blpa", blocks, shape, activation), x)
+        fns["blpa4_native"] = _step_fn(model("4"), x)
         fns["blpa4_native"]()  # trace while the native path is active
     native.load = lambda: None  # trace the reference path
     try:
-        fns["blpa4_reference"] = _step_fn(_model("blpa", blocks, shape, activation), x)
+        fns["blpa4_reference"] = _step_fn(model("4"), x)
         fns["blpa4_reference"]()
     finally:
         native.load = real_load
     t = _median_times(fns, reps)
     result = {
-        "activation": activation.name,
+        "stack": stack,
+        "activation": activation or "default",
         "batch_shape": list(shape),
         "blocks": blocks,
         "step_ms": {k: 1e3 * v for k, v in t.items()},
@@ -233,7 +218,10 @@ def main(argv=None):
     parser.add_argument("--blocks", type=int, default=4, help="blocks in the timed stack")
     parser.add_argument("--no-block", action="store_true", help="skip the block timing")
     parser.add_argument("--activations", default="relu",
-                        help="comma list of the block's activations to time (default relu)")
+                        help="comma list of the residual stack's activations to time (default relu)")
+    parser.add_argument("--stacks", default="residual",
+                        help="comma list of keras_blpa.benchmark.stacks to time (default "
+                             "residual; the others with their own activation)")
     args = parser.parse_args(argv)
     reps = validation.check_int(args.reps or (10 if args.quick else 40), "reps")
     block_reps = validation.check_int(
@@ -262,12 +250,19 @@ def main(argv=None):
     for r in rows:
         print(f"{r['path']:<10} {r['bits']:>4} {r['encode_ms']:>8.2f} {r['decode_ms']:>8.2f} "
               f"{r['enc_dec_gb_s']:>7.2f} {r['copy_gb_s']:>9.2f} {r['fraction_of_copy']:>7.0%}")
+    from keras_blpa.benchmark.stacks import STACKS
+
+    runs = []
+    for stack in ([] if args.no_block else args.stacks.split(",")):
+        validation.check_choice(stack, "stack", tuple(STACKS))
+        activations = args.activations.split(",") if stack == "residual" else [None]
+        runs += [(stack, activation) for activation in activations]
     blocks = []
-    for activation in ([] if args.no_block else args.activations.split(",")):
-        block = bench_block(shape, args.blocks, block_reps, activation)
+    for stack, activation in runs:
+        block = bench_block(shape, args.blocks, block_reps, activation, stack)
         blocks.append(block)
-        print(f"\nTraining step, {args.blocks} {block['activation']} blocks, batch {shape} "
-              f"(median of {block_reps}, interleaved):")
+        print(f"\nTraining step, {args.blocks} {stack} units ({block['activation']}), batch "
+              f"{shape} (median of {block_reps}, interleaved):")
         for k, v in block["step_ms"].items():
             ratio = block.get(f"ratio_{k}_vs_stock")
             extra = f"  {ratio:.2f}x stock" if ratio else ""
