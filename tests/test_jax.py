@@ -131,6 +131,29 @@ def test_packed_bytes_identical_to_tf_reference(bits, shape, act):
         assert np.all(out_jx[~(y >= 6.0)] < 6.0)
 
 
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_relu6_params_identical_to_tf_reference_for_every_bin_count(bits):
+    """relu6's resized bins (6 = m whole bins above 0) for every m up to 2^K and
+    windows inside, above and below 0: the same vectors and codes as the
+    TensorFlow reference (XLA turns a division by a constant into a multiplication
+    by its reciprocal, so m / 6 would differ in the last bit for m = 5, 7, 10, ...)."""
+    levels = 2**bits
+    m = np.arange(1, levels + 1, dtype=np.float32)
+    gamma = np.repeat(levels / m, 5).astype(np.float32)  # 6 / step0 = m
+    beta = (np.tile([-4.0, -1.0, 0.0, 1.0, 4.0], levels) * gamma).astype(np.float32)
+    act = Activation.get("relu6")
+    p_tf = reference.channel_params(gamma, beta, bits, act)
+    p_jx = jax.jit(jax_ops.channel_params, static_argnums=(2, 3))(gamma, beta, bits, act)
+    for key in p_tf:
+        np.testing.assert_array_equal(p_tf[key].numpy(), np.asarray(p_jx[key]), err_msg=key)
+    y = (np.random.default_rng(bits).normal(size=(3, 4, gamma.size)) * 3 * gamma + beta)
+    y = y.astype(np.float32)
+    packed_tf = reference.encode(y, p_tf["inv_step"], p_tf["shift"], bits, act).numpy()
+    packed_jx = jax.jit(jax_ops.encode, static_argnums=(3, 4))(
+        y, p_jx["inv_step"], p_jx["shift"], bits, act)
+    np.testing.assert_array_equal(packed_tf, np.asarray(packed_jx))
+
+
 @pytest.mark.parametrize("act", ACTS, ids=ACT_IDS)
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_bn_grad_sums_match_tf_reference(bits, act):

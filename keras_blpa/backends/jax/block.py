@@ -99,7 +99,7 @@ def _relu6_params(gamma, beta, step0, inv_step0, centre0, levels):
     shift = jnp.where(above, _clip(shift, 2.0 - m, top - 1.0), _clip(shift, 1.0, top - m))
     shift = jnp.where(jnp.isnan(shift), jnp.minimum(levels / 2.0, top - m), shift)
     return {
-        "inv_step": jnp.where(resized, m / RELU6_CAP, inv_step0),
+        "inv_step": jnp.where(resized, m * (1.0 / RELU6_CAP), inv_step0),  # the reference's
         "step": step,
         "shift": jnp.where(resized, shift, shift0),
         "gamma": gamma,

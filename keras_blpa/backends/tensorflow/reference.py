@@ -156,7 +156,9 @@ def _relu6_params(gamma, beta, step0, inv_step0, centre0, levels):
     )
     shift = tf.where(tf.math.is_nan(shift), tf.minimum(levels / 2.0, top - m), shift)
     return {
-        "inv_step": tf.where(resized, m / RELU6_CAP, inv_step0),
+        # m * (1 / 6), not m / 6: XLA rewrites a division by a constant so (JAX's
+        # codes must be these bit for bit).
+        "inv_step": tf.where(resized, m * (1.0 / RELU6_CAP), inv_step0),
         "step": step,
         "shift": tf.where(resized, shift, shift0),
         "gamma": gamma,
