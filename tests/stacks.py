@@ -68,7 +68,27 @@ def depthwise_stack(mode, depth=20, channels=64, size=32, activation="relu6"):
     return keras.Model(inp, x)
 
 
-STACKS = {"residual": residual_stack, "depthwise": depthwise_stack}
+def layer_norm_stack(mode, depth=20, channels=64, size=32, activation="linear"):
+    """`depth` ConvNeXt-like LayerNormalization(epsilon=1e-6) -> activation -> Dense(C)
+    units with identity adds (seed 0).
+
+    mode: "stock" or a bit width as a string (normalization="layer" dense-head blocks).
+    """
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((size, size, channels))
+    x = inp
+    for _ in range(depth):
+        if mode == "stock":
+            h = stock_activation(activation)(keras.layers.LayerNormalization(epsilon=1e-6)(x))
+            h = keras.layers.Dense(channels, use_bias=False)(h)
+        else:
+            h = ApproxConvBlock(channels, kind="dense", normalization="layer", epsilon=1e-6,
+                                activation=activation, bits=int(mode))(x)
+        x = keras.layers.Add()([x, h])
+    return keras.Model(inp, x)
+
+
+STACKS = {"residual": residual_stack, "depthwise": depthwise_stack, "layer_norm": layer_norm_stack}
 
 _STEP = textwrap.dedent(
     """
