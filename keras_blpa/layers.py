@@ -156,11 +156,13 @@ class ApproxConvBlock(keras.layers.Layer):
             keeps its normalisation and backward (LN has no moving
             statistics), only gamma and beta stop training, as with a
             non-trainable LayerNormalization. In training, a "layer" block
-            keeps the packed code of the LN output y (the bins are gamma's and
-            beta's, as BN's: per channel, y = gamma * x_hat + beta has BN's
-            form) and one float per position, the reciprocal standard
-            deviation; the backward rebuilds x_hat = (y - beta) / gamma from
-            the code.
+            keeps the packed code of the LN output y (per channel, y = gamma *
+            x_hat + beta has BN's form; its bins are sized by y's per-channel
+            batch statistics, as "none"'s, since LN standardises x_hat per
+            position, not per channel) and one float per position, the
+            reciprocal standard deviation; the backward rebuilds x_hat =
+            (y - beta) / gamma from the code (the derivation:
+            `keras_blpa.backends.tensorflow.block._layer_norm_backward`).
         return_activation: if True, the BN+activation output is returned as well
             (last), so that it can also feed a residual shortcut or any other
             layer (the default shortcut is the block input, before BN+activation).

@@ -34,8 +34,10 @@ class Backend(Protocol):
     def compressed(self, x, gamma, beta, mean, variance, kernels, config) -> tuple:
         """The block's training forward whose backward reads only the K-bit code.
 
-        `config` is a `keras_blpa.blocks.BlockConfig`. Returns (list of head
-        outputs, the activation or None).
+        `config` is a `keras_blpa.blocks.BlockConfig`. mean and variance are
+        per channel, except for ``config.normalization == "layer"``: the
+        per-position LayerNormalization statistics, shape (N, H, W, 1).
+        Returns (list of head outputs, the activation or None).
         """
 
     def residual_call(self, x, shortcut, stride, padding, extra) -> Any:
