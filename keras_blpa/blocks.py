@@ -146,7 +146,7 @@ class Activation:
 RELU = Activation()
 
 # What normalises the block's input before the activation (the layer's argument).
-NORMALIZATIONS = ("batch", "frozen", "none")
+NORMALIZATIONS = ("batch", "frozen", "none", "layer")
 
 
 # The gate functions of a squeeze-excite (EfficientNet: sigmoid; MobileNetV3: hard_sigmoid).
@@ -421,7 +421,9 @@ class BlockConfig:
         normalization: "batch" (BN with the batch statistics, and the BN
             backward) or "none" (y = x; the code sized by the batch statistics,
             computed for that only). The layer's "frozen" is "none" on the
-            frozen BN's output.
+            frozen BN's output. "layer": LayerNormalization over the channels
+            (mean and variance are then per position, shape (N, H, W, 1); the
+            LN backward, `keras_blpa.backends.tensorflow.block`).
         squeeze_excite: a `SqueezeExcite` between the activation and the
             heads, or None.
     """

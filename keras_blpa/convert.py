@@ -13,10 +13,16 @@ stock 1x1 Conv2D named after it, after the block) or a Dense on a 4D input
 (a dense head) reading the activation is a head as a Conv2D is; a
 ZeroPadding2D between the activation and a "valid" conv is folded into the
 conv as explicit padding; if the BN+activation output also feeds other layers
-(a residual add, a pooling), the block returns it as well. Everything else is copied unchanged, so the forward pass is
-exactly the original's. Every ``keras.layers.MaxPooling2D`` becomes an
-`ArgmaxPooling2D` with its config: the same forward, and a backward that
-keeps the argmax code instead of the float input and output.
+(a residual add, a pooling), the block returns it as well. A
+LayerNormalization over the channels (ConvNeXt's ``LayerNormalization(epsilon=
+1e-6) -> Dense``), followed by an activation the block computes or read by the
+heads directly (a linear activation), becomes a normalization="layer" block. A
+squeeze-excite between the activation and the conv (EfficientNet's
+GlobalAveragePooling2D -> Reshape -> 1x1 Conv2D -> 1x1 Conv2D(sigmoid) ->
+Multiply) is computed by the block too. Every ``keras.layers.MaxPooling2D``
+becomes an `ArgmaxPooling2D` with its config: the same forward, and a backward
+that keeps the argmax code instead of the float input and output. Everything
+else is copied unchanged, so the forward pass is exactly the original's.
 
 `memory_report(model, ...)` tells, per layer, which activation bytes the
 backward pass keeps before and after conversion, and why what stays float
@@ -304,6 +310,17 @@ class _Chain:
         self.name = first.name + ("_depthwise" if separable else "")
 
     @property
+    def layer_norm(self):
+        return self.bn is not None and isinstance(self.bn.operation, keras.layers.LayerNormalization)
+
+    @property
+    def activation(self):
+        """The block's `Activation` (linear where a LayerNormalization feeds the heads)."""
+        if self.act is self.bn:
+            return Activation.get("linear")
+        return _block_activation(self.act.operation)
+
+    @property
     def start(self):
         """The first node: its input is the block's input."""
         return self.act if self.bn is None else self.bn
@@ -311,7 +328,7 @@ class _Chain:
     @property
     def nodes(self):
         pads = [pad for _, pad in self.heads if pad is not None]
-        first = [self.act] if self.bn is None else [self.bn, self.act]
+        first = [self.act] if self.bn is None or self.act is self.bn else [self.bn, self.act]
         gate = [] if self.gate is None else self.gate.nodes
         return first + gate + pads + [conv for conv, _ in self.heads]
 
@@ -324,6 +341,8 @@ class _Chain:
         """The block's normalization: "none", "frozen" (BN frozen, conv trainable) or "batch"."""
         if self.bn is None:
             return "none"
+        if self.layer_norm:
+            return "layer"
         bn, conv = self.bn.operation, self.heads[0][0].operation
         return "frozen" if conv.trainable and not bn.trainable else "batch"
 
@@ -546,6 +565,46 @@ def _trainable_problem(heads, gate):
     return None
 
 
+def _ln_problem(node):
+    """Why this LayerNormalization cannot start a block (None if it can)."""
+    ln = node.operation
+    rank = len(node.input_tensors[0].shape)
+    axis = ln.axis if isinstance(ln.axis, (list, tuple)) else [ln.axis]
+    if rank != 4:
+        return f"LayerNormalization on a rank-{rank} input (needs 4D)"
+    if list(axis) not in ([-1], [3]):
+        return f"LayerNormalization axis={ln.axis} (needs the channels, last)"
+    if getattr(ln, "rms_scaling", False):
+        return "LayerNormalization with rms_scaling"
+    if ln.activity_regularizer is not None:
+        return f"LayerNormalization with an activity_regularizer ({_ACTIVITY_REASON})"
+    if not _single_call(ln):
+        return "LayerNormalization layer shared by several calls"
+    return None
+
+
+def _find_layer_norm_chain(graph, node, rejected):
+    """(_Chain, None) for a LayerNormalization node that starts a normalization="layer"
+    block (its heads read the LN output, or the output of its only user, an
+    activation the block computes), else (None, reason)."""
+    problem = _ln_problem(node)
+    if problem:
+        return None, problem
+    ln = node.operation
+    act = graph.only_user(node.outputs[0])
+    if act is None or _block_activation(act.operation) is None or _activation_problem(act, ln):
+        act = node  # the heads read the LN output: a linear activation
+    heads, others, reasons, gate = _heads(graph, act, ln, rejected)
+    if not heads:
+        return None, _no_heads_reason("LayerNormalization", others, reasons)
+    problem = _trainable_problem(heads, gate)
+    if problem:
+        return None, problem
+    if heads[0][0].operation.trainable != ln.trainable:
+        return None, "its heads and LayerNormalization differ in trainable (one block trains all or none)"
+    return _Chain(node, act, heads, others, gate), None
+
+
 def _plan(graph):
     """(chains, {id(node): reason}) of the whole graph.
 
@@ -564,6 +623,12 @@ def _plan(graph):
                 act = graph.only_user(node.outputs[0])
                 if act is not None and _block_activation(act.operation) is not None:
                     reasons[id(act)] = reason
+        elif isinstance(node.operation, keras.layers.LayerNormalization):
+            chain, reason = _find_layer_norm_chain(graph, node, reasons)
+            if chain is not None:
+                chains.append(chain)
+            else:
+                reasons[id(node)] = reason
     claimed = {id(c.act) for c in chains}
     for node in graph.nodes:
         if id(node) in claimed or _block_activation(node.operation) is None:
@@ -607,7 +672,10 @@ def _keeps(node, spec):
         if layer.bits is None:
             return [((new, 0), _nbytes(ins[0], "float32")), ((new, 1), _nbytes(ins[0], layer.compute_dtype))]
         n = int(np.prod(ins[0].shape, dtype=np.int64))
-        return [((new, 0), math.ceil(n * layer.bits / 8))]
+        kept = math.ceil(n * layer.bits / 8)
+        if layer.normalization == "layer":  # and rsqrt(var + eps), one float32 per position
+            kept += n // ins[0].shape[-1 if layer.data_format == "channels_last" else 1] * 4
+        return [((new, 0), kept)]
     if isinstance(layer, _STATELESS) or not ins:
         return []
     if isinstance(layer, keras.layers.BatchNormalization):
@@ -770,6 +838,8 @@ def _report(graph, chains, reasons, batch_shapes, bits):
                     if bits is not None
                     else _nbytes(x, "float32") + _nbytes(x, node.operation.compute_dtype)
                 )
+                if bits is not None and chain.layer_norm:
+                    after += n // x.shape[-1] * 4  # rsqrt(var + eps) per position
             rows.append(LayerMemory(node.operation.name, type(node.operation).__name__, before, after, chain.name, None))
             continue
         layer = node.operation
@@ -827,6 +897,21 @@ def _bn_arguments(bn):
         beta_regularizer=bn.beta_regularizer,
         gamma_constraint=bn.gamma_constraint,
         beta_constraint=bn.beta_constraint,
+    )
+
+
+def _ln_arguments(ln):
+    """The block arguments that carry a LayerNormalization's options."""
+    return dict(
+        epsilon=ln.epsilon,
+        center=ln.center,
+        scale=ln.scale,
+        gamma_initializer=ln.gamma_initializer,
+        beta_initializer=ln.beta_initializer,
+        gamma_regularizer=ln.gamma_regularizer,
+        beta_regularizer=ln.beta_regularizer,
+        gamma_constraint=ln.gamma_constraint,
+        beta_constraint=ln.beta_constraint,
     )
 
 
@@ -926,14 +1011,15 @@ def _make_block(chain, bits, quantization):
         quantization=quantization,
         kernel_initializer=_kernel(convs[0])[1],
         return_activation=chain.return_activation,
-        activation=_block_activation(chain.act.operation),
+        activation=chain.activation,
         normalization=chain.normalization,
         squeeze_excite=None if chain.gate is None else chain.gate.config,
         data_format="channels_last",  # the only layout converted, whatever the Keras config
         trainable=convs[0].trainable,
         dtype=source.dtype_policy,
         name=chain.name,
-        **({} if chain.bn is None else _bn_arguments(chain.bn.operation)),
+        **({} if chain.bn is None or chain.layer_norm else _bn_arguments(chain.bn.operation)),
+        **(_ln_arguments(chain.bn.operation) if chain.layer_norm else {}),
     )
     if len(heads) == 1 and heads[0].get("explicit_padding") is None:
         head = {k: v for k, v in heads[0].items() if k != "explicit_padding"}
@@ -945,7 +1031,9 @@ def _copy_block_weights(chain, block):
     pairs = []
     if chain.bn is not None:
         bn = chain.bn.operation
-        pairs = [(block.moving_mean, bn.moving_mean), (block.moving_variance, bn.moving_variance)]
+        pairs = [] if chain.layer_norm else [
+            (block.moving_mean, bn.moving_mean), (block.moving_variance, bn.moving_variance),
+        ]
         if bn.scale:
             pairs.append((block.gamma, bn.gamma))
         if bn.center:

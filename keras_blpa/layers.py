@@ -146,10 +146,24 @@ class ApproxConvBlock(keras.layers.Layer):
             backward has no batch-statistics term, while the convolution
             trains) or "none" (no normalisation: y = x, as an Add -> ReLU ->
             Conv2D; no BN weights; in training the code's per-channel range
-            comes from batch statistics computed for coding only). A block
-            built with ``trainable=False`` normalises as "frozen", as a
-            non-trainable BatchNormalization does, and still compresses the
-            activation that the input gradient needs.
+            comes from batch statistics computed for coding only) or "layer"
+            (LayerNormalization over the channels, ConvNeXt's
+            ``LayerNormalization(epsilon=1e-6) -> Dense``: per-position mean
+            and variance, weights gamma and beta, no moving statistics; pass
+            LN's `epsilon`, `momentum` is unused). A "batch" block built with
+            ``trainable=False`` normalises as "frozen", as a non-trainable
+            BatchNormalization does, and still compresses the activation that
+            the input gradient needs; a "layer" block made non-trainable
+            keeps its normalisation and backward (LN has no moving
+            statistics), only gamma and beta stop training, as with a
+            non-trainable LayerNormalization. In training, a "layer" block
+            keeps the packed code of the LN output y (per channel, y = gamma *
+            x_hat + beta has BN's form; its bins are sized by y's per-channel
+            batch statistics, as "none"'s, since LN standardises x_hat per
+            position, not per channel) and one float per position, the
+            reciprocal standard deviation; the backward rebuilds x_hat =
+            (y - beta) / gamma from the code (the derivation:
+            `keras_blpa.backends.tensorflow.block._layer_norm_backward`).
         squeeze_excite: None, or a squeeze-excite gate between the activation
             and the heads (EfficientNet, MobileNetV3): a dict with ``filters``
             (the reduced width), ``activation`` (its inner activation, "relu"
@@ -328,7 +342,9 @@ class ApproxConvBlock(keras.layers.Layer):
             with_activation=self.return_activation,
             synchronized=self.synchronized,
             activation=self.activation,
-            normalization="batch" if self._normalization() == "batch" else "none",
+            normalization=(
+                self._normalization() if self._normalization() in ("batch", "layer") else "none"
+            ),
             squeeze_excite=self.squeeze_excite,
         )
 
@@ -416,7 +432,7 @@ class ApproxConvBlock(keras.layers.Layer):
         if self.normalization == "none":
             return
         vector = dict(shape=(channels,), autocast=False)
-        trainable = self.normalization == "batch"
+        trainable = self.normalization in ("batch", "layer")
         if self.scale:
             self.gamma = self.add_weight(
                 name="gamma",
@@ -435,6 +451,8 @@ class ApproxConvBlock(keras.layers.Layer):
                 trainable=trainable,
                 **vector,
             )
+        if self.normalization == "layer":
+            return  # LayerNormalization: no moving statistics
         self.moving_mean = self.add_weight(
             name="moving_mean", initializer="zeros", trainable=False, **vector
         )
@@ -468,15 +486,19 @@ class ApproxConvBlock(keras.layers.Layer):
         ]
         normalization = self._normalization()
         compress = bool(training) and self.bits is not None
-        if normalization != "none":
+        if normalization == "layer":
+            gamma, beta, mean, variance = self._layer_norm_vectors(x, dtype, compress)
+        elif normalization != "none":
             gamma, beta, mean, variance = self._bn_vectors(dtype)
             if bool(training) and normalization == "batch":
                 mean, variance = self._batch_statistics(x, mean, variance)
-        if compress and normalization == "batch":
+        if compress and normalization in ("batch", "layer"):
             vectors = (x, gamma, beta, mean, variance)
         else:
             pre = x
-            if normalization != "none":
+            if normalization == "layer":
+                pre = keras.ops.layer_normalization(x, gamma, beta, axis=-1, epsilon=self.epsilon)
+            elif normalization != "none":
                 scale = gamma * keras.ops.rsqrt(variance + self.epsilon)
                 pre = x * scale + (beta - mean * scale)
             if compress:
@@ -507,6 +529,24 @@ class ApproxConvBlock(keras.layers.Layer):
         outs += [activation] if self.return_activation else []
         outs = [_permute(o, _FROM_NHWC[self.data_format]) for o in outs]
         return outs[0] if self._single_output else outs
+
+    def _layer_norm_vectors(self, x, dtype, compress):
+        """(gamma, beta, mean, variance) of normalization "layer": gamma ones / beta
+        zeros without scale / center; the per-position moments over the channels
+        (N, H, W, 1), keras.layers.LayerNormalization's, only when `compress` (the
+        compressed backward computes their gradient itself), else None."""
+        channels = x.shape[-1]
+
+        def read(variable, fill):
+            if variable is None:
+                return fill([channels], dtype)
+            return keras.ops.cast(self._backend.read(variable), dtype)
+
+        gamma, beta = read(self.gamma, keras.ops.ones), read(self.beta, keras.ops.zeros)
+        if not compress:
+            return gamma, beta, None, None
+        mean, variance = keras.ops.moments(keras.ops.stop_gradient(x), axes=[3], keepdims=True)
+        return gamma, beta, mean, variance
 
     def _moments(self, x):
         """Per-channel mean and variance of NHWC `x`, across replicas when synchronized.

@@ -817,3 +817,87 @@ def test_max_pooling_converts_beside_chains_and_round_trips(tmp_path):
     loaded = keras.saving.load_model(path)
     assert type(loaded.get_layer("pool1")) is keras_blpa.ArgmaxPooling2D
     np.testing.assert_array_equal(loaded(x, training=True), converted(x, training=True))
+
+
+def convnext_like(channels=8, size=8, units=2, seed=0):
+    """ConvNeXt's block, units times: DepthwiseConv2D 7x7 -> LayerNormalization(1e-6)
+    -> Dense(4C) -> Activation("gelu") -> Dense(C) -> Add, trained-looking LN weights."""
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((size, size, channels))
+    x = keras.layers.Conv2D(channels, 2, name="stem")(inp)
+    for i in range(units):
+        h = keras.layers.DepthwiseConv2D(7, padding="same", name=f"dw{i}")(x)
+        h = keras.layers.LayerNormalization(epsilon=1e-6, name=f"ln{i}")(h)
+        h = keras.layers.Dense(4 * channels, name=f"pw1_{i}")(h)
+        h = keras.layers.Activation("gelu", name=f"gelu{i}")(h)
+        h = keras.layers.Dense(channels, name=f"pw2_{i}")(h)
+        x = keras.layers.Add(name=f"add{i}")([x, h])
+    out = keras.layers.Dense(3, name="head")(keras.layers.GlobalAveragePooling2D()(x))
+    model = keras.Model(inp, out)
+    rng = np.random.default_rng(seed)
+    for i in range(units):
+        ln = model.get_layer(f"ln{i}")
+        ln.gamma.assign(rng.uniform(0.5, 1.5, channels) * np.where(rng.random(channels) < 0.3, -1, 1))
+        ln.beta.assign(rng.normal(0.0, 0.3, channels))
+    return model
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_convnext_layer_norm_dense_chains_convert(ops_path, bits, tmp_path):
+    """LayerNormalization -> Dense becomes a normalization="layer" block (linear) and
+    GELU -> Dense a "none" block; the forward is the original's, every gradient within
+    the goals (the GELU blocks' smooth goal), and a .keras round trip keeps it."""
+    from chains import GOALS
+
+    model = convnext_like()
+    converted, report = keras_blpa.convert(model, bits=bits, return_report=True)
+    blocks = {l.name: l for l in converted.layers if isinstance(l, ApproxConvBlock)}
+    assert sorted(blocks) == ["pw1_0", "pw1_1", "pw2_0", "pw2_1"]
+    for i in range(2):
+        ln_block, gelu_block = blocks[f"pw1_{i}"], blocks[f"pw2_{i}"]
+        assert (ln_block.normalization, ln_block.activation.name, ln_block.kind) == ("layer", "linear", "dense")
+        assert ln_block.epsilon == 1e-6 and ln_block.bits == bits
+        assert (gelu_block.normalization, gelu_block.activation.name) == ("none", "gelu")
+        np.testing.assert_array_equal(ln_block.gamma.numpy(), model.get_layer(f"ln{i}").gamma.numpy())
+        assert report.blocks[f"pw1_{i}"] == [f"ln{i}", f"pw1_{i}"]
+    x = np.random.default_rng(1).normal(size=(BATCH, 8, 8, 8)).astype(np.float32)
+    for training in (True, False):
+        np.testing.assert_allclose(converted(x, training=training), model(x, training=training),
+                                   rtol=1e-5, atol=1e-5)
+    y = np.random.default_rng(2).normal(size=(BATCH, 3)).astype(np.float32)
+    _, got = gradients(converted, x, y)
+    _, want = gradients(model, x, y)
+    mapping = {("ln0", "gamma"): ("pw1_0", "gamma"), ("ln0", "beta"): ("pw1_0", "beta"),
+               ("ln1", "gamma"): ("pw1_1", "gamma"), ("ln1", "beta"): ("pw1_1", "beta")}
+    goal = GOALS["smooth"][bits]
+    for key, g in want.items():
+        cos = cosine(got[mapping.get(key, key)], g)
+        assert cos >= goal, (key, cos)
+    path = str(tmp_path / "convnext.keras")
+    converted.save(path)
+    loaded = keras.saving.load_model(path)
+    assert loaded.get_layer("pw1_0").normalization == "layer"
+    np.testing.assert_array_equal(loaded(x, training=False), converted(x, training=False))
+
+
+def test_layer_norm_that_cannot_join_stays_with_its_reason():
+    """An LN over another axis is copied as it was, and says why."""
+    inp = keras.Input((6, 6, 4))
+    h = keras.layers.LayerNormalization(axis=[1, 2, 3], name="ln")(inp)
+    out = keras.layers.Dense(5, name="pw")(h)
+    model = keras.Model(inp, out)
+    with pytest.warns(UserWarning, match="axis"):
+        converted = keras_blpa.convert(model)
+    assert not any(isinstance(l, ApproxConvBlock) for l in converted.layers)
+
+
+def test_layer_norm_block_report_counts_code_and_rstd():
+    """The report of a converted LN -> Dense chain: the 4-bit code and one float32 per
+    position, the same before and after conversion's own report."""
+    model = convnext_like(units=1)
+    converted, report = keras_blpa.convert(model, bits=4, return_report=True)
+    row = {r.name: r for r in report.layers}["ln0"]
+    n = 1 * 7 * 7 * 8  # the stem's 7x7x8 output, batch 1
+    assert row.after == n // 2 + (n // 8) * 4
+    again = {r.name: r for r in keras_blpa.memory_report(converted, 1).layers}["pw1_0"]
+    assert again.after == row.after

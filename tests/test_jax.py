@@ -1326,3 +1326,90 @@ def test_depthwise_head_equals_keras_depthwise_conv_on_jax():
     padded = np.pad(a, ((0, 0), (1, 1), (0, 1), (0, 0)))
     ref = keras.ops.depthwise_conv(padded, kernel, strides=2, padding="valid")
     np.testing.assert_allclose(jax_ops.conv(a, kernel, head), ref, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------- normalization="layer"
+
+
+def layer_norm_pair(rng, name, bits, kind, c=32, filters=12):
+    """A normalization="layer" block and the stock LayerNormalization(epsilon=1e-6) ->
+    activation -> Dense / 3x3 Conv2D chain, same weights (gamma of both signs, one
+    near 0)."""
+    head = dict(kind="dense") if kind == "dense" else dict(kernel_size=3)
+    block = ApproxConvBlock(filters, bits=bits, use_bias=True, activation=name,
+                            normalization="layer", epsilon=1e-6, **head)
+    block.build((4, 8, 8, c))
+    gamma = rng.uniform(0.5, 1.5, c) * np.where(np.arange(c) % 2, 1.0, -1.0)
+    gamma[3] = 1e-3
+    values = [gamma, rng.normal(0, 0.5, c), rng.normal(0, 0.3, block.kernel.shape),
+              rng.normal(0, 0.1, filters)]
+    values = [np.asarray(v, np.float32) for v in values]
+    for variable, value in zip(block.weights, values):
+        variable.assign(value)
+    ln = keras.layers.LayerNormalization(epsilon=1e-6)
+    out = keras.layers.Dense(filters) if kind == "dense" else keras.layers.Conv2D(filters, 3, padding="same")
+    stock = keras.Sequential([ln, Activation.get(name).stock_layer(), out])
+    stock.build((4, 8, 8, c))
+    ln.set_weights(values[:2])
+    out.set_weights(values[2:])
+    return block, stock
+
+
+def layer_norm_data(rng, shape=(4, 8, 8, 32)):
+    c = shape[-1]
+    return (rng.normal(0.3, 1.5, shape) * rng.uniform(0.5, 2.0, c)
+            + rng.normal(0.0, 1.0, c)).astype(np.float32)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("name", ["linear", "relu", "gelu"])
+@pytest.mark.parametrize("kind", ["dense", "conv"])
+def test_layer_norm_block_matches_stock_on_jax(kind, name, bits):
+    """Forward equal to stock LayerNormalization -> activation -> head in training and
+    inference; input, gamma, beta, kernel and bias gradients at the TensorFlow tests'
+    goals (d_gamma behind a conv head at 4 bits: 0.98, as there); d_beta exact for
+    piecewise-linear activations."""
+    from chains import GOALS
+    from chains import assert_gradients_meet_goal
+
+    rng = np.random.default_rng(31)
+    x = layer_norm_data(rng)
+    block, stock = layer_norm_pair(rng, name, bits, kind)
+    for training in (True, False):
+        np.testing.assert_allclose(block(x, training=training), stock(x, training=training),
+                                   rtol=1e-5, atol=1e-5)
+    g, g_ref = flat(layer_grads(block, x)), flat(layer_grads(stock, x))
+    assert len(g) == len(g_ref) == 5  # input, gamma, beta, kernel, bias
+    piecewise = Activation.get(name).piecewise_linear
+    goal = GOALS["piecewise_linear" if piecewise else "smooth"][bits]
+    others = range(5)
+    if kind == "conv" and bits == 4:
+        assert_gradients_meet_goal(g[1:2], g_ref[1:2], min(goal, 0.98))
+        others = [0, 2, 3, 4]
+    assert_gradients_meet_goal([g[i] for i in others], [g_ref[i] for i in others], goal)
+    if piecewise:
+        np.testing.assert_allclose(g[2], g_ref[2], rtol=1e-4, atol=1e-4)
+
+
+def test_layer_norm_residuals_are_codes_vectors_and_rstd():
+    """The LN block keeps the packed code, [C] vectors, the kernel and one float per
+    position (rsqrt(var + eps)); no float array of the activation's size."""
+    rng = np.random.default_rng(32)
+    x = jnp.asarray(layer_norm_data(rng, (4, 8, 8, 6)))
+    gamma, beta = jnp.ones(6), jnp.zeros(6)
+    kernel = jnp.asarray(rng.normal(size=(3, 3, 6, 1)), jnp.float32)
+    config = dataclasses_replace(block_config(4), normalization="layer", epsilon=1e-6)
+    block = jax_ops.compressed_block(config)
+    mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+    _, residuals = block.fwd(x.shape, x, gamma, beta, mean, var, kernel)
+    leaves = jax.tree_util.tree_leaves(residuals)
+    assert [r.shape for r in leaves if r.dtype == jnp.uint8] == [(x.size // 2,)]
+    others = sorted(r.shape for r in leaves if r.dtype != jnp.uint8)
+    assert others == sorted([(6,)] * 7 + [kernel.shape, (4, 8, 8, 1)])
+
+
+def dataclasses_replace(config, **changes):
+    import dataclasses
+
+    return dataclasses.replace(config, **changes)
+

@@ -125,3 +125,22 @@ def test_peak_memory_read_before_it_measured_says_so():
         peak.peak_mib
     with pytest.raises(ValueError, match="Received: resident_bytes=None"):
         peak.resident_mib
+
+
+@pytest.mark.slow
+def test_layer_norm_stack_per_sample_peak_is_at_least_4x_lower_than_stock(ops_path):
+    """20 ConvNeXt-like LN(epsilon=1e-6) -> Dense units of 64 channels at 32x32: the
+    allocator peak's growth per sample (batches 16 and 32, 4 MiB per float32
+    activation at 16, so fixed costs cancel) at 4 bits against the stock chain."""
+    pure_tf = ops_path == "reference"
+
+    def slope(mode):
+        peaks = [peak_bytes("layer_norm", mode, pure_tf, depth=20, batch=b, activation="linear")
+                 for b in (16, 32)]
+        assert all(p["native"] == (not pure_tf) for p in peaks) or mode == "stock"
+        return (peaks[1]["peak"] - peaks[0]["peak"]) / 16
+
+    stock, blpa = slope("stock"), slope("4")
+    print(f"{ops_path}: per sample stock {stock / 2**20:.2f} MiB, 4-bit {blpa / 2**20:.2f} MiB, "
+          f"ratio {stock / blpa:.2f}x")
+    assert stock / blpa >= 4.0

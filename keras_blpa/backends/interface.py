@@ -37,8 +37,10 @@ class Backend(Protocol):
         """The block's training forward whose backward reads only the K-bit code.
 
         `config` is a `keras_blpa.blocks.BlockConfig`; `gate_weights` are its
-        squeeze-excite's weights (``config.squeeze_excite``). Returns (list of
-        head outputs, the activation or None).
+        squeeze-excite's weights (``config.squeeze_excite``). mean and variance
+        are per channel, except for ``config.normalization == "layer"``: the
+        per-position LayerNormalization statistics, shape (N, H, W, 1).
+        Returns (list of head outputs, the activation or None).
         """
 
     def residual_call(self, x, shortcut, stride, padding, extra) -> Any:

@@ -12,7 +12,7 @@ from keras_blpa import ArgmaxPooling2D
 from keras_blpa import ResidualBuffer
 from keras_blpa.blocks import Activation
 
-__all__ = ["STACKS", "depthwise_stack", "pool_stack", "residual_stack",
+__all__ = ["STACKS", "depthwise_stack", "layer_norm_stack", "pool_stack", "residual_stack",
            "squeeze_excite_stack", "stock_activation"]
 
 
@@ -102,5 +102,26 @@ def pool_stack(mode, depth=8, channels=32, size=32, activation="relu"):
     return keras.Model(inp, x)
 
 
+def layer_norm_stack(mode, depth=20, channels=64, size=32, activation="linear"):
+    """`depth` ConvNeXt-like LayerNormalization(epsilon=1e-6) -> activation -> Dense(C)
+    units with identity adds (seed 0).
+
+    mode: "stock" or a bit width as a string (normalization="layer" dense-head blocks).
+    """
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((size, size, channels))
+    x = inp
+    for _ in range(depth):
+        if mode == "stock":
+            h = stock_activation(activation)(keras.layers.LayerNormalization(epsilon=1e-6)(x))
+            h = keras.layers.Dense(channels, use_bias=False)(h)
+        else:
+            h = ApproxConvBlock(channels, kind="dense", normalization="layer", epsilon=1e-6,
+                                activation=activation, bits=int(mode))(x)
+        x = keras.layers.Add()([x, h])
+    return keras.Model(inp, x)
+
+
 STACKS = {"residual": residual_stack, "depthwise": depthwise_stack,
-          "squeeze_excite": squeeze_excite_stack, "pool": pool_stack}
+          "squeeze_excite": squeeze_excite_stack, "pool": pool_stack,
+          "layer_norm": layer_norm_stack}

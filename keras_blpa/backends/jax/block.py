@@ -3,7 +3,8 @@
 The K-bit code is the one of `keras_blpa.backends.tensorflow.reference` (read
 its docstring: bins, shift, packing order), written with jnp so that XLA
 fuses it; the compressed block is a `jax.custom_vjp` whose residuals are only
-the packed codes, the per-channel vectors and the kernels. The backward decodes
+the packed codes, the per-channel vectors and the kernels (and one float per
+position for normalization "layer"). The backward decodes
 the codes, takes the filter and input gradients of the convolutions from the
 decoded activation output, then runs the BN backward with dL/dy = dL/da * f'
 (f' read from the codes: the ReLU mask for ReLU) and x_hat read from the codes.
@@ -236,6 +237,33 @@ def bn_grad_reduce(packed, grad_a, step, shift, gamma, beta, bits, act=RELU):
     return sum_g, (jnp.sum(g * y_dec, axes) - beta * sum_g) / gamma
 
 
+def _layer_normalise(x, gamma, beta, mean, variance, epsilon):
+    """(y, rstd): keras.layers.LayerNormalization's output over the channels, with
+    its arithmetic, from the per-position statistics (N, H, W, 1), and rstd =
+    rsqrt(variance + epsilon), what the backward keeps besides the code."""
+    rstd = jax.lax.rsqrt(variance + epsilon)
+    inv = rstd * gamma
+    return x * inv + (-mean * inv + beta), rstd
+
+
+def _layer_norm_backward(packed, d_a, step, shift, gamma, beta, rstd, bits, act):
+    """(d_x, d_gamma, d_beta) of LayerNormalization over the channels from the code
+    of y = gamma * x_hat + beta (the TensorFlow block's `_layer_norm_backward`):
+    g = d_a * f', x_hat = (y_dec - beta) / gamma (|gamma| floored), h = gamma * g,
+    ``d_x = rstd * (h - mean_c(h) - x_hat * mean_c(h * x_hat))``."""
+    g, y_dec = _act_grad(_after(d_a, packed), d_a, step, shift, bits, act)
+    p_gamma = jnp.where(
+        gamma >= 0.0, jnp.maximum(gamma, GAMMA_FLOOR), jnp.minimum(gamma, -GAMMA_FLOOR)
+    )
+    x_hat = (y_dec - beta) / p_gamma
+    axes = tuple(range(d_a.ndim - 1))
+    h = gamma * g
+    mean_h = jnp.mean(h, -1, keepdims=True)
+    mean_hx = jnp.mean(h * x_hat, -1, keepdims=True)
+    d_x = rstd * (h - mean_h - x_hat * mean_hx)
+    return d_x, jnp.sum(g * x_hat, axes), jnp.sum(g, axes)
+
+
 # --------------------------------------------------------------- the block
 
 
@@ -334,11 +362,23 @@ def compressed_block(config):
     specs, act = config.heads, config.activation
 
     unnormalised = config.normalization == "none"
+    layer_norm = config.normalization == "layer"
     se, n = config.squeeze_excite, len(specs)
 
     def forward(x, gamma, beta, mean, variance, weights):
         kernels, gate_weights = weights[:n], weights[n:]
-        if unnormalised:
+        extra = None
+        if layer_norm:
+            # The LN output is coded as is, sized by its per-channel batch statistics
+            # (the TensorFlow block's `_layer_normalised` says why).
+            x, rstd = _layer_normalise(x, gamma, beta, mean, variance, epsilon)
+            scale, offset = jnp.ones_like(gamma), jnp.zeros_like(gamma)
+            y = jax.lax.stop_gradient(x)
+            code_mean = jnp.mean(y, (0, 1, 2))
+            code_variance = jnp.mean(jnp.square(y - code_mean), (0, 1, 2))
+            p = channel_params(jnp.sqrt(code_variance), code_mean, bits, act)
+            extra = (gamma, beta, rstd)
+        elif unnormalised:
             # y = x exactly; the batch statistics size the code (TF block's `_normalisation`).
             scale, offset = jnp.ones_like(mean), jnp.zeros_like(mean)
             p = channel_params(jnp.sqrt(variance + epsilon), mean, bits, act)
@@ -360,7 +400,7 @@ def compressed_block(config):
         if config.with_activation:
             outs += (activation,)
         vectors = (p["step"], p["shift"], p["gamma"], p["beta"], scale)
-        return outs, (packed, vectors, tuple(kernels), gate)
+        return outs, (packed, vectors, tuple(kernels), gate, extra)
 
     # x_shape (static) is the only trace of x that the backward keeps.
     @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -371,7 +411,7 @@ def compressed_block(config):
         return forward(x, gamma, beta, mean, variance, weights)
 
     def bwd(x_shape, residuals, d_results):
-        packed, (step, shift, gamma, beta, scale), kernels, gate = residuals
+        packed, (step, shift, gamma, beta, scale), kernels, gate, extra = residuals
         d_outs = d_results[: len(kernels)]
         # Ordering (a) of the TensorFlow block: decode only once the gradient has arrived.
         a_dec = decode_activation(
@@ -390,6 +430,15 @@ def compressed_block(config):
         if config.with_activation:
             d_a = d_a + d_results[-1].astype(jnp.float32)
         zeros = jnp.zeros_like(step)
+        if layer_norm:
+            d_x, d_gamma, d_beta = _layer_norm_backward(
+                packed, d_a, step, shift, *extra, bits, act
+            )
+            d_x, d_gamma, d_beta, *d_kernels = _first_order_only(
+                [d_x, d_gamma, d_beta, *d_kernels], config
+            )
+            stats = jnp.zeros(x_shape[:-1] + (1,), jnp.float32)
+            return (d_x, d_gamma, d_beta, stats, stats, *d_kernels)
         if unnormalised:
             d_x, _ = _act_grad(_after(d_a, packed), d_a, step, shift, bits, act)
             d_x, *d_kernels = _first_order_only([d_x, *d_kernels], config)

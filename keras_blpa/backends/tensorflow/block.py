@@ -29,6 +29,8 @@ the block pins the order of a few ops:
 import tensorflow as tf
 
 from keras_blpa.backends.tensorflow import fused
+from keras_blpa.blocks import Activation
+from keras_blpa.codes import GAMMA_FLOOR
 
 __all__ = ["compressed", "conv", "read", "recompute_call", "residual_call"]
 
@@ -240,13 +242,86 @@ def _unnormalised_backward(code, d_a, ones):
     )
 
 
+# Decodes the code's y itself (the bin centre on its side of 0), whatever the
+# block's activation: every activation's code shares this y decode.
+_LINEAR = Activation("linear")
+
+
+def _layer_normalised(x, gamma, beta, mean, variance, params, config):
+    """(y, rstd, code params) of normalization "layer", else (x, None, params).
+
+    y is keras.layers.LayerNormalization's output over the channels, with its
+    arithmetic (``inv = rsqrt(variance + epsilon) * gamma``, ``y = x * inv +
+    (-mean * inv + beta)``), from the per-position mean and variance (N, H, W, 1);
+    rstd = rsqrt(variance + epsilon), one float per position, is what the
+    backward keeps besides the code (the mean is not needed: x_hat comes from
+    the code).
+
+    The code of y is sized per channel by y's batch mean and standard deviation,
+    as for "none", not by gamma and beta as BN's: x_hat is standardised per
+    position, not per channel, so a channel's x_hat may spread over much less
+    than BN's [-3, 3] window (or lie off-centre), and gamma-sized bins would
+    waste the resolution that LN's x_hat terms need. Every breakpoint stays a
+    bin edge (the code is of y).
+    """
+    if config.normalization != "layer":
+        return x, None, params
+    rstd = tf.math.rsqrt(variance + config.epsilon)
+    inv = rstd * gamma
+    y = x * inv + (-mean * inv + beta)
+    code_mean, code_variance = tf.nn.moments(tf.stop_gradient(y), [0, 1, 2])
+    params = fused.channel_params(
+        tf.sqrt(code_variance), code_mean, config.bits, config.activation
+    )
+    return y, rstd, params
+
+
+def _layer_norm_backward(code, d_a, gamma, beta, rstd):
+    """(d_x, d_gamma, d_beta) of y = gamma * x_hat + beta, x_hat = (x - mean_p) * rstd_p,
+    LayerNormalization over the channels of each position p.
+
+    With g = dL/dy (the incoming gradient times f' read from the code) and
+    x_hat decoded as (y_dec - beta) / gamma, the per-channel sums are BN's:
+    ``d_gamma = sum_p g * x_hat``, ``d_beta = sum_p g`` (exact for
+    piecewise-linear activations); the input gradient is BN's with the roles
+    of the axes swapped, means over the C channels of each position:
+    ``d_x = rstd_p * (h - mean_c(h) - x_hat * mean_c(h * x_hat))``, h = gamma * g
+    (differentiating x_hat through mean_p and rstd_p gives the two mean terms).
+    The fused ops give the sums (`bn_grad_reduce`), h (`bn_grad_input` with coef
+    gamma and zero means) and y_dec (`decode_activation`, linear); each
+    full-size temporary waits for the one before it (ordering (a)).
+    """
+    p, ops, bits, act = code.params, code.ops, code.bits, code.act
+    step, shift = p["step"], p["shift"]
+    # x_hat = (y_dec - beta) / gamma, |gamma| floored as the code's.
+    p_gamma = tf.where(gamma >= 0.0, tf.maximum(gamma, GAMMA_FLOOR), tf.minimum(gamma, -GAMMA_FLOOR))
+    d_beta, d_gamma = ops.bn_grad_reduce(
+        code.read_after([d_a]), d_a, step, shift, p_gamma, beta, bits, act
+    )
+    zeros = tf.zeros_like(gamma)
+    h = ops.bn_grad_input(
+        code.read_after([d_beta, d_gamma]), d_a, step, shift, p_gamma, beta,
+        gamma, zeros, zeros, bits, act,
+    )
+    y_dec = ops.decode_activation(code.read_after([h]), code.shape, step, shift, bits, _LINEAR)
+    x_hat = (y_dec - beta) / p_gamma
+    mean_h = tf.reduce_mean(h, -1, keepdims=True)
+    mean_hx = tf.reduce_mean(h * x_hat, -1, keepdims=True)
+    d_x = rstd * (h - mean_h - x_hat * mean_hx)
+    return d_x, d_gamma, d_beta
+
+
 def _normalisation(gamma, beta, mean, variance, config):
     """(scale, offset, code params) of the block's y = x * scale + offset.
 
     "batch": BN folded (gamma / std, beta - mean * scale), the code sized by
     gamma and beta. "none": y = x exactly (scale 1, offset 0), the code sized by
-    the batch statistics as if they were gamma (std) and beta (mean).
+    the batch statistics as if they were gamma (std) and beta (mean). "layer":
+    the LN output y is made after (`_layer_normalised`, which sizes its code)
+    and coded as is (scale 1, offset 0).
     """
+    if config.normalization == "layer":
+        return tf.ones_like(gamma), tf.zeros_like(gamma), None
     if config.normalization == "none":
         params = fused.channel_params(
             tf.sqrt(variance + config.epsilon), mean, config.bits, config.activation
@@ -263,7 +338,9 @@ def compressed(x, gamma, beta, mean, variance, kernels, config, gate_weights=())
     Args:
         x: the block input (float32); gamma, beta: BN vectors; mean, variance:
             the batch statistics (for "batch", their gradients are part of
-            the BN backward; for "none", they only size the code).
+            the BN backward; for "none", they only size the code); for
+            "layer", LayerNormalization's per-position statistics (N, H, W, 1),
+            whose gradients are part of the LN backward.
         kernels: one conv kernel per head, in ``config.compute_dtype``.
         config: a `keras_blpa.blocks.BlockConfig`.
         gate_weights: the squeeze-excite's weights (``config.squeeze_excite``),
@@ -280,9 +357,10 @@ def compressed(x, gamma, beta, mean, variance, kernels, config, gate_weights=())
     def block(x, gamma, beta, mean, variance, *weights):
         kernels, gate_weights = weights[:n], weights[n:]
         scale, offset, p = _normalisation(gamma, beta, mean, variance, config)
+        pre, rstd, p = _layer_normalised(x, gamma, beta, mean, variance, p, config)
         x_shape = tf.shape(x)
         activation, packed = ops.bn_act_encode(
-            x, scale, offset, p["inv_step"], p["shift"], bits, act
+            pre, scale, offset, p["inv_step"], p["shift"], bits, act
         )
         if config.naive:
             activation = ops.decode_activation(packed, x_shape, p["step"], p["shift"], bits, act)
@@ -305,6 +383,8 @@ def compressed(x, gamma, beta, mean, variance, kernels, config, gate_weights=())
                 d_x, d_gamma, d_beta = _bn_act_backward(
                     code, d_a, beta, scale, config.synchronized
                 )
+            elif config.normalization == "layer":
+                d_x, d_gamma, d_beta = _layer_norm_backward(code, d_a, gamma, beta, rstd)
             else:
                 d_x = _unnormalised_backward(code, d_a, scale)
                 d_gamma, d_beta = tf.zeros_like(gamma), tf.zeros_like(beta)
