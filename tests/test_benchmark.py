@@ -161,6 +161,7 @@ def test_kernel_benchmark_times_correct_kernels(tmp_path):
     assert [b["activation"] for b in result["block_step"]] == ["relu", "silu"]
     for block in result["block_step"]:
         assert {"stock", "blpa4_reference"} | {"blpa4_native" for p in paths if p == "native"} == set(block["step_ms"])
+        assert set(block["peak_mib"]) == set(block["step_ms"]) and min(block["peak_mib"].values()) > 0
     with pytest.raises(SystemExit):
         kernels.main(["--shape", "2,8,8"])
 

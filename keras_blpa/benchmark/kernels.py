@@ -16,7 +16,8 @@ Part 2, block: training-step time (forward + gradients of every variable) of
 BN -> SiLU -> squeeze-excite -> 1x1 Conv2D) at 4 bits, against the same stack
 in stock Keras layers, on the native and the reference path. Modes are
 interleaved step by step so that load from other processes hits them alike;
-medians are reported.
+medians are reported, and each mode's allocator peak of one step (the CPU BFC
+statistics, `keras_blpa.memory.PeakMemory`).
 
 Each kernel row also records ``max_error_steps``: the largest distance, in bins,
 between the timed decode(encode(x)) and the exact ReLU(BN(x)) over the elements
@@ -167,6 +168,7 @@ def bench_block(shape, blocks, reps, activation=None, stack="residual"):
     `activation`: the block's (None: the stack's default)."""
     from keras_blpa.backends.tensorflow import native
     from keras_blpa.benchmark.stacks import STACKS
+    from keras_blpa.memory import PeakMemory
 
     build = STACKS[stack]
     kwargs = {} if activation is None else {"activation": activation}
@@ -188,12 +190,18 @@ def bench_block(shape, blocks, reps, activation=None, stack="residual"):
     finally:
         native.load = real_load
     t = _median_times(fns, reps)
+    peaks = {}
+    for k, fn in fns.items():
+        with PeakMemory() as peak:
+            fn()
+        peaks[k] = peak.peak_mib
     result = {
         "stack": stack,
         "activation": activation or "default",
         "batch_shape": list(shape),
         "blocks": blocks,
         "step_ms": {k: 1e3 * v for k, v in t.items()},
+        "peak_mib": peaks,
     }
     for k in t:
         if k != "stock":
@@ -223,6 +231,9 @@ def main(argv=None):
                         help="comma list of keras_blpa.benchmark.stacks to time (default "
                              "residual; the others with their own activation)")
     args = parser.parse_args(argv)
+    from keras_blpa import memory
+
+    memory.enable_cpu_statistics()  # before TensorFlow's first op (the block part's peaks)
     reps = validation.check_int(args.reps or (10 if args.quick else 40), "reps")
     block_reps = validation.check_int(
         args.block_reps or (3 if args.quick else 10), "block_reps"
@@ -266,7 +277,7 @@ def main(argv=None):
         for k, v in block["step_ms"].items():
             ratio = block.get(f"ratio_{k}_vs_stock")
             extra = f"  {ratio:.2f}x stock" if ratio else ""
-            print(f"  {k:<16} {v:9.1f} ms{extra}")
+            print(f"  {k:<16} {v:9.1f} ms{extra}   peak {block['peak_mib'][k]:7.1f} MiB")
     result = {"info": info, "kernels": rows, "block_step": blocks}
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w", encoding="utf-8") as f:
