@@ -385,8 +385,12 @@ def _run_accuracy(session, cfg):
 def _run_families(session, cfg):
     from keras_blpa.benchmark import families
 
+    # --resume: the rows of the same schedule and data are done.
+    same = dict(epochs=cfg["fam_epochs"], batch=cfg["fam_batch"], seeds=cfg["fam_seeds"],
+                width=cfg["fam_width"])
     done = {(r["family"], r["mode"]) for r in session.results["families"]
-            if r["epochs"] == cfg["fam_epochs"]}
+            if all(r.get(k) == v for k, v in same.items())
+            and (cfg["fam_train_samples"] is None or r["train_samples"] == cfg["fam_train_samples"])}
     session.add("families", families.study(
         cfg["fam_families"], cfg["fam_modes"], cfg["fam_seeds"], cfg["fam_epochs"],
         cfg["fam_batch"], cfg["fam_train_samples"], cfg["fam_test_samples"],
