@@ -227,9 +227,11 @@ def test_family_converts_with_the_stock_forward(family):
             np.testing.assert_array_equal(model(x, training=True), training)
 
 
+@pytest.mark.slow
 def test_families_tiny_run(tmp_path):
     """One epoch of two steps per family and mode: finite figures in every row,
-    and the table and plot the part writes."""
+    and the table and plot the part writes (about 90 s on 2 cores: each of the
+    9 models traces its train, test and recalibration functions)."""
     modes = ["exact", "blpa4", "naive4"]
     rows = families.study(list(families.FAMILIES), modes, [0], epochs=1, batch_size=64,
                           train_samples=128, test_samples=100, width=8, log=lambda m: None)
