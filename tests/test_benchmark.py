@@ -1,6 +1,7 @@
 """The benchmark CLI: a reduced quick run (every part), its output schema, and the
 claims it exists to check (4-bit peak well below the stock-Keras peak, trained
-models well above chance); the kernel benchmark on a small activation."""
+models well above chance); the kernel benchmark on a small activation; the
+families study's nets and a tiny run of it."""
 
 import json
 import math
@@ -9,11 +10,14 @@ import statistics
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
+from keras_blpa import ApproxConvBlock
 from keras_blpa.backends.tensorflow import native
 from keras_blpa.codes import packed_size
 from keras_blpa.benchmark import __main__ as cli
+from keras_blpa.benchmark import families
 from keras_blpa.benchmark import kernels
 from keras_blpa.benchmark import max_batch
 from keras_blpa.benchmark import report
@@ -192,3 +196,68 @@ def test_main_runs_the_requested_parts_in_order(monkeypatch, tmp_path):
     assert results["memory"] == [row] and len(results["meta"]["commands"]) == 2
     cli.main(["--quick", "--out", out, "--parts", "timing"])
     assert report.load_json(out)["memory"] == [] and calls[-1] == "timing"
+
+
+# Blocks each family is written to give convert (its BN -> activation -> conv
+# chains); others may join them as convert learns more patterns.
+_FAMILY_BLOCKS = {
+    "mobilenetv2": ["expanded_conv_depthwise", "expanded_conv_project"]
+    + [f"block_{i}_{head}" for i in range(1, 5) for head in ("depthwise", "project")],
+    "efficientnet": [f"block{i}a_dwconv" for i in range(1, 6)],
+    "convnext": [f"stage_{s}_block_{b}_pointwise_conv_2" for s in (0, 1) for b in (0, 1)],
+}
+
+
+@pytest.mark.parametrize("family", families.FAMILIES)
+def test_family_converts_with_the_stock_forward(family):
+    """Each mode's model starts from the stock net's weights: the converted nets
+    hold the ApproxConvBlocks the report names and compute the stock outputs
+    (blpa: in training too; naive quantises its training forward)."""
+    x = np.random.default_rng(0).standard_normal((4, 28, 28, 1)).astype("float32")
+    stock = families.build_mode(family, "exact", width=8, seed=3)
+    # Inference first: a training call moves the BN moving statistics.
+    inference, training = stock(x, training=False), stock(x, training=True)
+    count, blocks = families.conversion_count(family, width=8)
+    assert set(_FAMILY_BLOCKS[family]) <= set(blocks), sorted(blocks)
+    for mode in ("blpa8", "blpa4", "naive4"):
+        model, names = families.build_mode(family, mode, width=8, seed=3, return_report=True)
+        converted = [layer.name for layer in model.layers if isinstance(layer, ApproxConvBlock)]
+        assert sorted(converted) == sorted(names) == sorted(blocks) and len(names) == count
+        np.testing.assert_array_equal(model(x, training=False), inference)
+        if mode.startswith("blpa"):
+            np.testing.assert_array_equal(model(x, training=True), training)
+
+
+@pytest.mark.slow
+def test_families_tiny_run(tmp_path):
+    """One epoch of two steps per family and mode: finite figures in every row,
+    and the table and plot the part writes (about 90 s on 2 cores: each of the
+    9 models traces its train, test and recalibration functions)."""
+    modes = ["exact", "blpa4", "naive4"]
+    rows = families.study(list(families.FAMILIES), modes, [0], epochs=1, batch_size=64,
+                          train_samples=128, test_samples=100, width=8, log=lambda m: None)
+    assert [(r["family"], r["mode"]) for r in rows] == [
+        (f, m) for f in families.FAMILIES for m in modes]
+    for r in rows:
+        assert r["blocks_converted"] == families.conversion_count(r["family"], width=8)[0] > 0
+        assert r["train_samples"] == 128 and r["test_samples"] == 100
+        assert 0 <= r["mean"] <= 100 and r["std"] == 0.0
+        assert all(math.isfinite(v) and v > 0 for v in r["train_loss"] + [r["epoch_s"]])
+    results = {"meta": {}, "config": {}, "families": rows}
+    report.write(results, str(tmp_path))
+    md = (tmp_path / "results.md").read_text()
+    for f in families.FAMILIES:
+        assert f"| {f} | - | exact |" in md and f"| {f} | " in md
+    assert md.count(" | blpa4 | ") == len(families.FAMILIES)
+    assert (tmp_path / "families.png").stat().st_size > 0
+
+
+def test_families_flags():
+    args = cli.build_parser().parse_args(["--parts", "families", "--fam-modes", "exact,recompute"])
+    with pytest.raises(ValueError, match="mode='recompute'"):
+        cli.resolve(args)
+    args = cli.build_parser().parse_args(["--parts", "families", "--fam-families", "vgg"])
+    with pytest.raises(ValueError, match="family='vgg'"):
+        cli.resolve(args)
+    cfg = cli.resolve(cli.build_parser().parse_args(["--parts", "families", "--fam-width", "8"]))
+    assert cfg["fam_families"] == list(families.FAMILIES) and cfg["fam_width"] == 8

@@ -11,6 +11,8 @@ naive8 / naive4 (quantised forward). Parts:
   max_batch  largest batch under --budget-mib, each trial in its own process
              (TF_CPU_ALLOCATOR_USE_BFC / TF_CPU_BFC_MEM_LIMIT_IN_MB)
   accuracy   Fashion-MNIST test error over seeds
+  families   the same for small MobileNetV2-, EfficientNet- and ConvNeXt-like
+             nets, exact (stock) vs keras_blpa.convert of them (families.py)
 Results go to OUT/results.json, OUT/results.md and OUT/*.png; the JSON is
 rewritten after every measurement, and --resume skips what it already holds.
 """
@@ -43,6 +45,13 @@ _FULL = dict(
     acc_epochs=3,
     acc_batch=128,
     acc_train_samples=0,
+    fam_families="mobilenetv2,efficientnet,convnext",
+    fam_modes="exact,blpa8,blpa4,naive4",
+    fam_seeds="0,1",
+    fam_epochs=3,
+    fam_batch=128,
+    fam_train_samples=4096,
+    fam_test_samples=0,
     parts="memory,timing,max_batch,accuracy",
 )
 _QUICK = dict(
@@ -62,6 +71,13 @@ _QUICK = dict(
     acc_epochs=1,
     acc_batch=64,
     acc_train_samples=2048,
+    fam_families="mobilenetv2,efficientnet,convnext",
+    fam_modes="exact,blpa4,naive4",
+    fam_seeds="0,1",
+    fam_epochs=1,
+    fam_batch=64,
+    fam_train_samples=1024,
+    fam_test_samples=2000,
     parts="memory,timing,max_batch,accuracy",
 )
 
@@ -122,6 +138,17 @@ def build_parser():
     p.add_argument("--acc-epochs", type=int)
     p.add_argument("--acc-batch", type=int)
     p.add_argument("--acc-train-samples", type=int, help="0 = all 60000")
+    p.add_argument("--fam-families", help="families part: comma list of "
+                   "mobilenetv2, efficientnet, convnext")
+    p.add_argument("--fam-modes", help="families part: modes (exact, blpa8, blpa4, "
+                   "naive8, naive4)")
+    p.add_argument("--fam-seeds")
+    p.add_argument("--fam-epochs", type=int)
+    p.add_argument("--fam-batch", type=int)
+    p.add_argument("--fam-train-samples", type=int, help="0 = all 60000")
+    p.add_argument("--fam-test-samples", type=int, help="0 = all 10000")
+    p.add_argument("--fam-width", type=int, help="families part: channels of the "
+                   "first stage (default: each family's own, 16 / 16 / 24)")
     p.add_argument("--data-dir", help="TFDS data dir / folder of the IDX files")
     p.add_argument("--resume", action="store_true",
                    help="keep the measurements already in OUT/results.json")
@@ -145,11 +172,19 @@ def resolve(args):
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    from keras_blpa.benchmark import families
+
     for key in ("batch", "budget_mib", "timing_steps", "image_size", "acc_depth",
-                "acc_epochs", "acc_batch"):
+                "acc_epochs", "acc_batch", "fam_epochs", "fam_batch"):
         validation.check_int(getattr(args, key), key)
     validation.check_int(args.warmup, "warmup", minimum=0)
-    validation.check_int(args.acc_train_samples, "acc_train_samples", minimum=0)
+    for key in ("acc_train_samples", "fam_train_samples", "fam_test_samples"):
+        validation.check_int(getattr(args, key), key, minimum=0)
+    if args.fam_width is not None:
+        validation.check_int(args.fam_width, "fam_width")
+    fam_modes = modes_lib.check_modes(_names(args.fam_modes))
+    for mode in fam_modes:
+        modes_lib.code_args(mode)  # recompute and remat are no conversion
     validation.check_number(args.max_batch_tol, "max_batch_tol", low=0, low_open=True)
     cfg = dict(
         quick=args.quick,
@@ -171,6 +206,15 @@ def resolve(args):
         acc_epochs=args.acc_epochs,
         acc_batch=args.acc_batch,
         acc_train_samples=args.acc_train_samples or None,
+        fam_families=[validation.check_choice(f, "family", families.FAMILIES)
+                      for f in _names(args.fam_families)],
+        fam_modes=fam_modes,
+        fam_seeds=_ints(args.fam_seeds),
+        fam_epochs=args.fam_epochs,
+        fam_batch=args.fam_batch,
+        fam_train_samples=args.fam_train_samples or None,
+        fam_test_samples=args.fam_test_samples or None,
+        fam_width=args.fam_width,
         data_dir=args.data_dir,
     )
     return cfg
@@ -338,6 +382,22 @@ def _run_accuracy(session, cfg):
         ))
 
 
+def _run_families(session, cfg):
+    from keras_blpa.benchmark import families
+
+    # --resume: the rows of the same schedule and data are done.
+    same = dict(epochs=cfg["fam_epochs"], batch=cfg["fam_batch"], seeds=cfg["fam_seeds"],
+                width=cfg["fam_width"])
+    done = {(r["family"], r["mode"]) for r in session.results["families"]
+            if all(r.get(k) == v for k, v in same.items())
+            and (cfg["fam_train_samples"] is None or r["train_samples"] == cfg["fam_train_samples"])}
+    session.add("families", families.study(
+        cfg["fam_families"], cfg["fam_modes"], cfg["fam_seeds"], cfg["fam_epochs"],
+        cfg["fam_batch"], cfg["fam_train_samples"], cfg["fam_test_samples"],
+        data_dir=cfg["data_dir"], width=cfg["fam_width"], log=session.log, done=done,
+    ))
+
+
 # Part name -> function(session, cfg), in the order they run (max_batch starts
 # from the memory part's peaks).
 PARTS = {
@@ -345,6 +405,7 @@ PARTS = {
     "timing": _run_timing,
     "max_batch": _run_max_batch,
     "accuracy": _run_accuracy,
+    "families": _run_families,
 }
 
 

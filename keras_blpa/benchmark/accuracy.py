@@ -60,17 +60,43 @@ def recalibrate_batch_norm(model, images):
         layer.momentum = momentum
 
 
+class _EpochTimer(keras.callbacks.Callback):
+    """Wall seconds of each epoch of a fit."""
+
+    def __init__(self):
+        super().__init__()
+        self.seconds = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seconds.append(time.perf_counter() - self._start)
+
+
 def train_one(mode, depth, seed, data, epochs, batch_size, learning_rate=0.05,
-              recalibration_samples=1000):
-    """Trains one model; returns (test error in %, seconds).
+              recalibration_samples=1000, build=None):
+    """Trains one model; returns a dict of its figures.
 
     The moving BN statistics are recalibrated on ``recalibration_samples``
     training images before the test (see `recalibrate_batch_norm`).
+
+    Args:
+        build: ``function(mode, input_shape) -> keras.Model`` (uncompiled),
+            called right after seeding; by default the pre-activation ResNet
+            of `depth` (`modes.build_model`).
+
+    Returns:
+        ``dict(test_error=% of the test images, train_loss=mean loss of the
+        last epoch, train_s=seconds of the fit, epoch_s=[seconds of each epoch])``.
     """
     (x_train, y_train), (x_test, y_test) = data
     modes_lib.release()
     keras.utils.set_random_seed(seed)
-    model = modes_lib.build_model(mode, depth, 10, x_train.shape[1:])
+    if build is None:
+        model = modes_lib.build_model(mode, depth, 10, x_train.shape[1:])
+    else:
+        model = build(mode, x_train.shape[1:])
     steps = epochs * (len(x_train) // batch_size)
     schedule = keras.optimizers.schedules.CosineDecay(
         learning_rate, decay_steps=max(1, steps), warmup_target=None
@@ -83,30 +109,52 @@ def train_one(mode, depth, seed, data, epochs, batch_size, learning_rate=0.05,
     # The same shuffled order for every mode of a seed (whole batches only).
     order = np.random.default_rng(seed).permutation(len(x_train))
     order = order[: len(order) // batch_size * batch_size]
+    timer = _EpochTimer()
     start = time.perf_counter()
-    model.fit(x_train[order], y_train[order], batch_size=batch_size, epochs=epochs,
-              verbose=0, shuffle=False)
+    history = model.fit(x_train[order], y_train[order], batch_size=batch_size,
+                        epochs=epochs, verbose=0, shuffle=False, callbacks=[timer])
     seconds = time.perf_counter() - start
     recalibrate_batch_norm(model, x_train[:recalibration_samples])
     _, accuracy = model.evaluate(x_test, y_test, batch_size=500, verbose=0)
     del model
     modes_lib.release()
-    return 100.0 * (1.0 - float(accuracy)), seconds
+    return dict(
+        test_error=100.0 * (1.0 - float(accuracy)),
+        train_loss=float(history.history["loss"][-1]),
+        train_s=seconds,
+        epoch_s=timer.seconds,
+    )
+
+
+def _spread(values):
+    """Sample standard deviation (0 for a single value)."""
+    return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def study(modes, depth, seeds, epochs, batch_size, train_samples=None,
-          test_samples=None, data_dir=None, log=print):
-    """Test error of each mode over seeds; returns a list of dicts."""
-    data = load_data(train_samples, test_samples, data_dir)
+          test_samples=None, data_dir=None, log=print, build=None, data=None,
+          label=None):
+    """Test error of each mode over seeds; returns a list of dicts.
+
+    Args:
+        build: as in `train_one` (default: the ResNet of `depth`).
+        data: the `load_data` arrays (default: loaded with `train_samples`,
+            `test_samples`, `data_dir`).
+        label: what the log names the model by (default ``depth=<depth>``).
+    """
+    data = data if data is not None else load_data(train_samples, test_samples, data_dir)
+    label = label or f"depth={depth}"
     rows = []
     for mode in modes:
-        errors, seconds = [], []
+        runs = []
         for seed in seeds:
-            error, sec = train_one(mode, depth, seed, data, epochs, batch_size)
-            errors.append(round(error, 2))
-            seconds.append(round(sec, 1))
-            log(f"  accuracy {mode} depth={depth} seed={seed}: test error {error:.2f}% "
-                f"({sec:.0f} s)")
+            run = train_one(mode, depth, seed, data, epochs, batch_size, build=build)
+            runs.append(run)
+            log(f"  accuracy {mode} {label} seed={seed}: test error "
+                f"{run['test_error']:.2f}%, train loss {run['train_loss']:.4f} "
+                f"({run['train_s']:.0f} s)")
+        errors = [round(r["test_error"], 2) for r in runs]
+        losses = [round(r["train_loss"], 4) for r in runs]
         rows.append(
             {
                 "mode": mode,
@@ -118,8 +166,12 @@ def study(modes, depth, seeds, epochs, batch_size, train_samples=None,
                 "test_samples": len(data[1][0]),
                 "test_error": errors,
                 "mean": round(statistics.mean(errors), 2),
-                "std": round(statistics.stdev(errors), 2) if len(errors) > 1 else 0.0,
-                "train_s": seconds,
+                "std": round(_spread(errors), 2),
+                "train_loss": losses,
+                "train_loss_mean": round(statistics.mean(losses), 4),
+                "train_s": [round(r["train_s"], 1) for r in runs],
+                # Median epoch: the first epoch also traces and compiles the step.
+                "epoch_s": round(statistics.median(s for r in runs for s in r["epoch_s"]), 2),
             }
         )
     return rows

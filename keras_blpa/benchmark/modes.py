@@ -26,6 +26,7 @@ __all__ = [
     "build_model",
     "build_state",
     "check_modes",
+    "code_args",
     "compile_model",
     "random_batch",
     "release",
@@ -60,6 +61,18 @@ def check_modes(modes):
     return [validation.check_choice(mode, "mode", MODES) for mode in modes]
 
 
+def code_args(mode):
+    """``(bits, quantization)`` of a mode built by the keras_blpa factory or by
+    `keras_blpa.convert`: ``(None, "blpa")`` for exact, e.g. ``(4, "naive")`` for
+    naive4. Raises ValueError for recompute, which is no code setting."""
+    check_modes([mode])
+    if mode not in _FACTORY_ARGS:
+        raise ValueError(
+            f"Expected a mode in {tuple(_FACTORY_ARGS)}. Received: mode={mode!r}"
+        )
+    return _FACTORY_ARGS[mode]
+
+
 def build_model(mode, depth, num_classes=10, input_shape=(32, 32, 3), width=1, seed=None):
     """Builds the (uncompiled) model of one mode."""
     check_modes([mode])
@@ -73,7 +86,7 @@ def build_model(mode, depth, num_classes=10, input_shape=(32, 32, 3), width=1, s
             depth, num_classes, input_shape, bits=None,
             unit_wrapper=models.RecomputeGrad, **kwargs
         )
-    bits, quantization = _FACTORY_ARGS[mode]
+    bits, quantization = code_args(mode)
     kwargs.update(bits=bits, quantization=quantization)
     if mode == "remat":
         with keras.RematScope(mode="activations"):

@@ -12,7 +12,7 @@ SCHEMA_VERSION = 1
 # Line styles that keep coinciding curves (exact/remat, blpa/naive) visible.
 _STYLES = {"exact": "o-", "remat": "s--", "recompute": "^-", "blpa8": "D-",
           "blpa4": "o-", "naive8": "v:", "naive4": "P:"}
-PARTS = ("memory", "max_batch", "timing", "accuracy")
+PARTS = ("memory", "max_batch", "timing", "accuracy", "families")
 
 
 def _color(mode):
@@ -172,6 +172,48 @@ def _accuracy_table(rows):
     return "\n".join(lines) + "\n"
 
 
+def _families_table(rows):
+    """Test error, final train loss and time per epoch of each family and mode."""
+    if not rows:
+        return ""
+    r0 = rows[0]
+    lines = [
+        f"Fashion-MNIST, small nets of the families convert reaches, {r0['epochs']} "
+        f"epoch(s), batch {r0['batch']}, {r0['train_samples']} training / "
+        f"{r0['test_samples']} test images, seeds {r0['seeds']}. Test error mean +- "
+        "sample std over the seeds (%); train loss: mean over the seeds of the last "
+        "epoch's mean loss; s/epoch: median epoch; blocks: ApproxConvBlocks convert "
+        "made of the stock net. Within spread: |mean - exact mean| <= the larger "
+        "of the two stds.",
+        "",
+        "| family | blocks | mode | test error | per seed | train loss | s/epoch | "
+        "within spread |",
+        "|---|---:|---|---:|---|---:|---:|---|",
+    ]
+    families = []
+    for r in rows:
+        if r["family"] not in families:
+            families.append(r["family"])
+    for family in families:
+        sel = {r["mode"]: r for r in rows if r["family"] == family}
+        exact = sel.get("exact")
+        for mode in _ordered(set(sel)):
+            r = sel[mode]
+            if exact is None or mode == "exact":
+                within = "-"
+            else:
+                gap = abs(r["mean"] - exact["mean"])
+                within = "yes" if gap <= max(r["std"], exact["std"]) else "no"
+                within += f" ({r['mean'] - exact['mean']:+.2f})"
+            blocks = "-" if mode == "exact" else str(r["blocks_converted"])
+            lines.append(
+                f"| {family} | {blocks} | {mode} | {r['mean']:.2f} +- {r['std']:.2f} | "
+                + ", ".join(f"{e:.2f}" for e in r["test_error"])
+                + f" | {r['train_loss_mean']:.4f} | {r['epoch_s']:.1f} | {within} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 def _software(meta):
     """"Keras 3.x on JAX 0.y." or "... on TensorFlow 2.z, native ops: True." (older results: TensorFlow).
 
@@ -205,6 +247,8 @@ def _markdown(results):
         parts.append(_max_batch_table(results["max_batch"]))
     if results.get("accuracy"):
         parts.append(_accuracy_table(results["accuracy"]))
+    if results.get("families"):
+        parts.append(_families_table(results["families"]))
     for plot in results.get("plots", []):
         parts.append(f"![{plot}]({plot})\n")
     return "\n".join(parts)
@@ -278,6 +322,38 @@ def _max_batch_plot(results, out_dir, plt):
     return _save(fig, plt, out_dir, "max_batch_vs_depth.png")
 
 
+def _families_plot(results, out_dir, plt):
+    """families.png, test error (mean, std bars, seeds as dots) per family and mode;
+    None without rows."""
+    rows = results.get("families", [])
+    if not rows:
+        return None
+    families = []
+    for r in rows:
+        if r["family"] not in families:
+            families.append(r["family"])
+    modes = _ordered({r["mode"] for r in rows})
+    fig, ax = plt.subplots(figsize=(2.2 * len(families) + 2, 4))
+    step = 0.8 / len(modes)
+    for j, mode in enumerate(modes):
+        for i, family in enumerate(families):
+            r = next((r for r in rows if (r["family"], r["mode"]) == (family, mode)), None)
+            if r is None:
+                continue
+            x = i - 0.4 + step * (j + 0.5)
+            ax.bar(x, r["mean"], step * 0.9, yerr=r["std"], capsize=3, color=_color(mode),
+                   label=mode if i == 0 else None)
+            ax.plot([x] * len(r["test_error"]), r["test_error"], "k.", ms=4)
+    ax.set_xticks(range(len(families)), families)
+    ax.set_ylabel("test error (%)")
+    r0 = rows[0]
+    ax.set_title(f"Fashion-MNIST, {r0['epochs']} epochs, {r0['train_samples']} images, "
+                 f"{len(r0['seeds'])} seeds")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    return _save(fig, plt, out_dir, "families.png")
+
+
 def _plots(results, out_dir):
     """Writes the plots the results have data for; returns their file names."""
     import matplotlib
@@ -285,7 +361,8 @@ def _plots(results, out_dir):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [plot(results, out_dir, plt) for plot in (_memory_vs_batch_plot, _max_batch_plot)]
+    names = [plot(results, out_dir, plt)
+             for plot in (_memory_vs_batch_plot, _max_batch_plot, _families_plot)]
     return [name for name in names if name]
 
 
