@@ -1,6 +1,7 @@
-"""The allocator peak of one training step of a deep stack in its own process
-(the stacks are `keras_blpa.benchmark.stacks`', shared with the block-step
-benchmark), and the activations the tests use."""
+"""The memory of one training step of a deep stack: the TensorFlow allocator's
+peak in its own process, and JAX's compiled-step temp bytes (the stacks are
+`keras_blpa.benchmark.stacks`', shared with the block-step benchmark); and the
+activations the tests use."""
 
 import json
 import os
@@ -57,3 +58,24 @@ def peak_bytes(stack, mode, pure_tf, depth=30, channels=64, size=32, batch=64, a
                          text=True, timeout=600, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
+
+
+def step_temp_bytes(model, batch):
+    """JAX: temp_size_in_bytes of the compiled training step of `model` (loss
+    mean(y^2), gradients, new state), XLA's buffer assignment, without running it."""
+    import jax
+    import jax.numpy as jnp
+
+    trainable = [v.value for v in model.trainable_variables]
+    fixed = [v.value for v in model.non_trainable_variables]
+
+    def loss(trainable, fixed, data):
+        y, fixed = model.stateless_call(trainable, fixed, data, training=True)
+        return jnp.mean(jnp.square(y)), fixed
+
+    def step(trainable, fixed, data):
+        return jax.value_and_grad(loss, has_aux=True)(trainable, fixed, data)
+
+    data = jax.ShapeDtypeStruct((batch,) + model.input_shape[1:], jnp.float32)
+    compiled = jax.jit(step).lower(trainable, fixed, data).compile()
+    return compiled.memory_analysis().temp_size_in_bytes

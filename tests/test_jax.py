@@ -35,6 +35,7 @@ from keras_blpa.blocks import Head  # noqa: E402
 from keras_blpa.codes import packed_size  # noqa: E402
 from keras_blpa.backends.tensorflow import reference  # noqa: E402
 from keras_blpa.benchmark.stacks import residual_stack  # noqa: E402
+from stacks import step_temp_bytes  # noqa: E402
 from trajectories import assert_same_steps  # noqa: E402
 from trajectories import fit_batch  # noqa: E402
 from trajectories import forced_steps  # noqa: E402
@@ -974,23 +975,6 @@ def test_synchronized_data_parallel_steps_equal_one_device(tmp_path, bits):
 
 
 # ------------------------------------------------------------------- memory
-
-
-def step_temp_bytes(model, batch):
-    """temp_size_in_bytes of the compiled training step (loss, gradients, new state)."""
-    trainable = [v.value for v in model.trainable_variables]
-    fixed = [v.value for v in model.non_trainable_variables]
-
-    def loss(trainable, fixed, data):
-        y, fixed = model.stateless_call(trainable, fixed, data, training=True)
-        return jnp.mean(jnp.square(y)), fixed
-
-    def step(trainable, fixed, data):
-        return jax.value_and_grad(loss, has_aux=True)(trainable, fixed, data)
-
-    data = jax.ShapeDtypeStruct((batch,) + model.input_shape[1:], jnp.float32)
-    compiled = jax.jit(step).lower(trainable, fixed, data).compile()
-    return compiled.memory_analysis().temp_size_in_bytes
 
 
 @pytest.mark.slow

@@ -209,26 +209,6 @@ def test_window_larger_than_a_valid_input_says_so():
 # ------------------------------------------------------------------- memory
 
 
-def _fit_step_bytes_jax(model, batch):
-    """temp_size_in_bytes of the compiled training step (XLA's buffer assignment)."""
-    import jax
-    import jax.numpy as jnp
-
-    trainable = [v.value for v in model.trainable_variables]
-    fixed = [v.value for v in model.non_trainable_variables]
-
-    def loss(trainable, fixed, data):
-        y, fixed = model.stateless_call(trainable, fixed, data, training=True)
-        return jnp.mean(jnp.square(y)), fixed
-
-    def step(trainable, fixed, data):
-        return jax.value_and_grad(loss, has_aux=True)(trainable, fixed, data)
-
-    data = jax.ShapeDtypeStruct((batch,) + model.input_shape[1:], jnp.float32)
-    compiled = jax.jit(step).lower(trainable, fixed, data).compile()
-    return compiled.memory_analysis().temp_size_in_bytes
-
-
 def test_training_step_keeps_the_codes_not_the_float_input():
     """8 x (4-bit block -> 3x3 stride-1 "same" pooling), 32x32x32, batch 32: 4 MiB
     per float activation. A stock pooling's backward keeps its float input and
@@ -247,9 +227,10 @@ def test_training_step_keeps_the_codes_not_the_float_input():
         per_pool = 5 * 2**20
     else:
         from keras_blpa.benchmark.stacks import pool_stack
+        from stacks import step_temp_bytes
 
-        stock = _fit_step_bytes_jax(pool_stack("stock", depth), batch)
-        argmax = _fit_step_bytes_jax(pool_stack("argmax", depth), batch)
+        stock = step_temp_bytes(pool_stack("stock", depth), batch)
+        argmax = step_temp_bytes(pool_stack("argmax", depth), batch)
         per_pool = 3 * 2**20
     saved = stock - argmax
     print(json.dumps({"backend": BACKEND, "stock_MiB": stock / 2**20, "argmax_MiB": argmax / 2**20,
