@@ -1,14 +1,20 @@
 """Max pooling whose backward keeps only the argmax code (`ArgmaxPooling2D` on TensorFlow).
 
-The forward is ``tf.nn.max_pool2d``, the op stock Keras runs. The index of
-each output's max within its window (`keras_blpa.windows`) is the first window
-position equal to the max, found from strided slices of the (-inf padded)
-input; the backward adds each position's masked gradient at its offset with
-``StridedSliceGrad``. Each slice, mask and partial sum waits for the one
-before it (control dependencies), so that one window position's full-size
-temporaries exist at a time, not all of them at once, and the output waits
-for the code (as the block's forward conv waits for its code, `block`'s
-ordering (b)), so that the float input is freed as the forward goes on.
+The forward is TensorFlow's ``MaxPoolWithArgmax`` (the maximum of each window,
+so the output is ``tf.nn.max_pool2d``'s bit for bit, and the per-sample flat
+index of the first maximum in row-major window order, as MaxPoolGrad routes
+the gradient). The index becomes the window code of `keras_blpa.windows` (one
+byte per output) at once, and the output waits for the code, so that neither
+the float input nor the int32 index outlives the forward. The backward
+rebuilds each output's flat input index from its code and position, once its
+incoming gradient exists (else the executor builds every pooling's index at
+the start of the backward pass), and adds the gradients there with
+``unsorted_segment_sum``, in the outputs' row-major order (MaxPoolGrad's), so
+overlapping windows sum as stock does.
+
+Measured (64 x 32 x 32 x 64, one pooling, forward + backward, CPU): 3x3
+stride 2 33 ms against stock's 9 ms; the strided-slice version this replaced
+took 300 ms.
 """
 
 import tensorflow as tf
@@ -18,79 +24,68 @@ from keras_blpa.windows import Window
 __all__ = ["max_pool_argmax"]
 
 
-def _after(tensor):
-    """A control-dependency scope on `tensor` (none in eager mode, where ops run in order)."""
-    return tf.control_dependencies(None if tf.executing_eagerly() else [tensor])
-
-
-def _lowest(dtype):
-    return float("-inf") if dtype.is_floating else dtype.min
-
-
-def _argmax(x, y, window):
-    """The window index of each output's max (the first position equal to it)."""
-    (top, bottom), (left, right) = window.pads
-    if top or bottom or left or right:
-        x = tf.pad(x, [[0, 0], [top, bottom], [left, right], [0, 0]],
-                   constant_values=_lowest(x.dtype))
-    index = None
-    dtype = tf.as_dtype(window.index_dtype)
-    for k, i, j in window.offsets():
-        with _after(y if index is None else index):
-            end_i, end_j = window.slice_end(i, j)
-            values = x[:, i:end_i:window.strides[0], j:end_j:window.strides[1], :]
-            hit = tf.equal(values, y)
-            code = tf.constant(k, dtype)
-            index = tf.where(hit, code, tf.zeros_like(code) if index is None else index)
-    return index
-
-
-def _scatter(dy, index, window, input_shape):
-    """dL/dx: each output's gradient added at its argmax."""
-    channels = dy.shape[-1]
-    padded = tf.concat([tf.shape(dy)[:1], [*window.padded_size, channels]], 0)
-    dtype = tf.as_dtype(window.index_dtype)
-    total = None
-    for k, i, j in window.offsets():
-        with _after(dy if total is None else total):
-            part = tf.where(tf.equal(index, tf.constant(k, dtype)), dy, tf.zeros([], dy.dtype))
-            end_i, end_j = window.slice_end(i, j)
-            placed = tf.raw_ops.StridedSliceGrad(
-                shape=padded, begin=[0, i, j, 0], end=[0, end_i, end_j, 0],
-                strides=[1, *window.strides, 1], dy=part, begin_mask=0, end_mask=0b1001,
-            )
-            # Added to zeros first, as MaxPoolGrad does (a -0.0 gradient becomes +0.0).
-            total = (tf.zeros_like(placed) if total is None else total) + placed
+def _window_starts(height, width, channels, window):
+    """The per-sample flat input index ``(h * W + w) * C + c`` of each output's
+    window corner (int32, [1, Ho, Wo, C]; negative rows and columns in a "same" pad)."""
+    (ho, wo), (sh, sw) = window.output_size, window.strides
     (top, _), (left, _) = window.pads
-    if total.shape[1:3] != tuple(input_shape[1:3]):
-        total = total[:, top:top + input_shape[1], left:left + input_shape[2], :]
-    return total
+    row = tf.reshape(tf.range(ho) * sh - top, [1, -1, 1, 1])
+    col = tf.reshape(tf.range(wo) * sw - left, [1, 1, -1, 1])
+    c = tf.reshape(tf.range(channels), [1, 1, 1, -1])
+    return (row * width + col) * channels + c
 
 
 def max_pool_argmax(x, pool_size, strides, padding):
     """NHWC max pooling whose backward keeps only the argmax code and shapes.
 
     Falls back to ``tf.nn.max_pool2d`` and its stock gradient (which keeps the
-    float input and output) where the spatial size is unknown when traced.
+    float input and output) where the spatial size is unknown when traced. The
+    gradient's int32 index needs fewer than 2^31 input elements per batch.
     """
     ksize, window_strides = (1, *pool_size, 1), (1, *strides, 1)
-    if None in x.shape[1:3]:
+    if None in x.shape[1:3] or x.shape[3] is None:
         return tf.nn.max_pool2d(x, ksize, window_strides, padding.upper())
-    window = Window(tuple(x.shape[1:3]), tuple(pool_size), tuple(strides), padding)
+    height, width, channels = x.shape[1:]
+    if x.shape[0] is not None and x.shape.num_elements() >= 2**31:
+        raise ValueError(
+            "ArgmaxPooling2D indexes its input with int32: it takes fewer than 2^31 "
+            f"elements per batch. Received: input shape {tuple(x.shape)}"
+        )
+    window = Window((height, width), tuple(pool_size), tuple(strides), padding)
+    kw = tf.constant(window.pool_size[1], tf.int32)
+    code_dtype = tf.as_dtype(window.index_dtype)
 
     @tf.custom_gradient
     def pool(x):
-        y = tf.nn.max_pool2d(x, ksize, window_strides, padding.upper())
-        index = _argmax(x, y, window)
-        with tf.control_dependencies([index]):
+        # Per-sample int32 indices ((h * W + w) * C + c): 4 bytes per output, not 8.
+        y, flat = tf.nn.max_pool_with_argmax(
+            tf.stop_gradient(x), ksize, window_strides, padding.upper(), output_dtype=tf.int32
+        )
+        first = _window_starts(height, width, channels, window)
+        offset = flat - first  # (i * W + j) * C for window row i, column j
+        line = width * channels
+        code = tf.cast((offset // line) * kw + (offset % line) // channels, code_dtype)
+        with tf.control_dependencies([code]):
             # The output waits for the code: else the executor may defer the
             # code's ops (needed only by the backward) while the float input
-            # stays alive (measured: ~5 MiB kept per 4 MiB input without it).
+            # and the int32 index stay alive.
             y = tf.identity(y)
-        input_shape = x.shape
 
         def grad(dy):
-            return _scatter(dy, index, window, input_shape)
+            n = tf.shape(dy)[0]
+            # The input index of each output's max, per sample (int32), then the
+            # sum into the input with the batch as the outer segment axis.
+            # The index waits for the incoming gradient: else the executor would
+            # build every pooling's index at the start of the backward pass.
+            with tf.control_dependencies([dy]):
+                k = tf.cast(code, tf.int32)
+            per_sample = first + (k // kw) * (width * channels) + (k % kw) * channels
+            sample = tf.reshape(tf.range(n) * (height * width * channels), [-1, 1, 1, 1])
+            size = n * (height * width * channels)
+            dx = tf.math.unsorted_segment_sum(
+                tf.reshape(dy, [-1]), tf.reshape(per_sample + sample, [-1]), size
+            )
+            return tf.reshape(dx, tf.stack([n, height, width, channels]))
 
         return y, grad
 
