@@ -35,13 +35,29 @@ def input_and_weight_gradients(layer, x, dy):
     return tape.gradient(loss, [x] + layer.trainable_weights)
 
 
+def channels_first(*layers):
+    """Stock channels_last `layers` on an NCHW tensor (NCHW in and out).
+
+    The reference of a channels_first chain: TensorFlow's CPU Conv2D runs NCHW
+    only through oneDNN (off by default on CPUs without AVX-512), so the stock
+    layers run on the transposed tensor, as Keras' own channels_first fallback
+    would."""
+    import keras
+
+    return keras.Sequential(
+        [keras.layers.Permute((2, 3, 1)), *layers, keras.layers.Permute((3, 1, 2))]
+    )
+
+
 def assert_forward_and_statistics_match(block, stock, x):
     """Both modes' outputs equal the stock chain's, and the moving statistics are
-    updated exactly as its keras.layers.BatchNormalization (its first layer) updates them."""
+    updated exactly as its keras.layers.BatchNormalization (its first) updates them."""
     for training in (True, False):
         np.testing.assert_allclose(
             block(x, training=training), stock(x, training=training), rtol=1e-5, atol=1e-5
         )
-    bn = stock.layers[0]
+    import keras
+
+    bn = next(l for l in stock.layers if isinstance(l, keras.layers.BatchNormalization))
     np.testing.assert_allclose(block.moving_mean, bn.moving_mean, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(block.moving_variance, bn.moving_variance, rtol=1e-6, atol=1e-6)

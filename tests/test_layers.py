@@ -7,6 +7,7 @@ import tensorflow as tf
 
 import keras_blpa
 from chains import assert_forward_and_statistics_match
+from chains import channels_first
 from keras_blpa import ApproxConvBlock, ResidualBuffer
 
 
@@ -40,7 +41,8 @@ def random_weights(block, rng):
 
 def copy_to_stock(block, stock):
     """Copies ApproxConvBlock weights into the equivalent stock Sequential."""
-    bn, _, conv = stock.layers
+    bn, conv = (next(l for l in stock.layers if type(l) is kind)
+                for kind in (keras.layers.BatchNormalization, keras.layers.Conv2D))
     bn.set_weights([w.numpy() for w in (block.gamma, block.beta, block.moving_mean, block.moving_variance)])
     conv.set_weights([block.kernel.numpy()] + ([block.bias.numpy()] if block.use_bias else []))
 
@@ -598,19 +600,18 @@ def test_models_saved_by_version_0_1_still_load():
 
 
 def stock_channels_first(filters, kernel_size, **conv_kwargs):
-    return keras.Sequential(
-        [
-            keras.layers.BatchNormalization(axis=1),
-            keras.layers.ReLU(),
-            keras.layers.Conv2D(filters, kernel_size, data_format="channels_first", **conv_kwargs),
-        ]
+    """BatchNormalization -> ReLU -> Conv2D on NCHW tensors (`chains.channels_first`)."""
+    return channels_first(
+        keras.layers.BatchNormalization(),
+        keras.layers.ReLU(),
+        keras.layers.Conv2D(filters, kernel_size, **conv_kwargs),
     )
 
 
 @pytest.mark.parametrize("bits", [None, 4])
 def test_channels_first_equals_stock(ops_path, bits):
     """NCHW in and out: the forward (both modes) and the moving statistics equal stock
-    BatchNormalization(axis=1) -> ReLU -> Conv2D(channels_first); the gradients equal
+    BatchNormalization -> ReLU -> Conv2D on the transposed tensor; the gradients equal
     the channels_last block's on the transposed input (the same codes), and, exact,
     stock Keras'."""
     rng = np.random.default_rng(30)
@@ -653,10 +654,11 @@ def test_channels_first_heads_and_activation(ops_path):
     np.testing.assert_allclose(outs[2], activation, rtol=1e-5, atol=1e-5)
     for out, head, kernel in zip(outs, heads, block.kernels):
         conv = keras.layers.Conv2D(head["filters"], head["kernel_size"], strides=head.get("strides", 1),
-                                   padding="same", use_bias=False, data_format="channels_first")
-        conv.build(x.shape)
+                                   padding="same", use_bias=False)
+        stock = channels_first(conv)
+        stock.build(x.shape)
         conv.kernel.assign(kernel)
-        np.testing.assert_allclose(out, conv(activation), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(out, stock(activation), rtol=1e-5, atol=1e-5)
     declared = block.compute_output_shape(x.shape)
     assert [tuple(d) for d in declared] == [tuple(o.shape) for o in outs]
 
