@@ -148,6 +148,35 @@ def test_gradients_meet_the_goals(ops_path, case, head, bits):
     assert_gradients_meet_goal(g, g_stock, goal(bits))
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_unnormalised_gated_block_meets_the_goals(ops_path, bits):
+    """normalization="none" (activation -> squeeze-excite -> conv, no BN to cancel a
+    spatially uniform gradient): the input gradient carries the gate's pooled term
+    dL/dpooled / HW in full, so it is checked here at the goals."""
+    rng = np.random.default_rng(4)
+    channels = SHAPE[-1]
+    inp = keras.Input(SHAPE[1:])
+    a = keras.layers.ReLU()(inp)
+    gated, (reduce, expand) = stock_gate(a, channels, "relu", "sigmoid")
+    conv = keras.layers.Conv2D(5, 1, use_bias=False)
+    stock = keras.Model(inp, conv(gated))
+    for layer in (conv, reduce, expand):
+        layer.set_weights([rng.normal(0, 0.5, w.shape) for w in layer.get_weights()])
+    block = ApproxConvBlock(5, 1, bits=bits, normalization="none",
+                            squeeze_excite=dict(filters=REDUCED, activation="relu"))
+    block.build(SHAPE)
+    block.kernel.assign(conv.kernel)
+    gate = [reduce.kernel, reduce.bias, expand.kernel, expand.bias]
+    for w, source in zip(block.gate_weights, gate):
+        w.assign(source)
+    stock.ordered_variables = [conv.kernel] + gate
+    x = inputs()
+    np.testing.assert_allclose(block(x, training=True), stock(x, training=True), rtol=1e-5, atol=1e-5)
+    g, g_stock = gradients(block, x), gradients(stock, x)
+    assert len(g) == 6
+    assert_gradients_meet_goal(g, g_stock, goal(bits))
+
+
 def test_exact_block_gradients_equal_stock():
     """bits=None: the gate is the same computation, so the gradients are stock's."""
     stock, blpa = stock_and_block(CASES[0], "conv", bits=None)
