@@ -92,8 +92,9 @@ def test_relu6_code_keeps_both_breakpoints_exact(bits):
     """The codes tell y <= 0, 0 < y < 6 and y >= 6 apart exactly, for every element
     (y exactly 0 and 6, one ulp either side, far outside the window) and for channels
     where 6 lies inside and outside the paper's window (gamma tiny to large, beta of
-    both signs). Checked from the packed codes with numpy: the codes below shift are
-    y <= 0, those from upper on are y >= 6."""
+    both signs, windows wholly above 0). Checked from the packed codes with numpy: the
+    codes below the mask edge clip(shift, 1, 2^K - 1) are y <= 0, those from upper on
+    are y >= 6."""
     rng = np.random.default_rng(2)
     gamma = np.array([1.0, -1.0, 0.05, 3.0, 20.0, -0.3, 1e-6, 200.0], np.float32)
     beta = np.array([0.0, 2.0, 0.1, -4.0, 30.0, 5.0, 0.0, 0.0], np.float32)
@@ -106,7 +107,9 @@ def test_relu6_code_keeps_both_breakpoints_exact(bits):
     codes = reference.encode_codes(y, p["inv_step"], p["shift"], bits, act).numpy()
     step, shift = p["step"].numpy(), p["shift"].numpy()
     upper = np.minimum(shift + np.round(6.0 / step), 2**bits - 1)
-    np.testing.assert_array_equal(codes >= shift, y > 0)
+    edge = np.clip(shift, 1, 2**bits - 1)
+    assert (shift < 1).any()  # gamma = -0.3, beta = 5: a window wholly above 0
+    np.testing.assert_array_equal(codes >= edge, y > 0)
     np.testing.assert_array_equal(codes >= upper, y >= 6)
     # Where 6 lies inside the paper's window, it is a whole number of bins above 0.
     inside = upper < 2**bits - 1
