@@ -19,9 +19,11 @@ LayerNormalization over the channels (ConvNeXt's ``LayerNormalization(epsilon=
 heads directly (a linear activation), becomes a normalization="layer" block. A
 squeeze-excite between the activation and the conv (EfficientNet's
 GlobalAveragePooling2D -> Reshape -> 1x1 Conv2D -> 1x1 Conv2D(sigmoid) ->
-Multiply) is computed by the block too. Every ``keras.layers.MaxPooling2D``
-becomes an `ArgmaxPooling2D` with its config: the same forward, and a backward
-that keeps the argmax code instead of the float input and output. Everything
+Multiply) is computed by the block too. With ``argmax_pooling=True`` every
+``keras.layers.MaxPooling2D`` becomes an `ArgmaxPooling2D` with its config:
+the same forward, and a backward that keeps the argmax code instead of the
+float input and output (off by default: on TensorFlow with oneDNN the
+allocator measures less saving than the report counts for it). Everything
 else is copied unchanged, so the forward pass is exactly the original's.
 
 `memory_report(model, ...)` tells, per layer, which activation bytes the
@@ -752,8 +754,8 @@ def _float_reason(node, graph, reasons):
     name = type(layer).__name__
     if isinstance(layer, _KEEPS_INPUT_AND_OUTPUT):
         return (
-            f"{name} keeps its input and output (only MaxPooling2D is compressed: "
-            "ArgmaxPooling2D)"
+            f"{name} keeps its input and output (convert(argmax_pooling=True) makes a "
+            "MaxPooling2D an ArgmaxPooling2D)"
         )
     if type(layer) in _HEAD_KINDS:
         producer = graph.producer.get(id(node.input_tensors[0]))
@@ -806,7 +808,7 @@ def _batch_shapes(fn, batch_size, input_shape):
     return out
 
 
-def _report(graph, chains, reasons, batch_shapes, bits):
+def _report(graph, chains, reasons, batch_shapes, bits, argmax_pooling=False):
     spec = _specs(graph.fn, batch_shapes)
     fused = {}
     for chain in chains:
@@ -843,7 +845,7 @@ def _report(graph, chains, reasons, batch_shapes, bits):
             rows.append(LayerMemory(node.operation.name, type(node.operation).__name__, before, after, chain.name, None))
             continue
         layer = node.operation
-        argmax = _becomes_argmax(layer) or isinstance(layer, ArgmaxPooling2D)
+        argmax = (argmax_pooling and _becomes_argmax(layer)) or isinstance(layer, ArgmaxPooling2D)
         after = 0
         for key, nbytes in _argmax_keeps(node, spec) if argmax else _keeps(node, spec):
             if key not in claimed_after:
@@ -869,12 +871,13 @@ def _report(graph, chains, reasons, batch_shapes, bits):
 
 
 def _becomes_argmax(layer):
-    """Whether `convert` replaces `layer` by an ArgmaxPooling2D (stock MaxPooling2D only)."""
+    """Whether ``convert(argmax_pooling=True)`` replaces `layer` by an ArgmaxPooling2D
+    (stock MaxPooling2D only)."""
     return type(layer) is keras.layers.MaxPooling2D
 
 
-def _clone(layer):
-    if _becomes_argmax(layer):
+def _clone(layer, argmax_pooling=False):
+    if argmax_pooling and _becomes_argmax(layer):
         return ArgmaxPooling2D.from_config(layer.get_config())
     if isinstance(layer, keras.layers.Layer):
         if isinstance(layer, keras.Model):
@@ -1050,7 +1053,7 @@ def _copy_block_weights(chain, block):
         target.assign(keras.ops.copy(source.value))
 
 
-def _rebuild(graph, chains, bits, quantization):
+def _rebuild(graph, chains, bits, quantization, argmax_pooling=False):
     fn = graph.fn
     tensors = {}
     for t in fn.inputs:
@@ -1077,7 +1080,7 @@ def _rebuild(graph, chains, bits, quantization):
         op = node.operation
         first = id(op) not in clones
         if first:
-            clones[id(op)] = _clone(op)
+            clones[id(op)] = _clone(op, argmax_pooling)
         new_op = clones[id(op)]
         args, kwargs = node.arguments.fill_in(tensors)
         out = new_op(*args, **kwargs)
@@ -1095,7 +1098,7 @@ def _rebuild(graph, chains, bits, quantization):
 # ------------------------------------------------------------------- public
 
 
-def memory_report(model, batch_size=1, input_shape=None, bits=4):
+def memory_report(model, batch_size=1, input_shape=None, bits=4, argmax_pooling=False):
     """Activation bytes kept for backprop per layer, before and after `convert`.
 
     Args:
@@ -1105,6 +1108,7 @@ def memory_report(model, batch_size=1, input_shape=None, bits=4):
             when the model's own input shape has unknown sizes; a list of
             shapes for several inputs.
         bits: bits of the code that `convert` would use (None: exact blocks).
+        argmax_pooling: as `convert`'s (MaxPooling2D rows count the argmax code).
 
     Returns:
         A `keras_blpa.activation_report.MemoryReport` (``print(report)`` for a table).
@@ -1120,10 +1124,12 @@ def memory_report(model, batch_size=1, input_shape=None, bits=4):
     bits = check_bits(bits, allow_none=True)
     graph = _Graph(fn)
     chains, reasons = _plan(graph)
-    return _report(graph, chains, reasons, _batch_shapes(fn, batch_size, input_shape), bits)
+    shapes = _batch_shapes(fn, batch_size, input_shape)
+    return _report(graph, chains, reasons, shapes, bits, bool(argmax_pooling))
 
 
-def convert(model, bits=4, quantization="blpa", return_report=False, batch_size=1):
+def convert(model, bits=4, quantization="blpa", return_report=False, batch_size=1,
+            argmax_pooling=False):
     """A copy of `model` whose BN -> activation -> Conv2D chains keep K-bit codes.
 
     Returns a new functional model with the same inputs, outputs, layer names
@@ -1132,9 +1138,9 @@ def convert(model, bits=4, quantization="blpa", return_report=False, batch_size=
     ReLU, ReLU(6.0), LeakyReLU, Activation("swish"), ...) -> [ZeroPadding2D] ->
     Conv2D is computed by one `ApproxConvBlock`; several convs reading one
     BN+activation share one block and one code; a BN+activation output that
-    also feeds other layers is returned by the block for them. Every
-    MaxPooling2D becomes an `ArgmaxPooling2D` (same config and output; its
-    backward keeps the argmax code). What cannot be converted is copied as it
+    also feeds other layers is returned by the block for them. With
+    `argmax_pooling`, every MaxPooling2D becomes an `ArgmaxPooling2D` (same
+    config and output; its backward keeps the argmax code). What cannot be converted is copied as it
     was: the forward pass is exactly the original's.
     Call it inside ``strategy.scope()`` to get mirrored variables.
 
@@ -1144,6 +1150,10 @@ def convert(model, bits=4, quantization="blpa", return_report=False, batch_size=
         quantization: "blpa" or "naive" (see ApproxConvBlock).
         return_report: also return the `memory_report` of the conversion.
         batch_size: batch size of that report.
+        argmax_pooling: also replace every MaxPooling2D by an `ArgmaxPooling2D`.
+            Off by default: ResNet50V2 at 64x64, batch 16 (TensorFlow, oneDNN)
+            measured about 0 of the 13.6 MiB the report counts for its four
+            poolings (at 128x128, batch 32: 85 of 107 MiB).
 
     Returns:
         The converted keras.Model, or ``(model, report)`` with return_report
@@ -1166,7 +1176,7 @@ def convert(model, bits=4, quantization="blpa", return_report=False, batch_size=
     chains, reasons = _plan(graph)
     if not chains:
         why = sorted(set(reasons.values()))[:3]
-        pools = sum(_becomes_argmax(node.operation) for node in graph.nodes)
+        pools = sum(_becomes_argmax(node.operation) for node in graph.nodes) if argmax_pooling else 0
         rest = (
             f"only its {pools} MaxPooling2D layer(s) become ArgmaxPooling2D."
             if pools else "returning an unchanged copy."
@@ -1178,11 +1188,12 @@ def convert(model, bits=4, quantization="blpa", return_report=False, batch_size=
             UserWarning,
             stacklevel=2,
         )
-    new_model = _rebuild(graph, chains, bits, quantization)
+    argmax_pooling = bool(argmax_pooling)
+    new_model = _rebuild(graph, chains, bits, quantization, argmax_pooling)
     if not return_report:
         return new_model
     shapes = _batch_shapes(fn, batch_size, None) if all(
         d is not None for t in fn.inputs for d in t.shape[1:]
     ) else None
-    report = _report(graph, chains, reasons, shapes, bits) if shapes else None
+    report = _report(graph, chains, reasons, shapes, bits, argmax_pooling) if shapes else None
     return new_model, report

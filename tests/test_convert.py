@@ -142,9 +142,9 @@ def test_resnet50v2():
     assert converted.get_layer("conv2_block1_2_conv").heads[0].explicit_padding == ((1, 1), (1, 1))
     assert "conv2_block1_2_pad" not in {l.name for l in converted.layers}
     still = {row.name: row.reason for row in report.still_float}
-    # The stem's MaxPooling2D becomes an ArgmaxPooling2D: it keeps codes, not floats.
-    assert "pool1_pool" not in still
-    assert type(converted.get_layer("pool1_pool")) is keras_blpa.ArgmaxPooling2D
+    # The stem's MaxPooling2D stays (argmax_pooling is off by default), with its reason.
+    assert "MaxPooling2D" in still["pool1_pool"] and "argmax_pooling=True" in still["pool1_pool"]
+    assert type(converted.get_layer("pool1_pool")) is keras.layers.MaxPooling2D
     assert "not from BN -> activation" in still["conv1_conv"]
     assert "GlobalAveragePooling2D" in still["post_bn"]
 
@@ -778,12 +778,13 @@ def pooled_cnn(bn=False):
 
 
 def test_max_pooling_becomes_argmax_pooling_with_the_same_forward_and_gradients():
-    """No chain to convert: the poolings still become ArgmaxPooling2D (with the same
-    config); outputs in both modes and every gradient are bit-identical to the
-    original's (ReLU -> pool: all-zero windows tie)."""
+    """argmax_pooling=True, no chain to convert: the poolings still become
+    ArgmaxPooling2D (with the same config); outputs in both modes and every gradient
+    are bit-identical to the original's (ReLU -> pool: all-zero windows tie)."""
     model = pooled_cnn()
     with pytest.warns(UserWarning, match="only its 2 MaxPooling2D layer"):
-        converted, report = keras_blpa.convert(model, return_report=True, batch_size=BATCH)
+        converted, report = keras_blpa.convert(model, return_report=True, batch_size=BATCH,
+                                               argmax_pooling=True)
     for name in ("pool1", "pool2"):
         assert type(converted.get_layer(name)) is keras_blpa.ArgmaxPooling2D
         assert converted.get_layer(name).get_config() == model.get_layer(name).get_config()
@@ -807,7 +808,8 @@ def test_max_pooling_becomes_argmax_pooling_with_the_same_forward_and_gradients(
 def test_max_pooling_converts_beside_chains_and_round_trips(tmp_path):
     model = pooled_cnn(bn=True)
     randomize_bn(model)
-    converted = keras_blpa.convert(model, bits=8)
+    assert type(keras_blpa.convert(model, bits=8).get_layer("pool1")) is keras.layers.MaxPooling2D
+    converted = keras_blpa.convert(model, bits=8, argmax_pooling=True)
     assert isinstance(converted.get_layer("conv2"), ApproxConvBlock)
     assert type(converted.get_layer("pool1")) is keras_blpa.ArgmaxPooling2D
     x = np.random.default_rng(1).normal(size=(BATCH, 15, 15, 3)).astype("float32")
