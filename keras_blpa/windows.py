@@ -64,11 +64,12 @@ class Window:
     def offsets(self):
         """[(k, i, j)]: window position k at row i, column j, from the last to the first.
 
-        The backends visit the positions in this order: the argmax keeps the
-        first position equal to the max (the last one written), and the
+        The JAX backend visits the positions in this order: the argmax keeps
+        the first position equal to the max (the last one written), and the
         backward adds the contributions to an input element in the outputs'
         row-major order, as TensorFlow's MaxPoolGrad (without oneDNN) and
-        XLA's select_and_scatter do.
+        XLA's select_and_scatter do. (The TensorFlow backend takes the same
+        first maximum from ``MaxPoolWithArgmax``.)
         """
         width = self.pool_size[1]
         return [(k, k // width, k % width) for k in reversed(range(self.positions))]
