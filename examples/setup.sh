@@ -31,4 +31,8 @@ fi
 # the TensorFlow now installed.
 KERAS_BLPA_NATIVE=0 python -m pip install -q --no-build-isolation -e ".[$backend,examples,test]"
 python -m pip install -q --no-build-isolation --no-deps -e .
+# keras-hub, whose models the tests convert: without its declared dependencies
+# (tensorflow-text would replace tensorflow-cpu); its import needs regex and tokenizers.
+python -m pip install -q --no-deps "keras-hub==0.32.0"
+python -m pip install -q regex tokenizers
 python -c "import keras_blpa; print('keras_blpa ready; native ops:', keras_blpa.native_ops_available())"

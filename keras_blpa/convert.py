@@ -35,7 +35,9 @@ The graph walk reads the functional model's nodes (``_nodes_by_depth``,
 ``node.arguments``), as Keras' own `clone_model` does.
 """
 
+import collections
 import math
+import re
 import warnings
 
 import keras
@@ -76,6 +78,11 @@ _STATELESS = (
     keras.layers.Identity,
     blpa_layers.ResidualBuffer,
 )
+# keras.ops operations (keras.src.ops classes, not layers) whose backward keeps nothing.
+_STATELESS_OPS = frozenset((
+    "Add", "Subtract", "Negative", "Pad", "Reshape", "Transpose", "Concatenate", "Stack",
+    "ExpandDims", "Squeeze", "GetItem", "Mean", "Sum", "Flatten", "Cast",
+))
 _KEEPS_INPUT = (
     keras.layers.Conv1D,
     keras.layers.Conv2D,
@@ -143,7 +150,7 @@ def _functional(model):
 class _Graph:
     """Nodes of a functional model in topological order, with their consumers."""
 
-    def __init__(self, fn):
+    def __init__(self, fn, extra_outputs=()):
         self.fn = fn
         self.nodes = []
         for depth in sorted(fn._nodes_by_depth, reverse=True):
@@ -157,7 +164,7 @@ class _Graph:
                 self.consumers.setdefault(id(t), []).append(node)
             for t in node.outputs:
                 self.producer[id(t)] = node
-        self.output_ids = {id(t) for t in fn.outputs}
+        self.output_ids = {id(t) for t in fn.outputs} | {id(t) for t in extra_outputs}
 
     def users(self, tensor):
         return self.consumers.get(id(tensor), [])
@@ -213,6 +220,29 @@ def _block_activation(layer):
         name = _ACTIVATION_FUNCTIONS.get(layer.activation)
         return None if name is None else Activation.get(name)
     return None
+
+
+_BLOCK_ACTIVATIONS = "relu, relu6, leaky_relu, linear, silu/swish, gelu, hard_silu/hard_swish"
+
+
+def _activation_like(layer):
+    return type(layer) in (keras.layers.ReLU, keras.layers.LeakyReLU, keras.layers.Activation,
+                           keras.layers.ELU, keras.layers.PReLU, keras.layers.Softmax)
+
+
+def _activation_text(layer):
+    """How a stock activation layer's function reads in a reason (no layer names)."""
+    if type(layer) is keras.layers.ReLU:
+        return (f"ReLU(max_value={layer.max_value}, negative_slope={float(layer.negative_slope)}, "
+                f"threshold={float(layer.threshold)})")
+    if type(layer) is keras.layers.Activation:
+        return getattr(layer.activation, "__name__", type(layer.activation).__name__)
+    return type(layer).__name__
+
+
+def _cause(reason):
+    """A reason without the layer names in it: one cause for many layers."""
+    return re.sub(r" '[^']*'", "", reason)
 
 
 def _is_relu(layer):
@@ -317,7 +347,7 @@ class _Chain:
 
     @property
     def activation(self):
-        """The block's `Activation` (linear where a LayerNormalization feeds the heads)."""
+        """The block's `Activation` (linear where the normalization feeds the heads)."""
         if self.act is self.bn:
             return Activation.get("linear")
         return _block_activation(self.act.operation)
@@ -366,6 +396,8 @@ _GATE_FUNCTIONS = {
     keras.activations.sigmoid: "sigmoid",
     keras.activations.hard_sigmoid: "hard_sigmoid",
 }
+_REDUCE_FUNCTIONS = {**_ACTIVATION_FUNCTIONS, keras.activations.linear: "linear"}
+_EXPAND_FUNCTIONS = {**_GATE_FUNCTIONS, keras.activations.linear: "linear"}
 
 
 class _Gate:
@@ -373,8 +405,9 @@ class _Gate:
     GlobalAveragePooling2D [-> Reshape((1, 1, C))] -> Conv2D(1x1, activation) ->
     Conv2D(1x1, sigmoid or hard_sigmoid) -> Multiply with the activation."""
 
-    def __init__(self, nodes, reduce, expand, multiply):
+    def __init__(self, nodes, reduce, expand, multiply, activation, gate):
         self.nodes, self.reduce, self.expand, self.multiply = nodes, reduce, expand, multiply
+        self.activation, self.gate = activation, gate
 
     @property
     def output(self):
@@ -382,13 +415,9 @@ class _Gate:
 
     @property
     def config(self):
-        reduce, expand = self.reduce.operation, self.expand.operation
-        return dict(
-            filters=reduce.filters,
-            activation=_ACTIVATION_FUNCTIONS[reduce.activation],
-            gate=_GATE_FUNCTIONS[expand.activation],
-            use_bias=reduce.use_bias,
-        )
+        reduce = self.reduce.operation
+        return dict(filters=reduce.filters, activation=self.activation, gate=self.gate,
+                    use_bias=reduce.use_bias)
 
     def weights(self):
         """The stock weights in `SqueezeExcite.weight_shapes`' order."""
@@ -439,26 +468,86 @@ def _gate(graph, act, source):
             node = graph.only_user(node.outputs[0])
         elif not layer.keepdims:
             continue
-        if node is None or not _gate_conv_ok(node, None, _ACTIVATION_FUNCTIONS, source):
+        if node is None or not _gate_conv_ok(node, None, _REDUCE_FUNCTIONS, source):
             continue
         reduce = node
-        expand = graph.only_user(reduce.outputs[0])
-        if expand is None or not _gate_conv_ok(expand, channels, _GATE_FUNCTIONS, source):
+        found = _reduce_activation(graph, reduce)
+        if found is None:
+            continue
+        act_name, act_nodes = found
+        last = act_nodes[-1] if act_nodes else reduce
+        expand = graph.only_user(last.outputs[0])
+        if expand is None or not _gate_conv_ok(expand, channels, _EXPAND_FUNCTIONS, source):
             continue
         if expand.operation.use_bias != reduce.operation.use_bias:
             continue
-        multiply = graph.only_user(expand.outputs[0])
+        found = _gate_function(graph, expand)
+        if found is None:
+            continue
+        gate_name, gate_nodes = found
+        scale = (gate_nodes[-1] if gate_nodes else expand).outputs[0]
+        multiply = graph.only_user(scale)
         if multiply is None or type(multiply.operation) is not keras.layers.Multiply:
             continue
         ids = {id(t) for t in multiply.input_tensors}
-        if len(multiply.input_tensors) != 2 or ids != {id(activation), id(expand.outputs[0])}:
+        if len(multiply.input_tensors) != 2 or ids != {id(activation), id(scale)}:
             continue
         if multiply.operation.activity_regularizer is not None or not _single_call(
             multiply.operation
         ):
             continue
-        return _Gate(nodes + [reduce, expand, multiply], reduce, expand, multiply)
+        nodes += [reduce, *act_nodes, expand, *gate_nodes, multiply]
+        return _Gate(nodes, reduce, expand, multiply, act_name, gate_name)
     return None
+
+
+def _reduce_activation(graph, reduce):
+    """(activation name, [its nodes]) of a squeeze-excite's first 1x1 conv: the conv's
+    own activation, or a stock activation layer reading its linear output; or None."""
+    conv = reduce.operation
+    if conv.activation is not keras.activations.linear:
+        return _ACTIVATION_FUNCTIONS[conv.activation], []
+    node = graph.only_user(reduce.outputs[0])
+    if node is None or not _single_call(node.operation):
+        return None
+    act = _block_activation(node.operation)
+    return None if act is None else (act, [node])
+
+
+def _gate_function(graph, expand):
+    """(gate name, [its nodes]) of a squeeze-excite's second 1x1 conv: the conv's own
+    sigmoid or hard_sigmoid; an Activation layer of one; or hard_sigmoid written as
+    MobileNetV3 writes it, ReLU(6.0)(x + 3.0) * (1.0 / 6.0) (the block's is
+    relu6(x + 3) / 6, the same to one rounding); or None."""
+    conv = expand.operation
+    if conv.activation is not keras.activations.linear:
+        return _GATE_FUNCTIONS[conv.activation], []
+    node = graph.only_user(expand.outputs[0])
+    if node is None:
+        return None
+    if type(node.operation) is keras.layers.Activation:
+        name = _GATE_FUNCTIONS.get(node.operation.activation)
+        return None if name is None or not _single_call(node.operation) else (name, [node])
+    nodes = [node]
+    for want, constant in (("Add", 3.0), ("ReLU", None), ("Multiply", 1.0 / 6.0)):
+        op = node.operation
+        if type(op).__name__ != want:
+            return None
+        if constant is None:
+            if _block_activation(op) != Activation.get("relu6") or not _single_call(op):
+                return None
+        else:
+            args = node.arguments.args
+            if type(op).__module__ != "keras.src.ops.numpy" or len(args) != 2 or not (
+                isinstance(args[1], (int, float)) and math.isclose(args[1], constant, rel_tol=1e-7)
+            ):
+                return None
+        if want != "Multiply":
+            node = graph.only_user(node.outputs[0])
+            if node is None:
+                return None
+            nodes.append(node)
+    return "hard_sigmoid", nodes
 
 
 def _heads(graph, act, source, rejected):
@@ -494,7 +583,8 @@ def _readers(graph, activation, source, rejected):
                 continue
             for c, p in zip(convs, problems):
                 if p:
-                    rejected[id(c)] = p
+                    if _is_head_candidate(c):
+                        rejected[id(c)] = p
                     reasons.append(p)
         elif _is_head_candidate(user):
             problem = _conv_problem(user, activation, source)
@@ -526,7 +616,17 @@ def _find_chain(graph, node, rejected):
         return None, problem
     bn = node.operation
     act = graph.only_user(node.outputs[0])
+    if act is not None and _activation_like(act.operation) and _block_activation(act.operation) is None:
+        return None, (
+            f"its activation is {_activation_text(act.operation)}, not one the block computes "
+            f"({_BLOCK_ACTIVATIONS})"
+        )
     if act is None or _block_activation(act.operation) is None:
+        # Heads reading the BN output itself: a linear block (MobileNet's project BN
+        # read by the next expand conv and by the residual Add).
+        heads, others, reasons, gate = _heads(graph, node, bn, rejected)
+        if heads and not _trainable_problem(heads, gate):
+            return _Chain(node, node, heads, others, gate), None
         users = graph.users(node.outputs[0])
         what = ", ".join(_describe(u) for u in users) or "a model output"
         return None, f"its output feeds {what}, not a single activation the block computes"
@@ -644,6 +744,83 @@ def _plan(graph):
     return chains, reasons
 
 
+def _nested(layer):
+    """Whether `layer` is a functional or Sequential model that `convert` descends into."""
+    if not isinstance(layer, keras.Model):
+        return False
+    if isinstance(layer, keras.Sequential):
+        return getattr(layer, "_functional", None) is not None
+    return hasattr(layer, "_nodes_by_depth")
+
+
+def _has_trainable_weights(op):
+    return isinstance(op, keras.layers.Layer) and bool(op.trainable_weights)
+
+
+class _Plan:
+    """The chains of one functional graph, and the plans of the models nested in it.
+
+    Only what the backward pass reaches is planned: a node is live when it has
+    trainable weights or reads a live tensor (the model's inputs are not live
+    unless it is nested after a live layer). A frozen base before a trainable
+    head keeps nothing for the backward pass, so its chains stay stock layers;
+    a frozen BatchNormalization before a trainable conv is converted (the conv's
+    kernel gradient reads the activation).
+    """
+
+    def __init__(self, model, live_inputs=None):
+        fn = _functional(model)
+        pyramid = getattr(model, "pyramid_outputs", None)  # a keras-hub backbone's
+        self.graph = graph = _Graph(fn, pyramid.values() if isinstance(pyramid, dict) else ())
+        live = set(id(t) for t, flag in zip(fn.inputs, live_inputs or ()) if flag)
+        self.live = set()
+        self.nested = {}
+        for node in graph.nodes:
+            op = node.operation
+            reads_live = [id(t) in live for t in node.input_tensors]
+            if _nested(op):
+                plan = self.nested.get(id(op))
+                if plan is None or (any(reads_live) and not plan.any_live):
+                    self.nested[id(op)] = plan = _Plan(op, reads_live)
+                alive = plan.any_live
+            else:
+                alive = any(reads_live) or _has_trainable_weights(op)
+            if alive:
+                self.live.add(id(node))
+                live.update(id(t) for t in node.outputs)
+        chains, self.reasons = _plan(graph)
+        self.chains = []
+        for chain in chains:
+            if any(id(conv) in self.live for conv, _ in chain.heads):
+                self.chains.append(chain)
+            else:
+                self.reasons[id(chain.act)] = self.reasons[id(chain.start)] = _FROZEN_REASON
+        self.any_live = bool(self.live)
+
+    def block_count(self):
+        return len(self.chains) + sum(p.block_count() for p in self.nested.values())
+
+    def causes(self):
+        """{reason: count} of the layers left as they were, nested models included."""
+        counts = collections.Counter(
+            _cause(why) for key, why in self.reasons.items() if key in self.live or why == _FROZEN_REASON
+        )
+        for plan in self.nested.values():
+            counts.update(plan.causes())
+        return counts
+
+    def compressed_blocks(self):
+        """Count of ApproxConvBlocks with a code already in the graph (nested ones too)."""
+        own = sum(
+            isinstance(n.operation, blpa_layers.ApproxConvBlock) and n.operation.bits is not None
+            for n in self.graph.nodes
+        )
+        return own + sum(p.compressed_blocks() for p in self.nested.values())
+
+
+_FROZEN_REASON = "frozen: no trainable weight at or before it, so the backward pass never reaches it"
+
+
 # ------------------------------------------------------------ memory model
 
 
@@ -678,7 +855,8 @@ def _keeps(node, spec):
         if layer.normalization == "layer":  # and rsqrt(var + eps), one float32 per position
             kept += n // ins[0].shape[-1 if layer.data_format == "channels_last" else 1] * 4
         return [((new, 0), kept)]
-    if isinstance(layer, _STATELESS) or not ins:
+    if isinstance(layer, _STATELESS) or not ins or (
+            not isinstance(layer, keras.layers.Layer) and type(layer).__name__ in _STATELESS_OPS):
         return []
     if isinstance(layer, keras.layers.BatchNormalization):
         # The float32 copy of the input (the input itself when float32).
@@ -720,8 +898,16 @@ def _keeps(node, spec):
         elif name != "linear":
             kept.append(((new, 0), _nbytes(outs[0])))
         return kept
-    # Multiply and unknown layers (sub-models included): assume the inputs.
-    return [(k, _nbytes(s)) for k, s in zip(tin, ins)]
+    kept = [(k, _nbytes(s)) for k, s in zip(tin, ins)]
+    if _builtin(layer):
+        return kept  # Multiply and the like: their inputs
+    # A custom layer or a subclassed model: at least its inputs and its output.
+    return kept + [(k, _nbytes(s)) for k, s in zip(tout, outs)]
+
+
+def _builtin(layer):
+    """Whether `layer` is a Keras (or keras_blpa) class, whose backward is known."""
+    return type(layer).__module__.startswith(("keras.", "keras_blpa."))
 
 
 def _argmax_dtype(layer):
@@ -771,16 +957,18 @@ def _float_reason(node, graph, reasons):
         return f"its input comes from {source}, not from a BatchNormalization"
     if isinstance(layer, blpa_layers.ApproxConvBlock):
         return "exact block (bits=None) keeps float activations"
-    if isinstance(layer, keras.Model):
-        return f"nested model {layer.name!r}: assumed to keep its inputs (convert it on its own)"
+    if not _builtin(layer):
+        what = "subclassed model" if isinstance(layer, keras.Model) else "custom layer"
+        return (
+            f"unknown: {what} {name} (its graph is Python code); counted as keeping its "
+            "inputs and output, what it keeps inside is not known"
+        )
     return f"{name} keeps float activations (not a BN -> activation -> Conv2D chain)"
 
 
-def _specs(fn, batch_shapes):
+def _specs(fn, input_specs):
     """{id(tensor): KerasTensor with concrete shapes} through the whole graph."""
-    spec = {}
-    for t, shape in zip(fn.inputs, batch_shapes):
-        spec[id(t)] = keras.KerasTensor(shape, dtype=t.dtype)
+    spec = {id(t): s for t, s in zip(fn.inputs, input_specs)}
     for depth in sorted(fn._nodes_by_depth, reverse=True):
         for node in fn._nodes_by_depth[depth]:
             if node.operation is None or node.is_input:
@@ -808,63 +996,93 @@ def _batch_shapes(fn, batch_size, input_shape):
     return out
 
 
-def _report(graph, chains, reasons, batch_shapes, bits, argmax_pooling=False):
-    spec = _specs(graph.fn, batch_shapes)
+class _Tally:
+    """What the rows of a report (and of the models nested in it) have counted so far."""
+
+    def __init__(self):
+        self.before, self.after = set(), set()
+        self.alias = {}  # id(a nested model's input) -> id(the tensor it was called on)
+        self.largest = 0
+        self.blocks = {}
+
+    def new(self, claimed, kept):
+        """The bytes of `kept` [(key, bytes)] not counted yet in `claimed`."""
+        total = 0
+        for key, nbytes in kept:
+            if key[0] == "t":
+                key = ("t", self.alias.get(key[1], key[1]))
+            if key not in claimed:
+                claimed.add(key)
+                total += nbytes
+        return total
+
+
+def _rows(plan, spec, bits, argmax_pooling, tally, prefix=""):
+    """The report's rows of `plan`'s graph, whose tensors have the specs `spec`."""
+    graph = plan.graph
     fused = {}
-    for chain in chains:
+    for chain in plan.chains:
+        tally.blocks[prefix + chain.name] = [prefix + n.operation.name for n in chain.nodes]
         for node in chain.nodes:
             fused[id(node)] = chain
-    rows, claimed_before, claimed_after = [], set(), set()
-    largest = 0
+    rows = []
     for node in graph.nodes:
+        layer = node.operation
         for t in node.outputs:
-            largest = max(largest, _nbytes(spec[id(t)]))
-        before = 0
-        for key, nbytes in _keeps(node, spec):
-            if key not in claimed_before:
-                claimed_before.add(key)
-                before += nbytes
+            tally.largest = max(tally.largest, _nbytes(spec[id(t)]))
+        if id(node) not in plan.live:
+            continue  # its backward never runs: it keeps nothing
+        inner = plan.nested.get(id(layer))
+        if inner is not None:
+            fn = inner.graph.fn
+            for t, outer in zip(fn.inputs, node.input_tensors):
+                tally.alias[id(t)] = tally.alias.get(id(outer), id(outer))
+            inner_spec = _specs(fn, [spec[id(t)] for t in node.input_tensors])
+            rows += _rows(inner, inner_spec, bits, argmax_pooling, tally, f"{prefix}{layer.name}/")
+            continue
+        name = prefix + layer.name
+        before = tally.new(tally.before, _keeps(node, spec))
         chain = fused.get(id(node))
         if chain is not None:
             after = 0
-            if isinstance(node.operation, keras.layers.SeparableConv2D):
+            if isinstance(layer, keras.layers.SeparableConv2D):
                 # The stock pointwise conv after the block keeps the depthwise output.
-                after = _depthwise_nbytes(
-                    node.operation, spec[id(node.input_tensors[0])], spec[id(node.outputs[0])]
-                )
+                after = _depthwise_nbytes(layer, spec[id(node.input_tensors[0])], spec[id(node.outputs[0])])
             if node is chain.start:
                 x = spec[id(node.input_tensors[0])]
                 n = int(np.prod(x.shape, dtype=np.int64))
                 after = (
                     math.ceil(n * bits / 8)
                     if bits is not None
-                    else _nbytes(x, "float32") + _nbytes(x, node.operation.compute_dtype)
+                    else _nbytes(x, "float32") + _nbytes(x, layer.compute_dtype)
                 )
                 if bits is not None and chain.layer_norm:
                     after += n // x.shape[-1] * 4  # rsqrt(var + eps) per position
-            rows.append(LayerMemory(node.operation.name, type(node.operation).__name__, before, after, chain.name, None))
+            rows.append(LayerMemory(name, type(layer).__name__, before, after, prefix + chain.name, None))
             continue
-        layer = node.operation
         argmax = (argmax_pooling and _becomes_argmax(layer)) or isinstance(layer, ArgmaxPooling2D)
-        after = 0
-        for key, nbytes in _argmax_keeps(node, spec) if argmax else _keeps(node, spec):
-            if key not in claimed_after:
-                claimed_after.add(key)
-                after += nbytes
+        after = tally.new(tally.after, _argmax_keeps(node, spec) if argmax else _keeps(node, spec))
         if argmax:
             # Codes, not float activations (not in `still_float`).
-            rows.append(LayerMemory(layer.name, type(layer).__name__, before, after, None,
+            rows.append(LayerMemory(name, type(layer).__name__, before, after, None,
                                     _argmax_reason(layer), codes=True))
             continue
         if isinstance(layer, blpa_layers.ApproxConvBlock) and layer.bits is not None:
             # Already compressed: it keeps its code.
-            rows.append(LayerMemory(layer.name, type(layer).__name__, before, after, layer.name, None))
+            rows.append(LayerMemory(name, type(layer).__name__, before, after, name, None))
             continue
-        reason = _float_reason(node, graph, reasons) if after else None
-        rows.append(LayerMemory(layer.name, type(layer).__name__, before, after, None, reason))
-    blocks = {c.name: [n.operation.name for n in c.nodes] for c in chains}
+        reason = _float_reason(node, graph, plan.reasons) if after else None
+        rows.append(LayerMemory(name, type(layer).__name__, before, after, None, reason))
+    return rows
+
+
+def _report(plan, batch_shapes, bits, argmax_pooling=False):
+    fn = plan.graph.fn
+    specs = [keras.KerasTensor(shape, dtype=t.dtype) for t, shape in zip(fn.inputs, batch_shapes)]
+    tally = _Tally()
+    rows = _rows(plan, _specs(fn, specs), bits, argmax_pooling, tally)
     factor = backends.get().working_set_factor()
-    return MemoryReport(rows, batch_shapes, bits, factor * largest, blocks)
+    return MemoryReport(rows, batch_shapes, bits, factor * tally.largest, tally.blocks)
 
 
 # ------------------------------------------------------------- the rebuild
@@ -1053,21 +1271,23 @@ def _copy_block_weights(chain, block):
         target.assign(keras.ops.copy(source.value))
 
 
-def _rebuild(graph, chains, bits, quantization, argmax_pooling=False):
+def _rebuild(plan, options):
+    """(the converted functional model of `plan`, {id(old tensor): new tensor})."""
+    graph = plan.graph
     fn = graph.fn
     tensors = {}
     for t in fn.inputs:
         layer = t._keras_history[0]
         tensors[id(t)] = keras.Input(batch_shape=t.shape, dtype=t.dtype, name=layer.name)
-    starts = {id(c.start): c for c in chains}
-    skip = {id(n) for c in chains for n in c.nodes if n is not c.start}
+    starts = {id(c.start): c for c in plan.chains}
+    skip = {id(n) for c in plan.chains for n in c.nodes if n is not c.start}
     clones = {}
     for node in graph.nodes:
         if id(node) in skip:
             continue
         chain = starts.get(id(node))
         if chain is not None:
-            block = _make_block(chain, bits, quantization)
+            block = _make_block(chain, options["bits"], options["quantization"])
             outs = keras.tree.flatten(block(tensors[id(node.input_tensors[0])]))
             for (conv, _), out in zip(chain.heads, outs):
                 if type(conv.operation) is keras.layers.SeparableConv2D:
@@ -1079,20 +1299,68 @@ def _rebuild(graph, chains, bits, quantization, argmax_pooling=False):
             continue
         op = node.operation
         first = id(op) not in clones
+        nested = plan.nested.get(id(op))
         if first:
-            clones[id(op)] = _clone(op, argmax_pooling)
+            if nested is not None:
+                clones[id(op)] = _rebuild_nested(op, nested, options)
+            else:
+                clones[id(op)] = _clone(op, options["argmax_pooling"])
         new_op = clones[id(op)]
         args, kwargs = node.arguments.fill_in(tensors)
         out = new_op(*args, **kwargs)
         for t, new in zip(node.outputs, keras.tree.flatten(out)):
             tensors[id(t)] = new
-        if first and isinstance(op, keras.layers.Layer):
+        if first and nested is None and isinstance(op, keras.layers.Layer):
             new_op.set_weights(op.get_weights())
     # The model's own structure of inputs and outputs (a dict, a list, one tensor).
     def new(structure):
         return keras.tree.map_structure(lambda t: tensors[id(t)], structure)
 
-    return keras.Model(new(fn.input), new(fn.output), name=fn.name)
+    return keras.Model(new(fn.input), new(fn.output), name=fn.name), tensors
+
+
+def _rebuild_nested(model, plan, options):
+    """A nested model, converted: a functional model with its name, its trainable
+    flag, and a keras-hub backbone's `pyramid_outputs` and `data_format`."""
+    new, tensors = _rebuild(plan, options)
+    new.name = model.name
+    if not model.trainable:
+        new.trainable = False
+    pyramid = getattr(model, "pyramid_outputs", None)
+    if isinstance(pyramid, dict):
+        new.pyramid_outputs = {k: tensors[id(v)] for k, v in pyramid.items()}
+    if isinstance(getattr(model, "data_format", None), str):
+        new.data_format = model.data_format
+    return new
+
+
+def _hub_task(model):
+    """Whether `model` is a keras-hub task (a functional model around `.backbone`)."""
+    return type(model).__module__.startswith("keras_hub.") and _nested(getattr(model, "backbone", None))
+
+
+def _rebuild_task(model, plan, options):
+    """A keras-hub task of `model`'s class around its converted backbone, its other
+    layers' weights copied; or (None, why) where the class cannot be rebuilt so."""
+    backbone = model.backbone
+    inner = plan.nested.get(id(backbone))
+    if inner is None:
+        return None, "its backbone is not called in its graph"
+    config = model.get_config()
+    config["backbone"] = _rebuild_nested(backbone, inner, options)
+    config["preprocessor"] = model.preprocessor
+    try:
+        task = type(model).from_config(config)
+    except Exception as error:  # a task class whose config does not rebuild it
+        return None, f"{type(model).__name__}.from_config failed ({type(error).__name__}: {error})"
+    old = {layer.name: layer for layer in model.layers if layer is not backbone}
+    new = {layer.name: layer for layer in task.layers if layer is not task.backbone}
+    if sorted(old) != sorted(new):
+        return None, f"its rebuilt layers differ: {sorted(old)} vs {sorted(new)}"
+    for name, layer in old.items():
+        new[name].set_weights(layer.get_weights())
+        new[name].trainable = layer.trainable
+    return task, None
 
 
 # ------------------------------------------------------------------- public
@@ -1122,10 +1390,8 @@ def memory_report(model, batch_size=1, input_shape=None, bits=4, argmax_pooling=
     """
     fn = _functional(model)
     bits = check_bits(bits, allow_none=True)
-    graph = _Graph(fn)
-    chains, reasons = _plan(graph)
     shapes = _batch_shapes(fn, batch_size, input_shape)
-    return _report(graph, chains, reasons, shapes, bits, bool(argmax_pooling))
+    return _report(_Plan(model), shapes, bits, bool(argmax_pooling))
 
 
 def convert(model, bits=4, quantization="blpa", return_report=False, batch_size=1,
@@ -1172,28 +1438,49 @@ def convert(model, bits=4, quantization="blpa", return_report=False, batch_size=
     fn = _functional(model)
     bits = check_bits(bits, allow_none=True)
     quantization = check_choice(quantization, "quantization", blpa_layers.QUANTIZATION_MODES)
-    graph = _Graph(fn)
-    chains, reasons = _plan(graph)
-    if not chains:
-        why = sorted(set(reasons.values()))[:3]
-        pools = sum(_becomes_argmax(node.operation) for node in graph.nodes) if argmax_pooling else 0
-        rest = (
-            f"only its {pools} MaxPooling2D layer(s) become ArgmaxPooling2D."
-            if pools else "returning an unchanged copy."
-        )
-        warnings.warn(
-            f"keras_blpa.convert: model {model.name!r} has no BatchNormalization -> "
-            f"activation -> Conv2D chain to convert; {rest}"
-            + (f" Reasons: {'; '.join(why)}" if why else ""),
-            UserWarning,
-            stacklevel=2,
-        )
-    argmax_pooling = bool(argmax_pooling)
-    new_model = _rebuild(graph, chains, bits, quantization, argmax_pooling)
+    options = dict(bits=bits, quantization=quantization, argmax_pooling=bool(argmax_pooling))
+    plan = _Plan(model)
+    if not plan.block_count():
+        _warn_nothing(model, plan, options["argmax_pooling"])
+    new_model = None
+    if _hub_task(model):
+        new_model, why = _rebuild_task(model, plan, options)
+        if new_model is None:
+            warnings.warn(
+                f"keras_blpa.convert: {type(model).__name__} {model.name!r} is returned as a "
+                f"functional keras.Model (its class is lost): {why}",
+                UserWarning,
+                stacklevel=2,
+            )
+    if new_model is None:
+        new_model = _rebuild(plan, options)[0]
     if not return_report:
         return new_model
     shapes = _batch_shapes(fn, batch_size, None) if all(
         d is not None for t in fn.inputs for d in t.shape[1:]
     ) else None
-    report = _report(graph, chains, reasons, shapes, bits, argmax_pooling) if shapes else None
+    report = _report(plan, shapes, bits, options["argmax_pooling"]) if shapes else None
     return new_model, report
+
+
+def _warn_nothing(model, plan, argmax_pooling):
+    """The warning of a model with nothing to convert, with its distinct causes counted."""
+    pools = sum(_becomes_argmax(n.operation) for n in plan.graph.nodes) if argmax_pooling else 0
+    rest = (
+        f"only its {pools} MaxPooling2D layer(s) become ArgmaxPooling2D."
+        if pools else "returning an unchanged copy."
+    )
+    done = plan.compressed_blocks()
+    if done:
+        what = f"is already converted ({done} compressed ApproxConvBlock(s)); nothing is left to convert"
+    else:
+        what = "has no BatchNormalization -> activation -> Conv2D chain to convert"
+    causes = plan.causes().most_common()
+    shown = "; ".join(f"{n} x {cause}" for cause, n in causes[:8])
+    more = f"; and {len(causes) - 8} more causes (see memory_report)" if len(causes) > 8 else ""
+    warnings.warn(
+        f"keras_blpa.convert: model {model.name!r} {what}; {rest}"
+        + (f" Layers left as they were, by cause: {shown}{more}" if causes else ""),
+        UserWarning,
+        stacklevel=3,
+    )

@@ -343,13 +343,17 @@ def test_report_of_a_converted_model_counts_codes_not_floats():
 def test_mobilenet_v2_relu6_chains_become_relu6_blocks():
     """MobileNetV2's 17 BN -> ReLU(6.0) -> DepthwiseConv2D chains become depthwise
     blocks and its 17 BN -> ReLU(6.0) -> 1x1 project convs relu6 conv blocks (34);
-    the ZeroPadding2D before each strided depthwise conv is folded; the forward is
-    the original's, bit for bit."""
+    the 7 project BNs read by the next 1x1 conv directly (and by a residual Add)
+    become linear blocks; the ZeroPadding2D before each strided depthwise conv is
+    folded; the forward is the original's, bit for bit."""
     model = keras.applications.MobileNetV2(weights=None, input_shape=(32, 32, 3), classes=10)
     converted, report = keras_blpa.convert(model, bits=4, return_report=True)
-    blocks = {l.name: l for l in converted.layers if isinstance(l, ApproxConvBlock)}
-    assert len(blocks) == len(report.blocks) == 34
-    assert {b.activation.name for b in blocks.values()} == {"relu6"}
+    all_blocks = {l.name: l for l in converted.layers if isinstance(l, ApproxConvBlock)}
+    assert len(all_blocks) == len(report.blocks) == 41
+    blocks = {n: b for n, b in all_blocks.items() if b.activation.name == "relu6"}
+    linear = set(all_blocks) - set(blocks)
+    assert {all_blocks[n].activation.name for n in linear} == {"linear"}
+    assert all(report.blocks[n][0].endswith("project_BN") for n in linear) and len(linear) == 7
     depthwise = {n for n in blocks if n.endswith("_depthwise")}
     assert len(depthwise) == 17 and len(set(blocks) - depthwise) == 17
     assert all(n.endswith("_project") for n in set(blocks) - depthwise)
@@ -374,7 +378,8 @@ def activation_chain_model(activation_layer):
     keras.utils.set_random_seed(0)
     inp = keras.Input((6, 6, 3))
     h = keras.layers.Conv2D(4, 1, name="stem")(inp)
-    h = activation_layer(keras.layers.BatchNormalization(name="bn")(h))
+    h = keras.layers.BatchNormalization(name="bn")(h)
+    h = h if activation_layer is None else activation_layer(h)
     h = keras.layers.Conv2D(5, 3, padding="same", name="conv")(h)
     return keras.Model(inp, keras.layers.Dense(2, name="head")(keras.layers.GlobalAveragePooling2D()(h)))
 
@@ -389,6 +394,7 @@ def activation_chain_model(activation_layer):
         (lambda: keras.layers.Activation("gelu"), ("gelu", 0.0)),
         (lambda: keras.layers.Activation("hard_swish"), ("hard_silu", 0.0)),
         (lambda: keras.layers.Activation("leaky_relu"), ("leaky_relu", 0.2)),
+        (lambda: None, ("linear", 0.0)),  # BN -> Conv2D: a linear block
     ],
 )
 def test_activation_layers_become_blocks_of_that_activation(layer, expected):
@@ -417,9 +423,9 @@ def test_activation_layers_become_blocks_of_that_activation(layer, expected):
 @pytest.mark.parametrize(
     "layer, reason",
     [
-        (lambda: keras.layers.ReLU(max_value=4.0), "not a single activation the block computes"),
-        (lambda: keras.layers.ReLU(threshold=0.5), "not a single activation the block computes"),
-        (lambda: keras.layers.Activation("tanh"), "not a single activation the block computes"),
+        (lambda: keras.layers.ReLU(max_value=4.0), "its activation is ReLU(max_value=4.0, "),
+        (lambda: keras.layers.ReLU(threshold=0.5), "negative_slope=0.0, threshold=0.5), not one the"),
+        (lambda: keras.layers.Activation("tanh"), "its activation is tanh, not one the block computes"),
     ],
 )
 def test_other_activations_stay_with_the_reason(layer, reason):

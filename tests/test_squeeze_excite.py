@@ -283,9 +283,9 @@ def converted_key(report, key):
     for block, names in report.blocks.items():
         if layer == names[0]:  # the BN
             return block, variable
-        if layer.endswith("_se_reduce") and layer in names:
+        if layer.endswith(("_se_reduce", "squeeze_excite_conv")) and layer in names:
             return block, f"se_reduce_{variable}"
-        if layer.endswith("_se_expand") and layer in names:
+        if layer.endswith(("_se_expand", "squeeze_excite_conv_1")) and layer in names:
             return block, f"se_expand_{variable}"
         if layer == names[-1]:  # the head
             return block, variable
@@ -304,8 +304,9 @@ def test_convert_absorbs_the_squeeze_excite(ops_path, inner, gate, activation):
     model = mbconv_model(inner, gate, activation)
     converted, report = keras_blpa.convert(model, bits=8, return_report=True, batch_size=2)
     blocks = {l.name: l for l in converted.layers if isinstance(l, ApproxConvBlock)}
-    # b1_expand reads the project BN's output directly (no activation): no block.
-    assert sorted(blocks) == ["b0_dw", "b0_expand", "b0_project", "b1_dw", "b1_project"]
+    # b1_expand reads the project BN's output directly (no activation): a linear block.
+    assert sorted(blocks) == ["b0_dw", "b0_expand", "b0_project", "b1_dw", "b1_expand", "b1_project"]
+    assert blocks["b1_expand"].activation.name == "linear"
     for i in range(2):
         block = blocks[f"b{i}_project"]
         assert block.squeeze_excite == SqueezeExcite.get(dict(filters=4, activation=inner, gate=gate))
@@ -349,13 +350,43 @@ def test_convert_keeps_a_gate_whose_product_has_other_readers():
 
 def test_efficientnet_b0_gates_become_blocks():
     """keras.applications.EfficientNetB0: each of its 16 MBConv units' BN -> swish ->
-    squeeze-excite -> project chain is one gated block (32 blocks in all, with the
-    16 depthwise ones); the inference forward is the original's."""
+    squeeze-excite -> project chain is one gated block (32 blocks with the 16
+    depthwise ones, and 7 linear ones); the inference forward is the original's."""
     model = keras.applications.EfficientNetB0(weights=None, input_shape=(32, 32, 3), classes=10)
     converted, report = keras_blpa.convert(model, bits=4, return_report=True, batch_size=2)
     blocks = [l for l in converted.layers if isinstance(l, ApproxConvBlock)]
-    assert len(blocks) == 32 and sum(b.squeeze_excite is not None for b in blocks) == 16
+    # And 7 linear blocks: a project BN read by the next unit's expand conv directly.
+    assert len(blocks) == 39 and sum(b.squeeze_excite is not None for b in blocks) == 16
+    assert sum(b.activation.name == "linear" for b in blocks) == 7
     assert report.before_bytes > 5 * report.after_bytes
     x = np.random.default_rng(1).uniform(0, 255, size=(2, 32, 32, 3)).astype(np.float32)
     np.testing.assert_allclose(converted(x, training=False), model(x, training=False),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_mobilenet_v3_squeeze_excite_written_with_keras_ops_becomes_gated_blocks():
+    """keras.applications.MobileNetV3Small writes its gate as a 1x1 conv, a ReLU
+    layer, a 1x1 conv and hard_sigmoid as ops, ReLU(6.0)(x + 3.0) * (1.0 / 6.0):
+    each such squeeze-excite is absorbed into a hard_sigmoid-gated block, with the
+    forward the original's (to the one rounding of x * (1/6) against x / 6) and,
+    with exact blocks, every gradient the original's."""
+    model = keras.applications.MobileNetV3Small(weights=None, input_shape=(32, 32, 3), classes=10,
+                                                dropout_rate=0.0)
+    gates = [l.name for l in model.layers if l.name.endswith("squeeze_excite_mul")]
+    converted, report = keras_blpa.convert(model, bits=4, return_report=True, batch_size=2)
+    gated = [l for l in converted.layers if isinstance(l, ApproxConvBlock) and l.squeeze_excite]
+    assert len(gated) == len(gates) == 9
+    assert {(b.squeeze_excite.gate, b.squeeze_excite.activation.name) for b in gated} == {
+        ("hard_sigmoid", "relu")}
+    assert not set(gates) & {l.name for l in converted.layers}
+    x = np.random.default_rng(3).normal(size=(2, 32, 32, 3)).astype(np.float32)
+    for training in (False, True):
+        np.testing.assert_allclose(converted(x, training=training), model(x, training=training),
+                                   rtol=1e-4, atol=1e-6)
+    g_ref = all_gradients(model, x)
+    got = all_gradients(keras_blpa.convert(model, bits=None), x)
+    # To float round-off, which the BatchNormalizations over 2 samples of 1x1 or 2x2
+    # positions at the top amplify (measured: at most 1.9e-4 of the largest gradient).
+    largest = max(np.abs(g).max() for g in g_ref.values())
+    for key, g in g_ref.items():
+        np.testing.assert_allclose(got[converted_key(report, key)], g, rtol=1e-3, atol=1e-3 * largest)
