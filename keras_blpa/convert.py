@@ -19,7 +19,20 @@ LayerNormalization over the channels (ConvNeXt's ``LayerNormalization(epsilon=
 heads directly (a linear activation), becomes a normalization="layer" block. A
 squeeze-excite between the activation and the conv (EfficientNet's
 GlobalAveragePooling2D -> Reshape -> 1x1 Conv2D -> 1x1 Conv2D(sigmoid) ->
-Multiply) is computed by the block too. With ``argmax_pooling=True`` every
+Multiply; MobileNetV3's ReLU layer and hard_sigmoid written as
+``ReLU(6.0)(x + 3.0) * (1.0 / 6.0)``) is computed by the block too. A
+BatchNormalization read by convs directly (MobileNet's project BN feeding the
+next expand conv) is a linear block; one read only by layers that keep
+nothing (a residual Add, a Concatenate, a global pooling), with or without an
+activation, becomes a block without heads that returns its activation.
+
+Functional and Sequential models nested as layers (a backbone called on the
+input) are converted inside; a keras-hub task (``ResNetImageClassifier``)
+becomes a task of its own class around its converted backbone, which keeps
+its ``pyramid_outputs`` (the backbone itself becomes a functional model: its
+keras-hub class, and with it ``save_to_preset``, is what is lost). Only what
+the backward pass reaches is converted: a frozen base before a trainable
+head keeps nothing in stock Keras either. With ``argmax_pooling=True`` every
 ``keras.layers.MaxPooling2D`` becomes an `ArgmaxPooling2D` with its config:
 the same forward, and a backward that keeps the argmax code instead of the
 float input and output (off by default: on TensorFlow with oneDNN the
@@ -336,6 +349,9 @@ class _Chain:
         self.gate = gate  # a _Gate between the activation and the heads, or None
         self.heads = heads  # [(conv node, ZeroPadding2D node or None)]
         self.others = others  # nodes (or model outputs) reading the activation
+        if not heads:  # a block without heads is named after its BN
+            self.name = bn.operation.name
+            return
         first = heads[0][0].operation
         # A SeparableConv2D's name stays with its output (the pointwise conv after the block).
         separable = type(first) is keras.layers.SeparableConv2D
@@ -375,8 +391,9 @@ class _Chain:
             return "none"
         if self.layer_norm:
             return "layer"
-        bn, conv = self.bn.operation, self.heads[0][0].operation
-        return "frozen" if conv.trainable and not bn.trainable else "batch"
+        bn = self.bn.operation
+        trainable = self.heads[0][0].operation.trainable if self.heads else bn.trainable
+        return "frozen" if trainable and not bn.trainable else "batch"
 
 
 def _activation_problem(act, source):
@@ -625,7 +642,7 @@ def _find_chain(graph, node, rejected):
         # Heads reading the BN output itself: a linear block (MobileNet's project BN
         # read by the next expand conv and by the residual Add).
         heads, others, reasons, gate = _heads(graph, node, bn, rejected)
-        if heads and not _trainable_problem(heads, gate):
+        if (heads or _headless_ok(bn, others)) and not _trainable_problem(heads, gate):
             return _Chain(node, node, heads, others, gate), None
         users = graph.users(node.outputs[0])
         what = ", ".join(_describe(u) for u in users) or "a model output"
@@ -634,12 +651,33 @@ def _find_chain(graph, node, rejected):
     if problem:
         return None, problem
     heads, others, reasons, gate = _heads(graph, act, bn, rejected)
+    if not heads and _headless_ok(bn, others):
+        return _Chain(node, act, [], others), None
     if not heads:
         return None, _no_heads_reason("BN -> activation", others, reasons)
     problem = _trainable_problem(heads, gate)
     if problem:
         return None, problem
     return _Chain(node, act, heads, others, gate), None
+
+
+def _headless_ok(bn, others):
+    """Whether a trainable BN [-> activation] read by no head becomes a block without
+    heads: where its readers keep nothing (an Add, a Concatenate, a global average
+    pooling, a model output), the block's code replaces all that stock keeps for it,
+    the BN input and the activation's tensor. (Where a reader keeps the tensor anyway,
+    the block would save only the BN input, so the chain stays; a frozen BN keeps
+    nothing in stock Keras.)"""
+    return bool(others) and bn.trainable and all(
+        reader is None or _keeps_nothing(reader.operation) for reader in others)
+
+
+def _keeps_nothing(op):
+    """Whether the backward of `op` keeps none of its inputs (shapes only)."""
+    if getattr(op, "activity_regularizer", None) is not None:
+        return False  # its loss term's gradient reads its output
+    return isinstance(op, _STATELESS) or (
+        not isinstance(op, keras.layers.Layer) and type(op).__name__ in _STATELESS_OPS)
 
 
 def _find_unnormalised_chain(graph, act, rejected):
@@ -791,7 +829,8 @@ class _Plan:
         chains, self.reasons = _plan(graph)
         self.chains = []
         for chain in chains:
-            if any(id(conv) in self.live for conv, _ in chain.heads):
+            if any(id(conv) in self.live for conv, _ in chain.heads) or (
+                    not chain.heads and id(chain.start) in self.live):
                 self.chains.append(chain)
             else:
                 self.reasons[id(chain.act)] = self.reasons[id(chain.start)] = _FROZEN_REASON
@@ -855,8 +894,7 @@ def _keeps(node, spec):
         if layer.normalization == "layer":  # and rsqrt(var + eps), one float32 per position
             kept += n // ins[0].shape[-1 if layer.data_format == "channels_last" else 1] * 4
         return [((new, 0), kept)]
-    if isinstance(layer, _STATELESS) or not ins or (
-            not isinstance(layer, keras.layers.Layer) and type(layer).__name__ in _STATELESS_OPS):
+    if not ins or _keeps_nothing(layer):
         return []
     if isinstance(layer, keras.layers.BatchNormalization):
         # The float32 copy of the input (the input itself when float32).
@@ -1230,13 +1268,13 @@ def _make_block(chain, bits, quantization):
     common = dict(
         bits=bits,
         quantization=quantization,
-        kernel_initializer=_kernel(convs[0])[1],
+        kernel_initializer=_kernel(convs[0])[1] if convs else "glorot_uniform",
         return_activation=chain.return_activation,
         activation=chain.activation,
         normalization=chain.normalization,
         squeeze_excite=None if chain.gate is None else chain.gate.config,
         data_format="channels_last",  # the only layout converted, whatever the Keras config
-        trainable=convs[0].trainable,
+        trainable=(convs[0] if convs else source).trainable,
         dtype=source.dtype_policy,
         name=chain.name,
         **({} if chain.bn is None or chain.layer_norm else _bn_arguments(chain.bn.operation)),

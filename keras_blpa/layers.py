@@ -90,7 +90,10 @@ class ApproxConvBlock(keras.layers.Layer):
     One BN+activation may feed several convolutions ("heads", e.g. a ResNetV2
     pre-activation feeding both the projection shortcut and the first conv):
     pass ``heads=[dict(filters=..., kernel_size=..., ...), ...]`` instead of
-    `filters` / `kernel_size`; all heads read the same single code.
+    `filters` / `kernel_size`; all heads read the same single code. With
+    ``heads=[]`` and ``return_activation=True`` the block is a compressed BN +
+    activation whose output other layers read (a post-activation ResNet's BN ->
+    Add, Inception's BN -> ReLU -> Concatenate): it returns the activation alone.
 
     A head is a Conv2D (``kind="conv"``, the default), a DepthwiseConv2D
     (``kind="depthwise"``: kernel ``(kh, kw, C, depth_multiplier)``, ``C *
@@ -298,9 +301,15 @@ class ApproxConvBlock(keras.layers.Layer):
                     f"both. Received: filters={filters!r}, kernel_size={kernel_size!r}, "
                     f"kind={kind!r}, depth_multiplier={depth_multiplier!r}, heads={heads!r}"
                 )
-            if not isinstance(heads, (list, tuple)) or not heads:
+            if not isinstance(heads, (list, tuple)) or not (heads or return_activation):
                 raise ValueError(
-                    f"Expected heads to be a non-empty list of dicts. Received: heads={heads!r}"
+                    "Expected heads to be a list of dicts, empty only with "
+                    f"return_activation=True. Received: heads={heads!r}"
+                )
+            if not heads and squeeze_excite is not None:
+                raise ValueError(
+                    "A squeeze_excite gate feeds the heads: it needs at least one. "
+                    f"Received: heads={heads!r}, squeeze_excite={squeeze_excite!r}"
                 )
             self.heads = tuple(Head.from_dict(h, head_defaults) for h in heads)
         else:
@@ -309,10 +318,11 @@ class ApproxConvBlock(keras.layers.Layer):
             if depth_multiplier != 1:
                 head["depth_multiplier"] = depth_multiplier
             self.heads = (Head.from_dict(head, head_defaults),)
-        first = self.heads[0]
-        self.kind, self.depth_multiplier = first.kind, first.depth_multiplier
-        self.filters, self.kernel_size = first.filters, first.kernel_size
-        self.strides, self.padding, self.use_bias = first.strides, first.padding, first.use_bias
+        # The first head's arguments (None without heads: the block returns its activation).
+        first = self.heads[0] if self.heads else None
+        for name in ("kind", "depth_multiplier", "filters", "kernel_size", "strides", "padding",
+                     "use_bias"):
+            setattr(self, name, getattr(first, name, None))
         self.bits = check_bits(bits, allow_none=True)
         self.activation = Activation.get(activation, negative_slope)
         self.normalization = check_choice(normalization, "normalization", NORMALIZATIONS)
@@ -356,7 +366,7 @@ class ApproxConvBlock(keras.layers.Layer):
 
     @property
     def _single_output(self):
-        return len(self.heads) == 1 and not self.return_activation
+        return len(self.heads) + self.return_activation == 1
 
     def _head_shapes(self, input_shape):
         """Each head's NHWC output shape for `input_shape` (in the layer's data format).
@@ -417,7 +427,7 @@ class ApproxConvBlock(keras.layers.Layer):
                 if head.use_bias
                 else None
             )
-        self.kernel, self.bias = self.kernels[0], self.biases[0]
+        self.kernel, self.bias = (self.kernels[0], self.biases[0]) if self.heads else (None, None)
         self.gate_weights = []
         if self.squeeze_excite is not None:
             for name, shape in self.squeeze_excite.weight_shapes(channels):
@@ -577,9 +587,8 @@ class ApproxConvBlock(keras.layers.Layer):
         check_rank4(input_shape, "ApproxConvBlock")
         order = _FROM_NHWC[self.data_format]
         outs = [_permute(shape, order) for shape in self._head_shapes(input_shape)]
-        if self._single_output:
-            return outs[0]
-        return outs + ([tuple(input_shape)] if self.return_activation else [])
+        outs += [tuple(input_shape)] if self.return_activation else []
+        return outs[0] if self._single_output else outs
 
     def get_config(self):
         config = super().get_config()

@@ -131,7 +131,7 @@ def check_conversion(original, bits=8, blocks=None, input_shape=(32, 32, 3), cla
 
 def test_resnet50v2():
     model = keras.applications.ResNet50V2(weights=None, input_shape=(32, 32, 3), classes=10)
-    converted, report, _ = check_conversion(model, blocks=16 * 3, cancelling={("conv1_conv", "bias")})
+    converted, report, _ = check_conversion(model, blocks=16 * 3 + 1, cancelling={("conv1_conv", "bias")})
     # Pre-activation with a projection shortcut: one block, two heads, one code.
     block = converted.get_layer("conv2_block1_1_conv")
     assert len(block.heads) == 2 and block.heads[1].use_bias
@@ -146,14 +146,15 @@ def test_resnet50v2():
     assert "MaxPooling2D" in still["pool1_pool"] and "argmax_pooling=True" in still["pool1_pool"]
     assert type(converted.get_layer("pool1_pool")) is keras.layers.MaxPooling2D
     assert "not from BN -> activation" in still["conv1_conv"]
-    assert "GlobalAveragePooling2D" in still["post_bn"]
+    # post_bn -> post_relu feeds only the pooling: a block without heads.
+    assert report.blocks["post_bn"] == ["post_bn", "post_relu"] and "post_bn" not in still
 
 
 def test_densenet121():
     model = keras.applications.DenseNet121(weights=None, input_shape=(32, 32, 3), classes=10)
     # 58 conv blocks of two BN-ReLU-Conv units, 3 transitions; not the stem
     # (its ReLU feeds a MaxPooling2D) nor the final BN-ReLU (pooling).
-    _, report, _ = check_conversion(model, blocks=58 * 2 + 3, cancelling={("conv1_bn", "gamma")})
+    _, report, _ = check_conversion(model, blocks=58 * 2 + 3 + 2, cancelling={("conv1_bn", "gamma")})
     assert report.saved_bytes > 0.5 * report.before_bytes
 
 
@@ -162,16 +163,21 @@ def test_resnet50_post_activation():
     # Per bottleneck block: 1_bn->1_relu->2_conv and 2_bn->2_relu->3_conv; and the
     # ReLU after each Add but the last (which feeds the pooling) reads no BN: it
     # becomes a normalization="none" block with the next block's 1x1 conv (and
-    # returns its activation for the shortcut).
-    converted, report, _ = check_conversion(model, blocks=16 * 2 + 15, cancelling={("conv1_conv", "bias")})
+    # returns its activation for the shortcut). Each BN read only by an Add (16 3_bn
+    # and 4 projection 0_bn) and the stem's BN -> ReLU before the padding of its max
+    # pooling become blocks without heads.
+    converted, report, _ = check_conversion(model, blocks=16 * 2 + 15 + 21, cancelling={("conv1_conv", "bias")})
     assert report.blocks["conv2_block2_1_conv"] == ["conv2_block1_out", "conv2_block2_1_conv"]
     block = converted.get_layer("conv2_block2_1_conv")
     assert block.normalization == "none" and block.return_activation
     # The projection blocks' first ReLU feeds two convs: one block, two heads.
     assert len(converted.get_layer("conv3_block1_1_conv").heads) == 2
+    for name in ("conv2_block1_3_bn", "conv2_block1_0_bn"):
+        assert report.blocks[name] == [name] and not converted.get_layer(name).heads
+        assert converted.get_layer(name).activation.name == "linear"
+    assert report.blocks["conv1_bn"] == ["conv1_bn", "conv1_relu"]
     still = {row.name: row.reason for row in report.still_float}
-    assert "not a single activation the block computes" in still["conv2_block1_3_bn"]
-    assert "MaxPooling2D" in still["conv1_relu"]
+    assert "MaxPooling2D keeps its input and output" in still["pool1_pool"]
     assert report.after_bytes < report.before_bytes
 
 
@@ -199,19 +205,29 @@ def test_sequential_vgg(ops_path):
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_factory_resnet_converts_to_the_compressed_factory(bits):
-    """convert(resnet(bits=None)) == resnet(bits=K) in blocks and outputs."""
+    """convert(resnet(bits=None)) is resnet(bits=K) in blocks, outputs and gradients,
+    with one more block: the final BN -> ReLU before the pooling, which the factory
+    leaves stock, becomes a block without heads (converting resnet(bits=K) adds just
+    that block)."""
     keras.utils.set_random_seed(0)
     stock = keras_blpa.resnet(11, 10, (16, 16, 3), bits=None)
     randomize_bn(stock)
     converted = keras_blpa.convert(stock, bits=bits)
-    reference = keras_blpa.resnet(11, 10, (16, 16, 3), bits=bits)
+    factory = keras_blpa.resnet(11, 10, (16, 16, 3), bits=bits)
+    reference = keras_blpa.convert(factory, bits=bits)
     blocks = {l.name: l.get_config() for l in converted.layers if isinstance(l, ApproxConvBlock)}
     expected = {l.name: l.get_config() for l in reference.layers if isinstance(l, ApproxConvBlock)}
-    assert blocks.keys() == expected.keys() and len(blocks) == 9
+    made = {l.name for l in factory.layers if isinstance(l, ApproxConvBlock)}
+    assert blocks.keys() == expected.keys() == made | {"final_bn"} and len(blocks) == 10
+    assert blocks["final_bn"]["heads"] == [] and blocks["final_bn"]["return_activation"]
+    blocks.pop("final_bn")
     for name, config in blocks.items():
         for key in ("filters", "kernel_size", "strides", "padding", "bits", "momentum", "epsilon", "use_bias", "return_activation"):
             assert config[key] == expected[name][key], (name, key)
-    keras_blpa.models.copy_weights(stock, reference)
+    keras_blpa.models.copy_weights(stock, factory)
+    for layer in reference.layers:
+        if layer.weights:
+            layer.set_weights((factory if layer.name != "final_bn" else stock).get_layer(layer.name).get_weights())
     x = np.random.default_rng(2).normal(size=(4, 16, 16, 3)).astype(np.float32)
     for training in (False, True):
         np.testing.assert_allclose(converted(x, training=training), reference(x, training=training), rtol=1e-5, atol=1e-6)
@@ -272,7 +288,7 @@ def small_patterns_model(dtype=None):
 
 def test_patterns_model(ops_path):
     model = small_patterns_model()
-    converted, report, _ = check_conversion(model, blocks=2, input_shape=(9, 9, 4))
+    converted, report, _ = check_conversion(model, blocks=3, input_shape=(9, 9, 4))
     (name, names), = [(b, n) for b, n in report.blocks.items() if "bn1" in n]
     block = converted.get_layer(name)
     convs = [n for n in names if n in ("proj", "conv1", "mix")]
@@ -283,7 +299,8 @@ def test_patterns_model(ops_path):
     assert [h.use_bias for h in block.heads] == [conv != "conv1" for conv in convs]
     assert block.return_activation and not block.center and block.scale
     assert converted.get_layer("conv2").center and not converted.get_layer("conv2").scale
-    assert "GlobalAveragePooling2D" in {r.name: r.reason for r in report.still_float}["bn3"]
+    # bn3 -> relu3 feeds only a GlobalAveragePooling2D: a block without heads.
+    assert report.blocks["bn3"] == ["bn3", "relu3"] and not converted.get_layer("bn3").heads
 
 
 def test_unsupported_conv_keeps_the_activation_with_its_reason():
@@ -349,7 +366,13 @@ def test_mobilenet_v2_relu6_chains_become_relu6_blocks():
     model = keras.applications.MobileNetV2(weights=None, input_shape=(32, 32, 3), classes=10)
     converted, report = keras_blpa.convert(model, bits=4, return_report=True)
     all_blocks = {l.name: l for l in converted.layers if isinstance(l, ApproxConvBlock)}
-    assert len(all_blocks) == len(report.blocks) == 41
+    assert len(all_blocks) == len(report.blocks) == 52
+    # 11 without heads: the 10 project BNs read only by a residual Add, and the last
+    # BN -> ReLU(6.0) before the pooling.
+    headless = {n for n, b in all_blocks.items() if not b.heads}
+    assert len(headless) == 11 and "Conv_1_bn" in headless
+    assert all(n.endswith("project_BN") for n in headless - {"Conv_1_bn"})
+    all_blocks = {n: b for n, b in all_blocks.items() if n not in headless}
     blocks = {n: b for n, b in all_blocks.items() if b.activation.name == "relu6"}
     linear = set(all_blocks) - set(blocks)
     assert {all_blocks[n].activation.name for n in linear} == {"linear"}
@@ -369,7 +392,6 @@ def test_mobilenet_v2_relu6_chains_become_relu6_blocks():
     ]
     reasons = {r.name: r.reason for r in report.layers}
     assert not any("DepthwiseConv2D '" in (r or "") for r in reasons.values())
-    assert "GlobalAveragePooling2D" in reasons["Conv_1_bn"]
     x = np.random.default_rng(5).normal(size=(2, 32, 32, 3)).astype(np.float32)
     np.testing.assert_array_equal(converted(x, training=True), model(x, training=True))
 
@@ -548,7 +570,7 @@ def test_example_script_prints_the_report(capsys):
 
     convert_applications.main(["--model", "DenseNet121", "--input_size", "32", "--batch_size", "2", "--rows", "3"])
     out = capsys.readouterr().out
-    assert "converted: 119 blocks" in out and "conv1_conv" in out
+    assert "converted: 121 blocks" in out and "conv1_conv" in out
 
 
 # Faults and edge cases: what changes the loss or the update is carried over, or the

@@ -572,6 +572,40 @@ def test_layer_frozen_and_unnormalised_match_stock(normalization, name):
         assert a @ b / (np.linalg.norm(a) * np.linalg.norm(b)) >= floor
 
 
+@pytest.mark.parametrize("name", ["relu", "silu"])
+def test_block_without_heads_matches_stock_bn_and_activation(name):
+    """ApproxConvBlock(heads=[], return_activation=True) against stock BN -> activation
+    at 8 bits: the outputs equal, the gradients (input, gamma, beta) within the
+    cosines, and the residuals only the code and per-channel vectors."""
+    rng = np.random.default_rng(23)
+    x = rng.normal(0.3, 1.5, size=(4, 8, 8, 5)).astype(np.float32)
+    act = Activation.get(name)
+    block = ApproxConvBlock(heads=[], return_activation=True, bits=8, activation=name)
+    block.build(x.shape)
+    values = [rng.uniform(0.5, 1.5, 5) * np.where(np.arange(5) % 2, -1, 1), rng.normal(0, 0.5, 5)]
+    block.gamma.assign(values[0])
+    block.beta.assign(values[1])
+    bn = keras.layers.BatchNormalization(epsilon=1e-3)
+    stock = keras.Sequential([bn, act.stock_layer()])
+    stock.build(x.shape)
+    bn.set_weights([*values, np.zeros(5), np.ones(5)])
+    for training in (True, False):
+        np.testing.assert_allclose(block(x, training=training), stock(x, training=training),
+                                   rtol=1e-5, atol=1e-5)
+    g, g_ref = flat(layer_grads(block, x)), flat(layer_grads(stock, x))
+    assert len(g) == len(g_ref) == 3
+    floor = COSINE[8][0 if act.piecewise_linear else 1]
+    for a, b in zip(g, g_ref):
+        a, b = np.ravel(a), np.ravel(b)
+        assert a @ b / (np.linalg.norm(a) * np.linalg.norm(b)) >= floor
+    fn = jax_ops.compressed_block(block._block_config())
+    mean, var = jnp.mean(x, axis=(0, 1, 2)), jnp.var(x, axis=(0, 1, 2))
+    _, residuals = fn.fwd(x.shape, jnp.asarray(x), block.gamma.value, block.beta.value, mean, var)
+    sizes = [leaf.size for leaf in jax.tree_util.tree_leaves(residuals)]
+    assert max(sizes) == x.size  # the uint8 code of 8 bits, and vectors of 5
+    assert [leaf.dtype for leaf in jax.tree_util.tree_leaves(residuals) if leaf.size == x.size] == [jnp.uint8]
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_layer_gradients_close_to_stock(bits):
     rng = np.random.default_rng(13)

@@ -304,8 +304,10 @@ def test_convert_absorbs_the_squeeze_excite(ops_path, inner, gate, activation):
     model = mbconv_model(inner, gate, activation)
     converted, report = keras_blpa.convert(model, bits=8, return_report=True, batch_size=2)
     blocks = {l.name: l for l in converted.layers if isinstance(l, ApproxConvBlock)}
-    # b1_expand reads the project BN's output directly (no activation): a linear block.
-    assert sorted(blocks) == ["b0_dw", "b0_expand", "b0_project", "b1_dw", "b1_expand", "b1_project"]
+    # b1_expand reads the project BN's output directly (no activation): a linear
+    # block; b1_project_bn, read only by the Add, a block without heads.
+    assert sorted(blocks) == ["b0_dw", "b0_expand", "b0_project", "b1_dw", "b1_expand", "b1_project",
+                              "b1_project_bn"]
     assert blocks["b1_expand"].activation.name == "linear"
     for i in range(2):
         block = blocks[f"b{i}_project"]
@@ -355,9 +357,12 @@ def test_efficientnet_b0_gates_become_blocks():
     model = keras.applications.EfficientNetB0(weights=None, input_shape=(32, 32, 3), classes=10)
     converted, report = keras_blpa.convert(model, bits=4, return_report=True, batch_size=2)
     blocks = [l for l in converted.layers if isinstance(l, ApproxConvBlock)]
-    # And 7 linear blocks: a project BN read by the next unit's expand conv directly.
-    assert len(blocks) == 39 and sum(b.squeeze_excite is not None for b in blocks) == 16
+    # And 7 linear blocks (a project BN read by the next unit's expand conv directly)
+    # and 1 without heads (the top BN -> swish before the pooling); the 9 project BNs
+    # read by an Add and the next expand conv are linear blocks returning their output.
+    assert len(blocks) == 40 and sum(b.squeeze_excite is not None for b in blocks) == 16
     assert sum(b.activation.name == "linear" for b in blocks) == 7
+    assert [b.name for b in blocks if not b.heads] == ["top_bn"]
     assert report.before_bytes > 5 * report.after_bytes
     x = np.random.default_rng(1).uniform(0, 255, size=(2, 32, 32, 3)).astype(np.float32)
     np.testing.assert_allclose(converted(x, training=False), model(x, training=False),

@@ -413,12 +413,13 @@ def compressed_block(config):
     def bwd(x_shape, residuals, d_results):
         packed, (step, shift, gamma, beta, scale), kernels, gate, extra = residuals
         d_outs = d_results[: len(kernels)]
-        # Ordering (a) of the TensorFlow block: decode only once the gradient has arrived.
-        a_dec = decode_activation(
-            _after(d_outs, packed), x_shape, step, shift, bits, act
-        ).astype(compute_dtype)
-        head_in = a_dec if se is None else se.excite(a_dec, gate[1])
         d_kernels, d_a = [], jnp.zeros(x_shape, jnp.float32)
+        if kernels:  # (a block without heads returns only its activation)
+            # Ordering (a) of the TensorFlow block: decode only once the gradient has arrived.
+            a_dec = decode_activation(
+                _after(d_outs, packed), x_shape, step, shift, bits, act
+            ).astype(compute_dtype)
+            head_in = a_dec if se is None else se.excite(a_dec, gate[1])
         for kernel, head, d_out in zip(kernels, specs, d_outs):
             _, conv_vjp = jax.vjp(lambda a, k, h=head: conv(a, k, h), head_in, kernel)
             d_in, d_kernel = conv_vjp(d_out.astype(compute_dtype))

@@ -376,9 +376,12 @@ def compressed(x, gamma, beta, mean, variance, kernels, config, gate_weights=())
 
         def grad(*d_results):
             d_outs = d_results[:n]
-            d_kernels, d_a, d_gate = _conv_backward(code, kernels, d_outs, config.heads, gate)
-            if config.with_activation:
-                d_a += tf.cast(d_results[n], tf.float32)
+            if n:
+                d_kernels, d_a, d_gate = _conv_backward(code, kernels, d_outs, config.heads, gate)
+                if config.with_activation:
+                    d_a += tf.cast(d_results[n], tf.float32)
+            else:  # no heads: only the returned activation is read
+                d_kernels, d_gate, d_a = [], [], tf.cast(d_results[0], tf.float32)
             if config.normalization == "batch":
                 d_x, d_gamma, d_beta = _bn_act_backward(
                     code, d_a, beta, scale, config.synchronized
