@@ -665,11 +665,14 @@ def _headless_ok(bn, others):
     """Whether a trainable BN [-> activation] read by no head becomes a block without
     heads: where its readers keep nothing (an Add, a Concatenate, a global average
     pooling, a model output), the block's code replaces all that stock keeps for it,
-    the BN input and the activation's tensor. (Where a reader keeps the tensor anyway,
-    the block would save only the BN input, so the chain stays; a frozen BN keeps
-    nothing in stock Keras.)"""
+    the BN input and the activation's tensor; before a max pooling, which keeps the
+    tensor anyway (unless it becomes an ArgmaxPooling2D), it replaces the BN input.
+    (Before a layer that keeps the tensor and could be a head, such as a dilated
+    conv, the chain stays, with that layer's reason; a frozen BN keeps nothing in
+    stock Keras.)"""
     return bool(others) and bn.trainable and all(
-        reader is None or _keeps_nothing(reader.operation) for reader in others)
+        reader is None or _keeps_nothing(reader.operation)
+        or isinstance(reader.operation, _KEEPS_INPUT_AND_OUTPUT) for reader in others)
 
 
 def _keeps_nothing(op):
