@@ -137,19 +137,26 @@ def test_already_converted_model_says_so():
 
 
 def test_warning_counts_each_distinct_cause():
-    """Three BN -> tanh chains: one cause, counted 3 times, said once."""
+    """Three BN -> tanh chains and three BN -> ReLU -> dilated conv chains: two causes,
+    each said once with its count of layers, whatever the layers' names."""
     inp = keras.Input(SHAPE)
     x = inp
     for i in range(3):
         x = keras.layers.BatchNormalization(name=f"bn{i}")(x)
         x = keras.layers.Activation("tanh", name=f"tanh{i}")(x)
         x = keras.layers.Conv2D(3, 3, padding="same", name=f"conv{i}")(x)
+    for i in range(3):
+        x = keras.layers.ReLU(name=f"relu{i}")(keras.layers.BatchNormalization(name=f"dbn{i}")(x))
+        x = keras.layers.Conv2D(3, 3, padding="same", dilation_rate=2, name=f"dilated{i}")(x)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         keras_blpa.convert(keras.Model(inp, x))
     (message,) = [str(w.message) for w in caught]
     assert message.count("tanh") == 1, message
     assert "3 x its activation is tanh, not one the block computes" in message, message
+    assert "6 x BN -> activation output feeds no convertible" in message, message
+    assert "3 x Conv2D has dilation_rate=(2, 2)" in message and message.count("dilation") == 2, message
+    assert "dilated0" not in message, message
 
 
 def hub_resnet(pre_activation):
