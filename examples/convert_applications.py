@@ -7,6 +7,13 @@ the original and of the converted model.
 
     python examples/convert_applications.py \
         --model ResNet50V2 --input_size 128 --batch_size 32 --bits 4 --measure
+
+The table over model families (keras.applications and keras-hub; blocks,
+gradient cosines, per-sample memory slope, step time) is
+`keras_blpa.benchmark.applications`, which measures each step the same way:
+
+    python -m keras_blpa.benchmark.applications --models ResNet50V2,MobileNetV2 \
+        --input-size 64 --batch-sizes 16,32
 """
 
 import argparse

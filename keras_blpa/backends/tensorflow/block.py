@@ -40,15 +40,33 @@ def read(variable):
     return tf.convert_to_tensor(variable)
 
 
-def _conv_args(head):
+def _same_padding(head):
+    """True when a folded ZeroPadding2D is exactly the padding "SAME" gives: stride 1
+    and (k - 1) // 2 before, the rest after, on each axis (whatever the input size)."""
+    if head.explicit_padding is None or any(s != 1 for s in head.strides):
+        return False
+    return all(
+        tuple(pad) == ((k - 1) // 2, k - 1 - (k - 1) // 2)
+        for pad, k in zip(head.explicit_padding, head.kernel_size)
+    )
+
+
+def _conv_args(head, backward=False):
     """Keyword arguments of the raw ops of a `blocks.Head`: Conv2D / Conv2DBackprop*,
     DepthwiseConv2dNative / DepthwiseConv2dNativeBackprop* (both take explicit
-    paddings, so a folded ZeroPadding2D makes no padded copy); {} for "dense"."""
+    paddings, so a folded ZeroPadding2D makes no padded copy); {} for "dense".
+    For the backward ops (``backward=True``), a folded padding that equals "SAME"
+    is passed as "SAME": TensorFlow's CPU Conv2DBackpropInput with "EXPLICIT"
+    padding takes a slow path (ResNet50V2's 3x3 heads at 2x2 x 512, batch 16:
+    319 ms, against 8 ms with "SAME"). The forward conv keeps "EXPLICIT", whose
+    output is bit-identical to stock Keras' ZeroPadding2D -> "valid" conv."""
     if head.kind == "dense":
         return {}
     args = {"strides": (1,) + head.strides + (1,)}
     if head.explicit_padding is None:
         args["padding"] = head.padding.upper()
+    elif backward and _same_padding(head):
+        args["padding"] = "SAME"
     else:
         (top, bottom), (left, right) = head.explicit_padding
         args["padding"] = "EXPLICIT"
@@ -78,11 +96,15 @@ def _kernel_gradient(a, kernel, d_out, head):
         op = tf.raw_ops.DepthwiseConv2dNativeBackpropFilter
     else:
         op = tf.raw_ops.Conv2DBackpropFilter
-    return op(input=a, filter_sizes=tf.shape(kernel), out_backprop=d_out, **_conv_args(head))
+    return op(input=a, filter_sizes=tf.shape(kernel), out_backprop=d_out,
+              **_conv_args(head, backward=True))
 
 
 def _input_gradient(a_shape, kernel, d_out, head):
-    """dL/da of `conv`, which needs only the kernel."""
+    """dL/da of `conv`, which needs only the kernel. Any other explicit padding
+    (a stride-2 head's) is the gradient of the VALID conv of the padded input,
+    cropped: TensorFlow's CPU backprop-input op is slow with "EXPLICIT" padding
+    (ResNet50V2's 3x3 stride-2 heads at 4x4 x 256, batch 16: 19.6 ms, 2.9 ms this way)."""
     if head.kind == "dense":
         d = tf.matmul(tf.reshape(d_out, [-1, kernel.shape[1]]), kernel, transpose_b=True)
         return tf.reshape(d, a_shape)
@@ -90,7 +112,15 @@ def _input_gradient(a_shape, kernel, d_out, head):
         op = tf.raw_ops.DepthwiseConv2dNativeBackpropInput
     else:
         op = tf.raw_ops.Conv2DBackpropInput
-    return op(input_sizes=a_shape, filter=kernel, out_backprop=d_out, **_conv_args(head))
+    args = _conv_args(head, backward=True)
+    if args["padding"] != "EXPLICIT":
+        return op(input_sizes=a_shape, filter=kernel, out_backprop=d_out, **args)
+    (top, bottom), (left, right) = head.explicit_padding
+    a_shape = tf.convert_to_tensor(a_shape, tf.int32)
+    padded = a_shape + tf.constant([0, top + bottom, left + right, 0], tf.int32)
+    d = op(input_sizes=padded, filter=kernel, out_backprop=d_out,
+           strides=args["strides"], padding="VALID")
+    return tf.slice(d, [0, top, left, 0], a_shape)
 
 
 def _after(dependencies, tensor):
