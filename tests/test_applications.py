@@ -111,7 +111,10 @@ def test_row_fields_match_independent_computations(tiny_run):
             (p2 - p1) / (BATCHES[1] - BATCHES[0]), abs=0.01)
         assert abs(r2 - r1) < 16  # nothing built between the two measurements
     s = row["slope_mib_per_sample"]
-    assert row["slope_ratio"] == pytest.approx(s["original"] / s["converted"], rel=0.01)
+    # The slopes are stored to 3 decimals: their rounding (0.0005) bounds the ratio's
+    # error, which grows large where the converted slope is near 0 (gradient-bound).
+    rounding = 0.0005 / abs(s["original"]) + 0.0005 / abs(s["converted"])
+    assert row["slope_ratio"] == pytest.approx(s["original"] / s["converted"], rel=0.01 + rounding)
     # Converting shrinks what one more sample costs (the report's saving per sample,
     # within the allocator's transient working set).
     saved_per_sample = report.saved_bytes / BATCHES[0] / MIB
