@@ -529,8 +529,9 @@ struct BnGradInput {
         [&](int64_t i, int64_t c, int64_t len, uint8_t* codes,
             const ChannelView<8>& v) BLPA_INLINE_LAMBDA {
           const uint8_t* __restrict__ cd = codes;
-          const float* __restrict__ g = a.grad_a + i;
-          float* __restrict__ dx = a.grad_x + i;
+          // Not __restrict__: grad_x may be grad_a's buffer (in place).
+          const float* g = a.grad_a + i;
+          float* dx = a.grad_x + i;
           const float* __restrict__ st = v.ptr(0, c);
           const float* __restrict__ sh = v.ptr(1, c);
           const float* __restrict__ ga = v.ptr(2, c);

@@ -24,6 +24,7 @@ Example:
 ...     model.train_on_batch(x, y)
 >>> peak.peak_mib, peak.resident_mib
 >>> keras_blpa.memory.compiled_step_memory(model, x, y).peak_mib  # JAX
+>>> keras_blpa.memory.step_breakdown(model, x, y).as_dict()  # what is alive at the peak
 """
 
 import dataclasses
@@ -37,9 +38,11 @@ __all__ = [
     "CompiledMemory",
     "MemoryStatsUnavailable",
     "PeakMemory",
+    "StepBreakdown",
     "compiled_step_memory",
     "device",
     "enable_cpu_statistics",
+    "step_breakdown",
 ]
 
 BFC_ENV = "TF_CPU_ALLOCATOR_USE_BFC"
@@ -183,3 +186,47 @@ def compiled_step_memory(model, x, y=None):
             run one training step (which builds optimizer and metric state).
     """
     return backends.get().compiled_step_memory(model, x, y)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepBreakdown(_Mib):
+    """What is alive at a training step's peak, in bytes (`step_breakdown`).
+
+    ``peak_bytes`` = ``resident_bytes`` (held before the step: weights,
+    optimizer state, the batch, constants) + ``codes_bytes`` (uint8 tensors
+    the step made: packed codes, pooling indices) + ``float_bytes`` (every
+    other tensor it made: activations, gradients, temporaries) +
+    ``fragmentation_bytes`` (what the allocator holds beyond the requests of
+    those tensors; 0 where buffers are exact, as in XLA's assignment).
+    ``peak_op`` names the op at the peak; ``largest`` lists the largest live
+    tensors (grouped by op, layer, shape and kind), largest first.
+    """
+
+    peak_bytes: int
+    resident_bytes: int
+    codes_bytes: int
+    float_bytes: int
+    fragmentation_bytes: int
+    peak_op: str = ""
+    largest: tuple = ()
+
+    def as_dict(self):
+        """The figures in MiB and the largest tensors, for JSON."""
+        out = {
+            name: round(getattr(self, f"{name}_bytes") / MIB, 2)
+            for name in ("peak", "resident", "codes", "float", "fragmentation")
+        }
+        out["peak_op"] = self.peak_op
+        out["largest"] = [dict(t, mib=round(t["bytes"] / MIB, 2)) for t in self.largest]
+        return out
+
+
+def step_breakdown(model, x, y=None):
+    """What is alive at the peak of ``model``'s training step on batch (x, y): a `StepBreakdown`.
+
+    On TensorFlow one step is run (``train_on_batch``) under the profiler and
+    its allocator events are replayed (run it after a first step; the
+    allocator must keep statistics, `enable_cpu_statistics`). On JAX, XLA's
+    buffer assignment of the compiled step is read, not run.
+    """
+    return backends.get().step_breakdown(model, x, y)

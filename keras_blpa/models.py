@@ -358,11 +358,34 @@ def apply_head(
     kernel_regularizer=None,
     synchronized=False,
     bn_momentum=_BN_MOMENTUM,
+    bits=None,
+    quantization="blpa",
 ):
-    """The head: ``final_bn``, ``final_relu``, global average pooling ``avg_pool``
-    and the float32 dense classifier ``predictions``; stock layers in every build."""
-    x = _batch_norm(bn_momentum, synchronized, "final_bn")(x)
-    x = keras.layers.ReLU(name="final_relu")(x)
+    """The head: ``final_bn`` -> ReLU, global average pooling ``avg_pool`` and the
+    float32 dense classifier ``predictions``.
+
+    With `bits` set, the BN -> ReLU is an `ApproxConvBlock` without heads named
+    ``final_bn``: the pooling's backward needs only shapes, so the block keeps
+    only its code, and its backward makes two float tensors of the last stage
+    instead of stock BN's five or six (the step's peak is at the start of the
+    backward pass, where every code is alive). With bits=None, stock
+    BatchNormalization ``final_bn`` and ReLU ``final_relu``.
+    """
+    if bits is None:
+        x = _batch_norm(bn_momentum, synchronized, "final_bn")(x)
+        x = keras.layers.ReLU(name="final_relu")(x)
+    else:
+        x = blpa_layers.ApproxConvBlock(
+            heads=[],
+            return_activation=True,
+            bits=bits,
+            momentum=bn_momentum,
+            epsilon=_BN_EPSILON,
+            quantization=quantization,
+            synchronized=synchronized,
+            data_format=_DATA_FORMAT,
+            name="final_bn",
+        )(x)
     x = keras.layers.GlobalAveragePooling2D(data_format=_DATA_FORMAT, name="avg_pool")(x)
     return keras.layers.Dense(
         num_classes,
@@ -446,8 +469,9 @@ def resnet(
 
     Shortcuts are parameter-free (average pool by the stride, zero channel
     padding); at each stage's first unit the shortcut is taken after the unit's
-    first BN+ReLU. The stem conv, the final BN-ReLU and the classifier are stock
-    Keras layers in both builds.
+    first BN+ReLU. The stem conv and the classifier are stock Keras layers in
+    both builds; with `bits` set the final BN-ReLU is a block without heads
+    (`apply_head`).
 
     Args:
         depth: 9n + 2 for "cifar" (164 and 1001 in the paper); 152 (or 26, 50,
@@ -511,7 +535,8 @@ def resnet(
     for stage, (count, base, stride) in enumerate(zip(blocks, filters, strides), 1):
         x = apply_stack(x, count, base * width, stride, stage, unit_wrapper, **unit_args)
     outputs = apply_head(
-        x, num_classes, classifier_activation, regularizer, synchronized, bn_momentum
+        x, num_classes, classifier_activation, regularizer, synchronized, bn_momentum,
+        bits=bits, quantization=quantization,
     )
     if name is None:
         name = f"resnet{depth}_" + ("exact" if bits is None else f"{bits}bit")
@@ -556,13 +581,13 @@ def _unit_weights(model):
     found = {}
     for name, layer in layers.items():
         if isinstance(layer, blpa_layers.ApproxConvBlock):
+            # A block without heads (the head's final BN -> ReLU) is a stock BN's weights.
             found[name] = [
                 layer.gamma,
                 layer.beta,
                 layer.moving_mean,
                 layer.moving_variance,
-                layer.kernel,
-            ]
+            ] + ([layer.kernel] if layer.heads else [])
         elif isinstance(layer, keras.layers.Conv2D) and f"{name}_bn" in layers:
             bn = layers[f"{name}_bn"]
             found[name] = [

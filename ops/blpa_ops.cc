@@ -542,8 +542,13 @@ class BnGradInputOp : public BitsKernel {
   void Compute(OpKernelContext* ctx) override {
     blpa::GradArgs a;
     if (!GradInputs(ctx, bits_, 7, &a)) return;
+    // grad_x is written in place of grad_a where TensorFlow hands over
+    // grad_a's buffer (its last reader): the kernels read each element's
+    // incoming gradient before writing its result, at the same index.
+    // One full-size float tensor fewer at the backward's peak.
     Tensor* dx = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, ctx->input(1).shape(), &dx));
+    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output(
+                            {1}, 0, ctx->input(1).shape(), &dx));
     if (a.n == 0) return;
     a.grad_x = dx->flat<float>().data();
     WithActivation([&](auto act) {

@@ -82,6 +82,11 @@ class Backend(Protocol):
         """XLA's buffer assignment of ``model.fit``'s compiled step, a
         `keras_blpa.memory.CompiledMemory`; ValueError where there is none."""
 
+    def step_breakdown(self, model, x, y) -> Any:
+        """What is alive at the peak of the model's training step on (x, y), a
+        `keras_blpa.memory.StepBreakdown` (TensorFlow: the allocator's events
+        of one step run under the profiler; JAX: XLA's buffer assignment)."""
+
     def facts(self) -> dict:
         """``python -m keras_blpa.info``'s lines for this backend (ordered)."""
 

@@ -17,6 +17,7 @@ from keras_blpa.backends.tensorflow.block import conv
 from keras_blpa.backends.tensorflow.block import read
 from keras_blpa.backends.tensorflow.block import recompute_call
 from keras_blpa.backends.tensorflow.block import residual_call
+from keras_blpa.backends.tensorflow.breakdown import step_breakdown
 from keras_blpa.backends.tensorflow.memory import accelerator
 from keras_blpa.backends.tensorflow.memory import compiled_step_memory
 from keras_blpa.backends.tensorflow.memory import facts
@@ -67,6 +68,7 @@ __all__ = [
     "recompute_call",
     "reset_peak_memory",
     "residual_call",
+    "step_breakdown",
     "versions",
     "working_set_factor",
 ]
