@@ -14,7 +14,7 @@ EXTRA_APT="bazel-bootstrap" bash examples/setup.sh
 export KERAS_BLPA_REQUIRE_NATIVE=1 TF_CPP_MIN_LOG_LEVEL=2
 # Build checks of the native ops: nvcc compile, pip builds, Bazel build + load.
 bash ops/ci.sh
-python -m pytest -q -p no:cacheprovider tests "$@"
+python -m pytest -q -p no:cacheprovider --durations=25 tests "$@"
 echo "== as on an AVX2-only CPU: TF_ENABLE_ONEDNN_OPTS=0, KERAS_BLPA_CPU_ISA=avx2"
 TF_ENABLE_ONEDNN_OPTS=0 KERAS_BLPA_CPU_ISA=avx2 python -m pytest -q -p no:cacheprovider \
   tests/test_memory.py tests/test_distributed.py tests/test_benchmark.py tests/test_native.py

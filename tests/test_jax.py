@@ -1431,3 +1431,28 @@ def dataclasses_replace(config, **changes):
 
     return dataclasses.replace(config, **changes)
 
+
+
+def test_step_breakdown_reads_the_compiled_step():
+    """keras_blpa.memory.step_breakdown on JAX: XLA's live set at the compiled step's
+    peak. Its parts add up to compiled_step_memory's peak; stock Keras has no uint8 code
+    and mostly floats; at 4 bits the live floats are a fraction of stock's and the codes
+    are there, no more than the blocks' code bytes by count (elements x bits / 8)."""
+    from keras_blpa import memory
+    from keras_blpa.benchmark import modes
+
+    found = {}
+    for mode in ("exact", "blpa4"):
+        model = warm_model(mode, depth=20)
+        x, y = modes.random_batch(32, (32, 32, 3), 10)
+        b = memory.step_breakdown(model, x, y)
+        parts = [b.resident_bytes, b.codes_bytes, b.float_bytes, b.fragmentation_bytes]
+        assert min(parts) >= 0 and sum(parts) == b.peak_bytes
+        assert b.peak_bytes == memory.compiled_step_memory(model, x, y).peak_bytes
+        found[mode] = (model, b)
+    exact, (model, four) = found["exact"][1], found["blpa4"]
+    assert exact.codes_bytes == 0 and exact.float_bytes > 0.5 * (exact.peak_bytes - exact.resident_bytes)
+    blocks = [l for l in model.layers if isinstance(l, ApproxConvBlock)]
+    by_count = sum(packed_size(int(np.prod((32,) + tuple(l.input.shape[1:]))), 4) for l in blocks)
+    assert 0 < four.codes_bytes <= by_count
+    assert four.float_bytes < 0.35 * exact.float_bytes

@@ -1,8 +1,9 @@
 """Where a training step's peak memory goes: resident state, codes, floats, fragmentation.
 
 ``python -m keras_blpa.benchmark.breakdown --depth 164 --batches 256 --modes exact,blpa4``
-builds each mode's CIFAR ResNet, runs a first step, then reads what is alive
-at the second step's peak (`keras_blpa.memory.step_breakdown`: on TensorFlow
+builds each mode's CIFAR ResNet in its own process (what an earlier model
+left in the allocator would change the next one's fragmentation), runs a
+first step, then reads what is alive at the second step's peak (`keras_blpa.memory.step_breakdown`: on TensorFlow
 the allocator's events of one step under the profiler, on JAX XLA's buffer
 assignment of the compiled step). Beside it, the bytes kept for backprop by
 count, what `keras_blpa.memory_report` says this model keeps (its
@@ -13,6 +14,8 @@ count, what `keras_blpa.memory_report` says this model keeps (its
 import argparse
 import json
 import os
+import subprocess
+import sys
 
 from keras_blpa import backends
 from keras_blpa import memory
@@ -21,6 +24,7 @@ from keras_blpa.benchmark import modes as modes_lib
 __all__ = ["main", "measure"]
 
 _PARTS = ("resident", "codes", "float", "fragmentation")
+_MARKER = "BLPA_BREAKDOWN "
 
 
 def measure(mode, depth, batch, width=1, input_shape=(32, 32, 3), num_classes=10):
@@ -31,7 +35,10 @@ def measure(mode, depth, batch, width=1, input_shape=(32, 32, 3), num_classes=10
         modes_lib.build_model(mode, depth, num_classes, input_shape, width)
     )
     x, y = modes_lib.random_batch(batch, input_shape, num_classes)
-    modes_lib.train_step(model, x, y)
+    if backends.get().COMPILED_STEP_MEMORY:
+        modes_lib.build_state(model, input_shape, num_classes)  # the step is compiled, not run
+    else:
+        modes_lib.train_step(model, x, y)  # tracing and optimizer state, before the measured step
     result = memory.step_breakdown(model, x, y).as_dict()
     report = keras_blpa.memory_report(model, batch_size=batch)
     result.update(
@@ -76,6 +83,23 @@ def _plot(rows, path):
     plt.close(fig)
 
 
+def _measure_in_process(mode, depth, batch, width):
+    """`measure` in a new Python process (the allocator starts empty)."""
+    code = (
+        "import json, sys; from keras_blpa import memory; memory.enable_cpu_statistics(); "
+        "from keras_blpa.benchmark import breakdown; "
+        f"print({_MARKER!r} + json.dumps(breakdown.measure({mode!r}, {depth}, {batch}, {width})))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith(_MARKER):
+            return json.loads(line[len(_MARKER):])
+    raise RuntimeError(
+        f"breakdown of mode={mode!r} depth={depth} batch={batch} failed "
+        f"(exit {proc.returncode}): {(proc.stdout + proc.stderr)[-2000:]}"
+    )
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--depth", type=int, default=164)
@@ -91,7 +115,7 @@ def main(argv=None):
     rows = []
     for batch in batches:
         for mode in modes:
-            rows.append(measure(mode, args.depth, batch, args.width))
+            rows.append(_measure_in_process(mode, args.depth, batch, args.width))
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "largest"}), flush=True)
     with open(os.path.join(args.out, "breakdown.json"), "w") as f:
         json.dump({"argv": argv, "rows": rows}, f, indent=1)
