@@ -5,7 +5,10 @@
   (byte for byte the TensorFlow reference's);
 * `pooling`: `ArgmaxPooling2D`'s max pooling, a ``jax.custom_vjp`` whose
   residual is the argmax code;
-* `memory`: device statistics, XLA's compiled-step memory, ``keras_blpa.info``'s facts.
+* `memory`: device statistics, XLA's compiled-step memory (and what is live at
+  its peak), ``keras_blpa.info``'s facts;
+* `breakdown`: ``python -m keras_blpa.backends.jax.breakdown``, the step's temporaries
+  and peak breakdown per mode (results/jax_breakdown).
 """
 
 from keras_blpa.backends.jax.block import compressed
@@ -18,6 +21,7 @@ from keras_blpa.backends.jax.memory import compiled_step_memory
 from keras_blpa.backends.jax.memory import facts
 from keras_blpa.backends.jax.memory import memory_device
 from keras_blpa.backends.jax.memory import memory_stats
+from keras_blpa.backends.jax.memory import peak_buffers
 from keras_blpa.backends.jax.memory import reset_peak_memory
 from keras_blpa.backends.jax.memory import versions
 from keras_blpa.backends.jax.pooling import max_pool_argmax
@@ -57,6 +61,7 @@ __all__ = [
     "max_pool_argmax",
     "memory_device",
     "memory_stats",
+    "peak_buffers",
     "read",
     "recompute_call",
     "reset_peak_memory",
