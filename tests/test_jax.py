@@ -1456,3 +1456,84 @@ def test_step_breakdown_reads_the_compiled_step():
     by_count = sum(packed_size(int(np.prod((32,) + tuple(l.input.shape[1:]))), 4) for l in blocks)
     assert 0 < four.codes_bytes <= by_count
     assert four.float_bytes < 0.35 * exact.float_bytes
+
+
+# ------------------------------------------- chunked backward, peak breakdown
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("act", ["relu", "silu"])
+@pytest.mark.parametrize("with_activation", [False, True])
+def test_chunked_heads_backward_equals_whole_batch(monkeypatch, bits, act, with_activation):
+    """The heads' backward over batch chunks (two heads, a strided 3x3 and a 1x1) gives
+    today's whole-batch gradients within float rounding; the chunk counts are as stated."""
+    shape = (8, 6, 6, 6)
+    heads = (Head(filters=1, kernel_size=(3, 3), strides=(2, 2)),
+             Head(filters=1, kernel_size=(1, 1), strides=(1, 1)))
+    config = BlockConfig(bits=bits, epsilon=1e-3, heads=heads, compute_dtype="float32",
+                         activation=Activation.get(act), with_activation=with_activation)
+    block = jax_ops.compressed_block(config)
+    rng = np.random.default_rng(bits)
+    x, gamma, beta, k1 = block_inputs(rng, shape, filters=5)
+    k2 = rng.normal(0, 0.2, (1, 1, 6, 4)).astype(np.float32)
+
+    def loss(x, gamma, beta, k1, k2):
+        mean, var = jnp.mean(x, (0, 1, 2)), jnp.var(x, (0, 1, 2))
+        return sum(jnp.sum(jnp.sin(t)) for t in block(shape, x, gamma, beta, mean, var, k1, k2))
+
+    sample_bytes = 6 * 6 * 6 * 4
+    outs = [jnp.zeros((8, 3, 3, 5)), jnp.zeros((8, 6, 6, 4))]
+    grads = {}
+    for chunk_bytes, chunks in ((None, 1), (2 * sample_bytes, 4), (sample_bytes, 8)):
+        monkeypatch.setattr(jax_ops, "CHUNK_BYTES", chunk_bytes)
+        assert jax_ops.batch_chunks(shape, outs, bits) == chunks
+        grads[chunks] = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))(x, gamma, beta, k1, k2)
+    for chunks in (4, 8):
+        for whole, chunked in zip(grads[1], grads[chunks]):
+            np.testing.assert_allclose(chunked, whole, rtol=2e-5, atol=2e-6 * np.abs(whole).max())
+
+
+def test_batch_chunks_divide_the_batch_and_respect_the_bound(monkeypatch):
+    outs = [jnp.zeros((256, 32, 32, 16))]
+    assert jax_ops.batch_chunks((256, 32, 32, 64), outs, 4, chunk_bytes=4 * 2**20) == 16
+    assert jax_ops.batch_chunks((256, 32, 32, 64), outs, 4) == 8  # CHUNK_BYTES, 8 MiB
+    monkeypatch.setattr(jax_ops, "CHUNK_BYTES", None)
+    assert jax_ops.batch_chunks((256, 32, 32, 64), outs, 4) == 1
+    assert jax_ops.batch_chunks((6, 4, 4, 8), [jnp.zeros((6, 4, 4, 8))], 4, chunk_bytes=2 * 512) == 3
+    # Whole when it fits; a prime batch larger than the bound goes sample by sample.
+    assert jax_ops.batch_chunks((7, 4, 4, 8), [jnp.zeros((7, 4, 4, 8))], 4, chunk_bytes=7 * 512) == 1
+    assert jax_ops.batch_chunks((7, 4, 4, 8), [jnp.zeros((7, 4, 4, 8))], 4, chunk_bytes=3 * 512) == 7
+    # 8 bits, or a sample's codes that do not fill whole bytes: no chunks.
+    assert jax_ops.batch_chunks((256, 32, 32, 64), outs, 8, chunk_bytes=4 * 2**20) == 1
+    assert jax_ops.batch_chunks((8, 1, 1, 3), [jnp.zeros((8, 1, 1, 3))], 2, chunk_bytes=8) == 1
+
+
+def test_peak_buffers_accounts_for_the_codes_and_the_temp_buffer():
+    """peak_buffers on a small model (ResNet-11, batch 8): its categories sum to the
+    live temporaries, which cover the temp buffer but for a little fragmentation; every
+    live code buffer is one block's K bits per element of its input (counted here from
+    the layers' input shapes), and some are live; the largest buffers are the model's."""
+    from keras_blpa.backends.jax.memory import peak_buffers
+    from keras_blpa import memory
+    from keras_blpa.benchmark import modes
+
+    model = warm_model("blpa4", 11)
+    batch = 8
+    x, y = modes.random_batch(batch, (32, 32, 3), 10)
+    peak = peak_buffers(model, x, y, top=5)
+    assert peak["temp_bytes"] == memory.compiled_step_memory(model, x, y).temp_bytes
+    assert sum(peak["categories"].values()) == peak["temp_live_bytes"]
+    assert 0.97 * peak["temp_bytes"] <= peak["temp_live_bytes"] <= peak["temp_bytes"]
+    code_sizes = sorted(
+        batch * int(np.prod(layer.input.shape[1:])) * 4 // 8
+        for layer in model.layers if isinstance(layer, ApproxConvBlock)
+    )
+    assert len(code_sizes) == 9
+    everything = peak_buffers(model, x, y, top=10**6)["largest"]
+    live_codes = sorted(v["bytes"] for v in everything if v["category"] == "codes")
+    assert live_codes and set(live_codes) <= set(code_sizes), (live_codes, code_sizes)
+    assert sum(live_codes) == peak["categories"]["codes"] <= sum(code_sizes)
+    floats = sum(b for _, b in peak["float_temps_by_shape"].values())
+    assert floats == sum(peak["categories"].get(c, 0) for c in (
+        "per-channel vectors", "weight-shaped floats", "activation-sized floats"))
+    assert len(peak["largest"]) == 5 and peak["largest"][0]["bytes"] >= peak["largest"][-1]["bytes"]

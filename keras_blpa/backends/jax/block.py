@@ -26,6 +26,8 @@ __all__ = [
     "RELU6_CAP",
     "bn_act_encode",
     "bn_grad_reduce",
+    "CHUNK_BYTES",
+    "batch_chunks",
     "channel_params",
     "compressed",
     "compressed_block",
@@ -213,10 +215,24 @@ def decode_activation(packed, shape, step, shift, bits, act=RELU):
     return _decoded_output(codes, y_dec, mask, step, shift, bits, act)
 
 
+def _zero_after(t, dtype=jnp.float32):
+    """A scalar 0 that XLA cannot fold: it reads `t` (``v > inf`` is false for every float).
+
+    XLA:CPU's fusions take a broadcast constant (relu's 0, a pooling's divisor)
+    as a full-size operand, and XLA schedules a constant's broadcast anywhere,
+    e.g. at the start of the step: measured, 52 MiB of such broadcasts alive
+    through ResNet-164's forward pass at batch 256. A broadcast of this zero is
+    made only once `t` exists.
+    """
+    return (jnp.ravel(t)[0] > jnp.inf).astype(dtype)
+
+
 def bn_act_encode(x, scale, offset, inv_step, shift, bits, act=RELU):
-    """(f(y), packed codes of y) with y = x * scale + offset (folded BN); f(y) is `act`'s (keras.ops)."""
+    """(f(y), packed codes of y) with y = x * scale + offset (folded BN); f(y) is `act`'s (keras.ops;
+    relu as ``max(y, 0)`` with a 0 that reads y, the same value, see `_zero_after`)."""
     y = jnp.asarray(x, jnp.float32) * scale + offset
-    return act(y), encode(y, inv_step, shift, bits, act)
+    a = jnp.maximum(y, _zero_after(y)) if act.name == "relu" else act(y)
+    return a, encode(y, inv_step, shift, bits, act)
 
 
 def _act_grad(packed, grad_a, step, shift, bits, act):
@@ -414,13 +430,19 @@ def compressed_block(config):
         packed, (step, shift, gamma, beta, scale), kernels, gate, extra = residuals
         d_outs = d_results[: len(kernels)]
         d_kernels, d_a = [], jnp.zeros(x_shape, jnp.float32)
-        if kernels:  # (a block without heads returns only its activation)
+        chunks = 1 if se is not None or not kernels else batch_chunks(x_shape, d_outs, bits)
+        if chunks > 1:
+            d_kernels, d_a = _chunked_heads_backward(
+                chunks, x_shape, packed, step, shift, kernels, specs, d_outs,
+                d_results[-1] if config.with_activation else None, bits, act, compute_dtype,
+            )
+        elif kernels:  # (a block without heads returns only its activation)
             # Ordering (a) of the TensorFlow block: decode only once the gradient has arrived.
             a_dec = decode_activation(
                 _after(d_outs, packed), x_shape, step, shift, bits, act
             ).astype(compute_dtype)
             head_in = a_dec if se is None else se.excite(a_dec, gate[1])
-        for kernel, head, d_out in zip(kernels, specs, d_outs):
+        for kernel, head, d_out in zip(kernels if chunks == 1 else (), specs, d_outs):
             _, conv_vjp = jax.vjp(lambda a, k, h=head: conv(a, k, h), head_in, kernel)
             d_in, d_kernel = conv_vjp(d_out.astype(compute_dtype))
             d_kernels.append(d_kernel.astype(kernel.dtype))
@@ -428,7 +450,7 @@ def compressed_block(config):
         if se is not None:
             d_a, d_gate = _gate_backward(se, gate, a_dec, d_a)
             d_kernels += d_gate
-        if config.with_activation:
+        if config.with_activation and chunks == 1:
             d_a = d_a + d_results[-1].astype(jnp.float32)
         zeros = jnp.zeros_like(step)
         if layer_norm:
@@ -459,6 +481,88 @@ def compressed_block(config):
 
     block.defvjp(fwd, bwd)
     return block
+
+
+# The heads' backward runs over the batch in chunks where a float32 tensor of the
+# block's input or of a head's output would exceed this many bytes (None: never).
+CHUNK_BYTES = 8 * 2**20
+
+
+def batch_chunks(x_shape, d_outs, bits, chunk_bytes=None):
+    """How many batch chunks the heads' backward takes (1: the whole batch at once).
+
+    The fewest chunks, a divisor of the batch, for which one chunk's float32
+    block input and head outputs each fit `chunk_bytes` (`CHUNK_BYTES`); 1 where
+    they fit whole, at 8 bits, where a sample's codes do not fill whole bytes, or under a
+    ``keras.distribution`` (not measured there).
+    """
+    chunk_bytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    import keras
+
+    if keras.distribution.distribution() is not None:
+        # A sharded global batch: slicing it would gather the shards.
+        return 1
+    n = x_shape[0]
+    per_sample = max([int(np.prod(x_shape[1:]))] + [int(np.prod(d.shape[1:])) for d in d_outs]) * 4
+    if chunk_bytes is None or n * per_sample <= chunk_bytes:
+        return 1
+    if codes_per_byte(bits) == 1 or int(np.prod(x_shape[1:])) % codes_per_byte(bits):
+        # 8-bit codes (16-bit words, see `pack`): sliced in the loop, XLA kept them
+        # twice (measured: 1476 MiB of codes live vs 760 for ResNet-164, batch 256).
+        return 1
+    if any(d.shape[0] != n for d in d_outs):
+        return 1
+    for chunks in range(2, n + 1):
+        if n % chunks == 0 and (n // chunks) * per_sample <= chunk_bytes:
+            return chunks
+    return n
+
+
+def _chunked_heads_backward(chunks, x_shape, packed, step, shift, kernels, specs, d_outs,
+                            d_activation, bits, act, compute_dtype):
+    """(d_kernels, dL/da) of the heads, over the batch in `chunks` equal chunks.
+
+    A ``lax.scan``: each step decodes one chunk's codes (a chunk of samples is a
+    contiguous run of the packed codes), takes the heads' input and filter
+    gradients on it, adds the chunk's dL/da into one full-size buffer (the
+    loop carry, updated in place: it starts as the activation's own gradient,
+    or zeros) and the filter gradients into float32 sums, in chunk order
+    (deterministic). Only one chunk's decoded activation and transposed copies
+    are alive at once; the while loop starts only once every incoming gradient
+    exists, so no decode runs early.
+    """
+    n = x_shape[0]
+    m = n // chunks
+    chunk_shape = (m,) + tuple(x_shape[1:])
+    packed_per_chunk = m * int(np.prod(x_shape[1:])) // codes_per_byte(bits)
+    # The loop's initial buffers are updated in place, so XLA copies constant ones
+    # (zeros), and schedules such copies anywhere, in the forward pass too (measured:
+    # every block's float zeros alive at once, 2595 MiB for ResNet-164 at batch 256).
+    # A zero that reads an incoming gradient (``v > inf`` is false) is made only then.
+    zero = _zero_after(d_outs[0])
+    d_a = (jnp.broadcast_to(zero, x_shape) if d_activation is None
+           else d_activation.astype(jnp.float32))
+    sums = tuple(jnp.broadcast_to(zero, k.shape) for k in kernels)
+
+    def body(carry, i):
+        d_a, sums = carry
+        p = jax.lax.dynamic_slice_in_dim(packed, i * packed_per_chunk, packed_per_chunk)
+        a_dec = decode_activation(p, chunk_shape, step, shift, bits, act).astype(compute_dtype)
+        d_a_chunk = jnp.zeros(chunk_shape, jnp.float32)
+        new_sums = []
+        for kernel, head, d_out, total in zip(kernels, specs, d_outs, sums):
+            d_out = jax.lax.dynamic_slice_in_dim(d_out, i * m, m)
+            _, conv_vjp = jax.vjp(lambda a, k, h=head: conv(a, k, h), a_dec, kernel)
+            d_in, d_kernel = conv_vjp(d_out.astype(compute_dtype))
+            new_sums.append(total + d_kernel.astype(jnp.float32))
+            d_a_chunk = d_a_chunk + d_in.astype(jnp.float32)
+        if d_activation is not None:
+            d_a_chunk = d_a_chunk + jax.lax.dynamic_slice_in_dim(d_a, i * m, m)
+        d_a = jax.lax.dynamic_update_slice_in_dim(d_a, d_a_chunk, i * m, 0)
+        return (d_a, tuple(new_sums)), None
+
+    (d_a, sums), _ = jax.lax.scan(body, (d_a, sums), jnp.arange(chunks))
+    return [total.astype(k.dtype) for total, k in zip(sums, kernels)], d_a
 
 
 def _gate_backward(se, gate, a_dec, d_gated):
@@ -504,10 +608,13 @@ def residual_call(x, shortcut, stride, padding, extra):
     if stride > 1:
         window = (1, stride, stride, 1)
         s = jax.lax.reduce_window(s, 0.0, jax.lax.add, window, window, padding)
+        # Divisors that read the data (the same values), so that XLA makes no
+        # full-size constant of them early in the step (block.`_zero_after`).
+        zero = _zero_after(s, s.dtype)
         if padding == "VALID":
-            s = s / float(stride * stride)
+            s = s / (float(stride * stride) + zero)
         else:
-            ones = jnp.ones((1,) + shortcut.shape[1:3] + (1,), s.dtype)
+            ones = jnp.ones((1,) + shortcut.shape[1:3] + (1,), s.dtype) + zero
             s = s / jax.lax.reduce_window(ones, 0.0, jax.lax.add, window, window, padding)
     if extra:
         s = jnp.pad(s, ((0, 0), (0, 0), (0, 0), (0, extra)))
