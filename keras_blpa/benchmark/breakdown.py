@@ -77,7 +77,7 @@ def _plot(rows, path):
         ax.barh(labels, widths, left=left, label=part)
         left = [a + b for a, b in zip(left, widths)]
     ax.set_xlabel("MiB alive at the step's peak")
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
