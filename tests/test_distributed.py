@@ -110,15 +110,16 @@ def test_synchronized_bn_two_replicas_match_one(bits):
     (tests/trajectories.py says why a free-running trajectory cannot be bounded
     on every CPU): the loss and the new moving statistics agree to float32
     rounding, and the weight update within the bound of an element flipping at
-    a ReLU kink or bin edge. Per-replica statistics change the loss by more
-    than 5e-3 and the update by O(1) at every step (measured: 7e-3..3e-2 and
-    1.0..1.7).
+    a ReLU kink or bin edge. Per-replica statistics change the loss by 20
+    times its tolerance (CONTINUOUS_RTOL) or more and the update by O(1) at every step
+    (measured: loss 1e-3..4e-2, the 4-bit net's sixth step the least since its
+    final BN is a block too; update 1.0..1.7).
     """
     out = python(SYNC_STEPS.format(bits=bits))
     assert len(out["two"]) == len(out["unsync"]) == 6
     assert_same_steps(out["two"])
     for row in out["unsync"]:
-        assert row["loss"] > 1e-3 and row["update"] > 0.5, out["unsync"]
+        assert row["loss"] > 2e-4 and row["update"] > 0.5, out["unsync"]
 
 
 ONE_STEP_GRADIENTS = """
