@@ -17,7 +17,7 @@ bash ops/ci.sh
 python -m pytest -q -p no:cacheprovider --durations=25 tests "$@"
 echo "== as on an AVX2-only CPU: TF_ENABLE_ONEDNN_OPTS=0, KERAS_BLPA_CPU_ISA=avx2"
 TF_ENABLE_ONEDNN_OPTS=0 KERAS_BLPA_CPU_ISA=avx2 python -m pytest -q -p no:cacheprovider \
-  tests/test_memory.py tests/test_distributed.py tests/test_benchmark.py tests/test_native.py
+  tests/test_memory.py tests/test_distributed.py tests/test_benchmark.py tests/test_native.py tests/test_breakdown.py
 echo "== Keras on JAX (CPU)"
 bash tests/run_jax.sh
 echo "== newcomer path"
