@@ -16,6 +16,7 @@ import tensorflow as tf
 __all__ = ["step_breakdown"]
 
 _UINT8 = 4  # tensorflow.DataType.DT_UINT8
+_TOP = 8  # the largest live tensors listed
 
 
 def _events(logdir):
@@ -54,7 +55,7 @@ def _events(logdir):
     return events
 
 
-def step_breakdown(model, x, y, top=8):
+def step_breakdown(model, x, y):
     """One training step (``model.train_on_batch``) under the profiler: what is live at its peak.
 
     Run it after a first step (tracing and optimizer state); the allocator
@@ -108,7 +109,7 @@ def step_breakdown(model, x, y, top=8):
         peak_op=peak_op,
         largest=tuple(
             dict(op=op, layer=layer, shape=shape, kind=kind, bytes=b)
-            for (op, layer, shape, kind), b in largest.most_common(top)
+            for (op, layer, shape, kind), b in largest.most_common(_TOP)
         ),
     )
 
