@@ -140,8 +140,8 @@ def peak_buffers(model, x, y, top=20):
 
     Returns:
         A dict: ``temp_bytes`` (XLA's, as `compiled_step_memory`),
-        ``argument_bytes``, ``peak_time`` and ``peak_instruction`` (the
-        instruction running at the peak and its JAX op name), ``temp_live_bytes``
+        ``argument_bytes``, ``output_bytes`` and ``alias_bytes`` (the same),
+        ``peak_time`` and ``peak_instruction`` (the instruction running at the peak and its JAX op name), ``temp_live_bytes``
         (the temporaries live at the peak), ``fragmentation_bytes``
         (``temp_bytes - temp_live_bytes``), ``categories`` (the live
         temporaries' bytes by kind: "codes" (u8, or the u16 words of 8-bit codes), "per-channel vectors" (rank
@@ -275,6 +275,8 @@ def peak_buffers(model, x, y, top=20):
         "temp_bytes": stats.temp_size_in_bytes,
         "temp_allocation_bytes": temp_size,
         "argument_bytes": stats.argument_size_in_bytes,
+        "output_bytes": stats.output_size_in_bytes,
+        "alias_bytes": stats.alias_size_in_bytes,
         "peak_time": best_time,
         "peak_instruction": peak_instruction,
         "peak_op_name": op_names.get(peak_instruction, ""),
@@ -295,8 +297,15 @@ def step_breakdown(model, x, y):
     """
     from keras_blpa.memory import StepBreakdown
 
+    from keras_blpa.memory import CompiledMemory
+
     peak = peak_buffers(model, x, y, top=8)
-    step = compiled_step_memory(model, x, y)
+    step = CompiledMemory(  # the same compiled step's figures, not compiled again
+        argument_bytes=peak["argument_bytes"],
+        output_bytes=peak["output_bytes"],
+        alias_bytes=peak["alias_bytes"],
+        temp_bytes=peak["temp_bytes"],
+    )
     codes = peak["categories"].get("codes", 0)
     return StepBreakdown(
         peak_bytes=step.peak_bytes,

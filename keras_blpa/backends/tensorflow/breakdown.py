@@ -83,14 +83,15 @@ def step_breakdown(model, x, y):
             "statistics (on the CPU call keras_blpa.memory.enable_cpu_statistics() before "
             "TensorFlow's first op)"
         )
-    live, peak_total, peak_live, peak_op = {}, -1, {}, ""
-    for _, allocation, stats in events:
+    # The first event at the highest total, then the tensors alive after it.
+    peak = max(range(len(events)), key=lambda i: (events[i][2]["bytes_allocated"], -i))
+    peak_total, peak_op = events[peak][2]["bytes_allocated"], events[peak][2].get("tf_op", "")
+    peak_live = {}
+    for _, allocation, stats in events[: peak + 1]:
         if allocation:
-            live[stats["addr"]] = stats
+            peak_live[stats["addr"]] = stats
         else:
-            live.pop(stats["addr"], None)
-        if stats["bytes_allocated"] > peak_total:
-            peak_total, peak_live, peak_op = stats["bytes_allocated"], dict(live), stats.get("tf_op", "")
+            peak_live.pop(stats["addr"], None)
     totals = collections.Counter()
     largest = collections.Counter()
     for stats in peak_live.values():
