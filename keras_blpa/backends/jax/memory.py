@@ -141,8 +141,8 @@ def peak_buffers(model, x, y, top=20):
     Returns:
         A dict: ``temp_bytes`` (XLA's, as `compiled_step_memory`),
         ``argument_bytes``, ``output_bytes`` and ``alias_bytes`` (the same),
-        ``peak_time`` and ``peak_instruction`` (the instruction running at the peak and its JAX op name), ``temp_live_bytes``
-        (the temporaries live at the peak), ``fragmentation_bytes``
+        ``peak_time`` and ``peak_instruction`` (the instruction running at
+        the peak and its JAX op name), ``temp_live_bytes`` (the temporaries live at the peak), ``fragmentation_bytes``
         (``temp_bytes - temp_live_bytes``), ``categories`` (the live
         temporaries' bytes by kind: "codes" (u8, or the u16 words of 8-bit codes), "per-channel vectors" (rank
         <= 1), "weight-shaped floats" (a trainable variable's element count),
