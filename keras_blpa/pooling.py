@@ -6,7 +6,8 @@ forward, bit for bit, and keeps only the index of each output's max within its
 window: one uint8 per output element (windows of up to 256 positions; int32
 beyond), i.e. 1/4 of the float32 output and 1/(4 * pool area / stride area)
 of the input it no longer keeps. The backward adds each output's gradient at
-that position (`keras_blpa.backends`: ``max_pool_argmax``).
+that position (`keras_blpa.backends`: ``max_pool_argmax``). A 1x1 window (the
+strided shortcut of ResNet v2) is a strided subsample and keeps nothing.
 """
 
 import keras
@@ -42,7 +43,9 @@ class ArgmaxPooling2D(keras.layers.Layer):
     overlapping windows gets their gradients summed in the outputs' row-major
     order (TensorFlow's oneDNN graph kernel may sum them in another order, so
     that stock float gradients may differ from it in the last bit). "same" padding
-    never selects a padded position.
+    never selects a padded position. A 1x1 window takes every stride-th
+    position (what max pooling over one element gives, with either padding),
+    so the backward keeps nothing but shapes.
 
     On TensorFlow, an input whose spatial size is unknown when the training
     step is traced is pooled by the stock op with its stock gradient.
@@ -112,6 +115,11 @@ class ArgmaxPooling2D(keras.layers.Layer):
         self._window(input_shape)
 
     def call(self, inputs, training=None):
+        if self.pool_size == (1, 1):
+            rows, cols = (slice(None, None, s) for s in self.strides)
+            every = slice(None)
+            nhwc = self.data_format == "channels_last"
+            return inputs[(every, rows, cols, every) if nhwc else (every, every, rows, cols)]
         if not training:
             return keras.ops.max_pool(inputs, self.pool_size, self.strides, self.padding,
                                       self.data_format)

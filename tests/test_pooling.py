@@ -23,6 +23,8 @@ CASES = [
     ((3, 3), (2, 2), "valid"),
     ((3, 3), (1, 1), "same"),
     ((3, 2), (1, 2), "valid"),
+    ((1, 1), (2, 2), "valid"),  # a strided subsample (ResNet v2's shortcut)
+    ((1, 1), (2, 3), "same"),
 ]
 ODD = (2, 9, 7, 3)  # odd spatial sizes: "same" pads unevenly, "valid" drops a border
 
@@ -237,3 +239,27 @@ def test_training_step_keeps_the_codes_not_the_float_input():
                       "saved_per_pool_per_sample_bytes": saved / depth / batch,
                       "float_activation_per_sample_bytes": activation / batch}))
     assert saved >= depth * per_pool, (stock, argmax)
+
+
+@pytest.mark.parametrize("padding", ["valid", "same"])
+def test_one_by_one_window_is_a_subsample_that_keeps_nothing(padding):
+    """ResNet v2's strided shortcut, MaxPooling2D(1, strides=2): the training forward
+    is a strided slice (TensorFlow: no pooling or argmax op in the traced call; JAX:
+    the backward keeps no batch-sized array)."""
+    pool = ArgmaxPooling2D(1, strides=2, padding=padding)
+    shape = (4, 9, 8, 3)
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        spec = tf.TensorSpec(shape, tf.float32)
+        graph = tf.function(lambda x: pool(x, training=True)).get_concrete_function(spec).graph
+        types = {op.type for op in graph.get_operations()}
+        assert "StridedSlice" in types
+        assert not [t for t in types if "Pool" in t or "Blpa" in t or "Argmax" in t], types
+    else:
+        import jax
+        import jax.numpy as jnp
+
+        vjp = jax.eval_shape(lambda x: jax.vjp(lambda a: jnp.sum(pool(a, training=True)), x)[1],
+                             jax.ShapeDtypeStruct(shape, jnp.float32))
+        assert not [leaf for leaf in jax.tree_util.tree_leaves(vjp) if leaf.ndim], vjp
