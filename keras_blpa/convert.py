@@ -24,7 +24,10 @@ Multiply; MobileNetV3's ReLU layer and hard_sigmoid written as
 BatchNormalization read by convs directly (MobileNet's project BN feeding the
 next expand conv) is a linear block; one read only by layers that keep
 nothing (a residual Add, a Concatenate, a global pooling), with or without an
-activation, becomes a block without heads that returns its activation.
+activation, becomes a block without heads that returns its activation. Convs
+reading an Add, a Concatenate, an AveragePooling2D, a split or an argmax
+pooling's output directly become a linear normalization="none" block, where
+the tensor's other readers keep nothing.
 
 Functional and Sequential models nested as layers (a backbone called on the
 input) are converted inside; a keras-hub task (``ResNetImageClassifier``)
@@ -33,7 +36,8 @@ its ``pyramid_outputs`` (the backbone itself becomes a functional model: its
 keras-hub class, and with it ``save_to_preset``, is what is lost). Only what
 the backward pass reaches is converted: a frozen base before a trainable
 head keeps nothing in stock Keras either. With ``argmax_pooling=True`` every
-``keras.layers.MaxPooling2D`` becomes an `ArgmaxPooling2D` with its config:
+``keras.layers.MaxPooling2D`` (always one with a 1x1 window, which then keeps
+nothing) becomes an `ArgmaxPooling2D` with its config:
 the same forward, and a backward that keeps the argmax code instead of the
 float input and output (off by default: on TensorFlow with oneDNN the
 allocator measures less saving than the report counts for it). Everything
@@ -94,7 +98,7 @@ _STATELESS = (
 # keras.ops operations (keras.src.ops classes, not layers) whose backward keeps nothing.
 _STATELESS_OPS = frozenset((
     "Add", "Subtract", "Negative", "Pad", "Reshape", "Transpose", "Concatenate", "Stack",
-    "ExpandDims", "Squeeze", "GetItem", "Mean", "Sum", "Flatten", "Cast",
+    "ExpandDims", "Squeeze", "GetItem", "Mean", "Sum", "Flatten", "Cast", "Split",
 ))
 _KEEPS_INPUT = (
     keras.layers.Conv1D,
@@ -344,8 +348,12 @@ def _conv_problem(node, act_out, source, pad=None):
 class _Chain:
     """A convertible [BN ->] activation -> conv heads group, and the block it becomes."""
 
-    def __init__(self, bn, act, heads, others, gate=None):
-        self.bn, self.act = bn, act  # bn None: an activation with no BN in front
+    def __init__(self, bn, act, heads, others, gate=None, start=None):
+        # bn None: an activation with no BN in front; act None too: convs reading a
+        # tensor with neither (a linear normalization="none" block that starts at
+        # `start`, the first of its convs or pads in graph order).
+        self.bn, self.act = bn, act
+        self._start = start
         self.gate = gate  # a _Gate between the activation and the heads, or None
         self.heads = heads  # [(conv node, ZeroPadding2D node or None)]
         self.others = others  # nodes (or model outputs) reading the activation
@@ -364,19 +372,26 @@ class _Chain:
     @property
     def activation(self):
         """The block's `Activation` (linear where the normalization feeds the heads)."""
-        if self.act is self.bn:
+        if self.act is self.bn or self.act is None:
             return Activation.get("linear")
         return _block_activation(self.act.operation)
 
     @property
     def start(self):
         """The first node: its input is the block's input."""
+        if self.act is None:
+            return self._start
         return self.act if self.bn is None else self.bn
 
     @property
     def nodes(self):
         pads = [pad for _, pad in self.heads if pad is not None]
-        first = [self.act] if self.bn is None or self.act is self.bn else [self.bn, self.act]
+        if self.act is None:
+            first = []
+        elif self.bn is None or self.act is self.bn:
+            first = [self.act]
+        else:
+            first = [self.bn, self.act]
         gate = [] if self.gate is None else self.gate.nodes
         return first + gate + pads + [conv for conv, _ in self.heads]
 
@@ -748,12 +763,15 @@ def _find_layer_norm_chain(graph, node, rejected):
     return _Chain(node, act, heads, others, gate), None
 
 
-def _plan(graph):
+def _plan(graph, argmax_pooling=False):
     """(chains, {id(node): reason}) of the whole graph.
 
     BatchNormalization -> activation chains first; then every other activation
     the block computes (after an Add, a pooling, a conv, or a BN that starts no
-    block) that feeds a convertible conv becomes a normalization="none" block.
+    block) that feeds a convertible conv becomes a normalization="none" block;
+    last, convs reading an Add, a Concatenate or a pooling directly become a
+    linear one (after a max pooling only where it keeps no float tensor: an
+    ArgmaxPooling2D, or one that `argmax_pooling` makes one).
     """
     chains, reasons = [], {}
     for node in graph.nodes:
@@ -782,7 +800,58 @@ def _plan(graph):
             reasons.pop(id(node), None)
         elif id(node) not in reasons:
             reasons[id(node)] = reason
+    for node in graph.nodes:
+        op = node.operation
+        if type(op) is keras.layers.MaxPooling2D and not _becomes_argmax(op, argmax_pooling):
+            continue  # it keeps its float output anyway
+        if isinstance(op, _LINEAR_SOURCES) or (
+                type(op).__name__ in _LINEAR_SOURCE_OPS and not isinstance(op, keras.layers.Layer)):
+            for tensor in node.outputs:
+                chain = _find_linear_chain(graph, tensor)
+                if chain is not None:
+                    chains.append(chain)
+                    for conv, _ in chain.heads:
+                        reasons.pop(id(conv), None)
     return chains, reasons
+
+
+# Layers (and keras.ops operations) whose output, read by convs with no BN or
+# activation between, becomes a linear normalization="none" block's input.
+_LINEAR_SOURCES = (
+    keras.layers.Add,
+    keras.layers.Subtract,
+    keras.layers.Average,
+    keras.layers.Concatenate,
+    keras.layers.AveragePooling2D,
+    keras.layers.MaxPooling2D,
+    ArgmaxPooling2D,
+)
+_LINEAR_SOURCE_OPS = frozenset(("Add", "Subtract", "Concatenate", "Split"))
+
+
+def _find_linear_chain(graph, tensor):
+    """The linear normalization="none" `_Chain` of the convs reading `tensor` (an
+    Add's, a Concatenate's, a pooling's output), or None. Only where every other
+    reader keeps nothing: the code then replaces the float tensor the convs keep."""
+    first = next((_first_conv(graph, u) for u in graph.users(tensor) if _first_conv(graph, u)), None)
+    if first is None or id(tensor) in graph.output_ids:
+        return None
+    heads, others, _ = _readers(graph, tensor, first.operation, {})
+    if not heads or _trainable_problem(heads, None) or not all(
+            u is not None and _keeps_nothing(u.operation) for u in others):
+        return None
+    order = {id(n): i for i, n in enumerate(graph.nodes)}
+    nodes = [n for conv, pad in heads for n in (conv, pad) if n is not None]
+    return _Chain(None, None, heads, [], start=min(nodes, key=lambda n: order[id(n)]))
+
+
+def _first_conv(graph, user):
+    """`user` if it is a head candidate, the first one after it if it is a ZeroPadding2D."""
+    if _is_head_candidate(user):
+        return user
+    if isinstance(user.operation, keras.layers.ZeroPadding2D):
+        return next((c for c in graph.users(user.outputs[0]) if _is_head_candidate(c)), None)
+    return None
 
 
 def _nested(layer):
@@ -809,7 +878,7 @@ class _Plan:
     kernel gradient reads the activation).
     """
 
-    def __init__(self, model, live_inputs=None):
+    def __init__(self, model, live_inputs=None, argmax_pooling=False):
         fn = _functional(model)
         pyramid = getattr(model, "pyramid_outputs", None)  # a keras-hub backbone's
         self.graph = graph = _Graph(fn, pyramid.values() if isinstance(pyramid, dict) else ())
@@ -822,21 +891,23 @@ class _Plan:
             if _nested(op):
                 plan = self.nested.get(id(op))
                 if plan is None or (any(reads_live) and not plan.any_live):
-                    self.nested[id(op)] = plan = _Plan(op, reads_live)
+                    self.nested[id(op)] = plan = _Plan(op, reads_live, argmax_pooling)
                 alive = plan.any_live
             else:
                 alive = any(reads_live) or _has_trainable_weights(op)
             if alive:
                 self.live.add(id(node))
                 live.update(id(t) for t in node.outputs)
-        chains, self.reasons = _plan(graph)
+        chains, self.reasons = _plan(graph, argmax_pooling)
         self.chains = []
         for chain in chains:
             if any(id(conv) in self.live for conv, _ in chain.heads) or (
                     not chain.heads and id(chain.start) in self.live):
                 self.chains.append(chain)
             else:
-                self.reasons[id(chain.act)] = self.reasons[id(chain.start)] = _FROZEN_REASON
+                for node in {id(chain.act): chain.act, id(chain.start): chain.start}.values():
+                    if node is not None:
+                        self.reasons[id(node)] = _FROZEN_REASON
         self.any_live = bool(self.live)
 
     def block_count(self):
@@ -957,7 +1028,10 @@ def _argmax_dtype(layer):
 
 
 def _argmax_keeps(node, spec):
-    """[(key, bytes)] the `ArgmaxPooling2D` of `node` keeps (or would keep): its argmax code."""
+    """[(key, bytes)] the `ArgmaxPooling2D` of `node` keeps (or would keep): its argmax
+    code; nothing for a 1x1 window."""
+    if _one_by_one(node.operation):
+        return []
     out = spec[id(node.outputs[0])]
     itemsize = np.dtype(_argmax_dtype(node.operation)).itemsize
     return [(("new", id(node)), int(np.prod(out.shape, dtype=np.int64)) * itemsize)]
@@ -965,6 +1039,8 @@ def _argmax_keeps(node, spec):
 
 def _argmax_reason(layer):
     """The report's note of a max pooling that keeps (or will keep) the argmax code."""
+    if _one_by_one(layer):
+        return "ArgmaxPooling2D with a 1x1 window: a strided subsample, which keeps nothing"
     dtype = _argmax_dtype(layer)
     size = np.dtype(dtype).itemsize
     return (
@@ -1092,7 +1168,7 @@ def _rows(plan, spec, bits, argmax_pooling, tally, prefix=""):
             if node is chain.start:
                 x = spec[id(node.input_tensors[0])]
                 n = int(np.prod(x.shape, dtype=np.int64))
-                after = (
+                after += (
                     math.ceil(n * bits / 8)
                     if bits is not None
                     else _nbytes(x, "float32") + _nbytes(x, layer.compute_dtype)
@@ -1101,7 +1177,7 @@ def _rows(plan, spec, bits, argmax_pooling, tally, prefix=""):
                     after += n // x.shape[-1] * 4  # rsqrt(var + eps) per position
             rows.append(LayerMemory(name, type(layer).__name__, before, after, prefix + chain.name, None))
             continue
-        argmax = (argmax_pooling and _becomes_argmax(layer)) or isinstance(layer, ArgmaxPooling2D)
+        argmax = _becomes_argmax(layer, argmax_pooling) or isinstance(layer, ArgmaxPooling2D)
         after = tally.new(tally.after, _argmax_keeps(node, spec) if argmax else _keeps(node, spec))
         if argmax:
             # Codes, not float activations (not in `still_float`).
@@ -1129,14 +1205,21 @@ def _report(plan, batch_shapes, bits, argmax_pooling=False):
 # ------------------------------------------------------------- the rebuild
 
 
-def _becomes_argmax(layer):
-    """Whether ``convert(argmax_pooling=True)`` replaces `layer` by an ArgmaxPooling2D
-    (stock MaxPooling2D only)."""
-    return type(layer) is keras.layers.MaxPooling2D
+def _becomes_argmax(layer, argmax_pooling):
+    """Whether `convert` replaces `layer` by an ArgmaxPooling2D: a stock MaxPooling2D
+    with `argmax_pooling`, and always one with a 1x1 window (a strided subsample)."""
+    return type(layer) is keras.layers.MaxPooling2D and (
+        argmax_pooling or _one_by_one(layer)
+    )
+
+
+def _one_by_one(layer):
+    """Whether the pooling `layer` has a 1x1 window."""
+    return tuple(layer.pool_size) == (1, 1)
 
 
 def _clone(layer, argmax_pooling=False):
-    if argmax_pooling and _becomes_argmax(layer):
+    if _becomes_argmax(layer, argmax_pooling):
         return ArgmaxPooling2D.from_config(layer.get_config())
     if isinstance(layer, keras.layers.Layer):
         if isinstance(layer, keras.Model):
@@ -1266,7 +1349,7 @@ def _pointwise(layer, x):
 
 def _make_block(chain, bits, quantization):
     convs = [c.operation for c, _ in chain.heads]
-    source = chain.start.operation
+    source = chain.start.operation if chain.act is not None else convs[0]
     heads = [_head(conv, pad) for conv, (_, pad) in zip(convs, chain.heads)]
     common = dict(
         bits=bits,
@@ -1432,7 +1515,7 @@ def memory_report(model, batch_size=1, input_shape=None, bits=4, argmax_pooling=
     fn = _functional(model)
     bits = check_bits(bits, allow_none=True)
     shapes = _batch_shapes(fn, batch_size, input_shape)
-    return _report(_Plan(model), shapes, bits, bool(argmax_pooling))
+    return _report(_Plan(model, argmax_pooling=bool(argmax_pooling)), shapes, bits, bool(argmax_pooling))
 
 
 def convert(model, bits=4, quantization="blpa", return_report=False, batch_size=1,
@@ -1447,7 +1530,8 @@ def convert(model, bits=4, quantization="blpa", return_report=False, batch_size=
     BN+activation share one block and one code; a BN+activation output that
     also feeds other layers is returned by the block for them. With
     `argmax_pooling`, every MaxPooling2D becomes an `ArgmaxPooling2D` (same
-    config and output; its backward keeps the argmax code). What cannot be converted is copied as it
+    config and output; its backward keeps the argmax code; a 1x1 window
+    becomes one always, and keeps nothing). What cannot be converted is copied as it
     was: the forward pass is exactly the original's.
     Call it inside ``strategy.scope()`` to get mirrored variables.
 
@@ -1460,7 +1544,9 @@ def convert(model, bits=4, quantization="blpa", return_report=False, batch_size=
         argmax_pooling: also replace every MaxPooling2D by an `ArgmaxPooling2D`.
             Off by default: ResNet50V2 at 64x64, batch 16 (TensorFlow, oneDNN)
             measured about 0 of the 13.6 MiB the report counts for its four
-            poolings (at 128x128, batch 32: 85 of 107 MiB).
+            poolings (at 128x128, batch 32: 85 of 107 MiB). A MaxPooling2D
+            with a 1x1 window (ResNet v2's strided shortcut) becomes one in
+            any case: a strided subsample, which keeps nothing.
 
     Returns:
         The converted keras.Model, or ``(model, report)`` with return_report
@@ -1480,7 +1566,7 @@ def convert(model, bits=4, quantization="blpa", return_report=False, batch_size=
     bits = check_bits(bits, allow_none=True)
     quantization = check_choice(quantization, "quantization", blpa_layers.QUANTIZATION_MODES)
     options = dict(bits=bits, quantization=quantization, argmax_pooling=bool(argmax_pooling))
-    plan = _Plan(model)
+    plan = _Plan(model, argmax_pooling=options["argmax_pooling"])
     if not plan.block_count():
         _warn_nothing(model, plan, options["argmax_pooling"])
     new_model = None
@@ -1506,7 +1592,7 @@ def convert(model, bits=4, quantization="blpa", return_report=False, batch_size=
 
 def _warn_nothing(model, plan, argmax_pooling):
     """The warning of a model with nothing to convert, with its distinct causes counted."""
-    pools = sum(_becomes_argmax(n.operation) for n in plan.graph.nodes) if argmax_pooling else 0
+    pools = sum(_becomes_argmax(n.operation, argmax_pooling) for n in plan.graph.nodes)
     rest = (
         f"only its {pools} MaxPooling2D layer(s) become ArgmaxPooling2D."
         if pools else "returning an unchanged copy."
