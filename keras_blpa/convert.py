@@ -832,12 +832,13 @@ _LINEAR_SOURCE_OPS = frozenset(("Add", "Subtract", "Concatenate", "Split"))
 def _find_linear_chain(graph, tensor):
     """The linear normalization="none" `_Chain` of the convs reading `tensor` (an
     Add's, a Concatenate's, a pooling's output), or None. Only where every other
-    reader keeps nothing: the code then replaces the float tensor the convs keep."""
+    reader keeps nothing: the code then replaces the float tensor the convs keep.
+    Frozen convs keep nothing of it (their input gradient needs only the kernel)."""
     first = next((_first_conv(graph, u) for u in graph.users(tensor) if _first_conv(graph, u)), None)
     if first is None or id(tensor) in graph.output_ids:
         return None
     heads, others, _ = _readers(graph, tensor, first.operation, {})
-    if not heads or _trainable_problem(heads, None) or not all(
+    if not heads or _trainable_problem(heads, None) or not heads[0][0].operation.trainable or not all(
             u is not None and _keeps_nothing(u.operation) for u in others):
         return None
     order = {id(n): i for i, n in enumerate(graph.nodes)}

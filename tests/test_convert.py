@@ -1009,3 +1009,11 @@ def test_convs_reading_adds_concatenations_splits_and_poolings_become_linear_blo
     # keras.ops.split keeps nothing for its backward (its gradient is a concatenation).
     (split,) = [r for r in report.layers if r.layer_type == "Split"]
     assert split.before == split.after == 0
+
+
+def test_frozen_convs_reading_an_add_stay_stock():
+    """A frozen conv's backward needs only its kernel: no code is made for its input."""
+    model = linear_sources_cnn()
+    model.get_layer("after_cat").trainable = False
+    report = keras_blpa.memory_report(model, BATCH)
+    assert "after_cat" not in report.blocks and "after_split" in report.blocks
