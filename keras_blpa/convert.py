@@ -1119,23 +1119,29 @@ class _Tally:
 
     def __init__(self):
         self.before, self.after = set(), set()
-        self.alias = {}  # id(a nested model's input) -> id(the tensor it was called on)
+        # (scope, id(a nested model's input)) -> the key of the tensor it was called on.
+        # A scope is the path of calling nodes: each call of a shared nested model
+        # keeps its own tensors.
+        self.alias = {}
         self.largest = 0
         self.blocks = {}
 
-    def new(self, claimed, kept):
-        """The bytes of `kept` [(key, bytes)] not counted yet in `claimed`."""
+    def key(self, scope, key):
+        """The counted identity of `key` (("t", id(tensor)) or ("new", id(node))) in `scope`."""
+        return self.alias.get((scope, key[1]), (scope, *key)) if key[0] == "t" else (scope, *key)
+
+    def new(self, claimed, kept, scope=()):
+        """The bytes of `kept` [(key, bytes)] in `scope` not counted yet in `claimed`."""
         total = 0
         for key, nbytes in kept:
-            if key[0] == "t":
-                key = ("t", self.alias.get(key[1], key[1]))
+            key = self.key(scope, key)
             if key not in claimed:
                 claimed.add(key)
                 total += nbytes
         return total
 
 
-def _rows(plan, spec, bits, argmax_pooling, tally, prefix=""):
+def _rows(plan, spec, bits, argmax_pooling, tally, prefix="", scope=()):
     """The report's rows of `plan`'s graph, whose tensors have the specs `spec`."""
     graph = plan.graph
     fused = {}
@@ -1154,12 +1160,13 @@ def _rows(plan, spec, bits, argmax_pooling, tally, prefix=""):
         if inner is not None:
             fn = inner.graph.fn
             for t, outer in zip(fn.inputs, node.input_tensors):
-                tally.alias[id(t)] = tally.alias.get(id(outer), id(outer))
+                tally.alias[(scope + (id(node),), id(t))] = tally.key(scope, ("t", id(outer)))
             inner_spec = _specs(fn, [spec[id(t)] for t in node.input_tensors])
-            rows += _rows(inner, inner_spec, bits, argmax_pooling, tally, f"{prefix}{layer.name}/")
+            rows += _rows(inner, inner_spec, bits, argmax_pooling, tally, f"{prefix}{layer.name}/",
+                          scope + (id(node),))
             continue
         name = prefix + layer.name
-        before = tally.new(tally.before, _keeps(node, spec))
+        before = tally.new(tally.before, _keeps(node, spec), scope)
         chain = fused.get(id(node))
         if chain is not None:
             after = 0
@@ -1179,7 +1186,7 @@ def _rows(plan, spec, bits, argmax_pooling, tally, prefix=""):
             rows.append(LayerMemory(name, type(layer).__name__, before, after, prefix + chain.name, None))
             continue
         argmax = _becomes_argmax(layer, argmax_pooling) or isinstance(layer, ArgmaxPooling2D)
-        after = tally.new(tally.after, _argmax_keeps(node, spec) if argmax else _keeps(node, spec))
+        after = tally.new(tally.after, _argmax_keeps(node, spec) if argmax else _keeps(node, spec), scope)
         if argmax:
             # Codes, not float activations (not in `still_float`).
             rows.append(LayerMemory(name, type(layer).__name__, before, after, None,

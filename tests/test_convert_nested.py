@@ -86,6 +86,23 @@ def test_nested_backbone_converts_with_the_same_forward_and_exact_gradients(tmp_
     np.testing.assert_array_equal(loaded(x, training=False), converted(x, training=False))
 
 
+def test_shared_backbone_counts_each_call():
+    """A backbone called on two inputs (a siamese net) keeps each call's activations:
+    the report counts the backbone's rows twice, each as much as one call's."""
+    base = backbone()
+    left, right = keras.Input(SHAPE), keras.Input(SHAPE)
+    merged = keras.layers.Concatenate(name="merge")([base(left), base(right)])
+    siamese = keras.Model([left, right], merged)
+    single = keras_blpa.memory_report(with_head(base), BATCH)
+    twice = keras_blpa.memory_report(siamese, BATCH)
+    rows = [r for r in single.layers if r.name.startswith("backbone/")]
+    calls = [r for r in twice.layers if r.name.startswith("backbone/")]
+    assert len(calls) == 2 * len(rows)
+    for attr in ("before", "after"):
+        per_call = sum(getattr(r, attr) for r in rows)
+        assert per_call > 0 and sum(getattr(r, attr) for r in calls) == 2 * per_call, attr
+
+
 def test_frozen_base_keeps_nothing_and_stays_stock():
     """base.trainable = False before a trainable head: the backward pass never reaches
     the base, so nothing there is converted or counted, and the warning says why."""
