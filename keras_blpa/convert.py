@@ -678,16 +678,22 @@ def _find_chain(graph, node, rejected):
 
 def _headless_ok(bn, others):
     """Whether a trainable BN [-> activation] read by no head becomes a block without
-    heads: where its readers keep nothing (an Add, a Concatenate, a global average
-    pooling, a model output), the block's code replaces all that stock keeps for it,
+    heads: where its readers keep nothing of it (an Add, a Concatenate, a global
+    average pooling, a Dropout, a model output), the block's code replaces all that stock keeps for it,
     the BN input and the activation's tensor; before a max pooling, which keeps the
     tensor anyway (unless it becomes an ArgmaxPooling2D), it replaces the BN input.
     (Before a layer that keeps the tensor and could be a head, such as a dilated
     conv, the chain stays, with that layer's reason; a frozen BN keeps nothing in
     stock Keras.)"""
     return bool(others) and bn.trainable and all(
-        reader is None or _keeps_nothing(reader.operation)
+        reader is None or _keeps_none_of_its_input(reader.operation)
         or isinstance(reader.operation, _KEEPS_INPUT_AND_OUTPUT) for reader in others)
+
+
+def _keeps_none_of_its_input(op):
+    """Whether the backward of `op` keeps none of its inputs: a stateless layer, or a
+    Dropout (its own mask; EfficientNet's drop-connect after the project BN)."""
+    return _keeps_nothing(op) or isinstance(op, keras.layers.Dropout)
 
 
 def _keeps_nothing(op):
@@ -839,7 +845,7 @@ def _find_linear_chain(graph, tensor):
         return None
     heads, others, _ = _readers(graph, tensor, first.operation, {})
     if not heads or _trainable_problem(heads, None) or not heads[0][0].operation.trainable or not all(
-            u is not None and _keeps_nothing(u.operation) for u in others):
+            u is not None and _keeps_none_of_its_input(u.operation) for u in others):
         return None
     order = {id(n): i for i, n in enumerate(graph.nodes)}
     nodes = [n for conv, pad in heads for n in (conv, pad) if n is not None]

@@ -1017,3 +1017,23 @@ def test_frozen_convs_reading_an_add_stay_stock():
     model.get_layer("after_cat").trainable = False
     report = keras_blpa.memory_report(model, BATCH)
     assert "after_cat" not in report.blocks and "after_split" in report.blocks
+
+
+def test_bn_read_by_drop_connect_becomes_a_block_without_heads():
+    """EfficientNet's project BN -> Dropout(noise_shape=(None, 1, 1, 1)) -> Add: the
+    Dropout keeps its own mask, not the BN output, so the BN becomes a linear block
+    without heads whose output the Dropout reads; the same seeded masks give the
+    original's outputs and close gradients."""
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(6, 3, padding="same", name="stem")(inp)
+    y = keras.layers.Conv2D(6, 1, use_bias=False, name="project")(x)
+    y = keras.layers.BatchNormalization(name="project_bn")(y)
+    y = keras.layers.Dropout(0.5, noise_shape=(None, 1, 1, 1), seed=3, name="drop")(y)
+    y = keras.layers.Add(name="add")([x, y])
+    model = keras.Model(inp, keras.layers.Dense(10, activation="softmax")(keras.layers.GlobalAveragePooling2D()(y)))
+    converted, report, _ = check_conversion(model, blocks=1, input_shape=(8, 8, 3))
+    assert report.blocks == {"project_bn": ["project_bn"]}
+    block = converted.get_layer("project_bn")
+    assert not block.heads and block.activation.name == "linear"
+    assert type(converted.get_layer("drop")) is keras.layers.Dropout

@@ -353,20 +353,26 @@ def test_convert_keeps_a_gate_whose_product_has_other_readers():
 def test_efficientnet_b0_gates_become_blocks():
     """keras.applications.EfficientNetB0: each of its 16 MBConv units' BN -> swish ->
     squeeze-excite -> project chain is one gated block (32 blocks with the 16
-    depthwise ones, 7 linear ones, and 9 linear normalization="none" ones: the
-    expand convs reading a residual Add); the inference forward is the original's."""
+    depthwise ones, 7 linear ones, 9 linear normalization="none" ones: the expand
+    convs reading a residual Add, and 9 without heads: the project BNs read by the
+    drop-connect Dropout); the inference forward is the original's."""
     model = keras.applications.EfficientNetB0(weights=None, input_shape=(32, 32, 3), classes=10)
     converted, report = keras_blpa.convert(model, bits=4, return_report=True, batch_size=2)
     blocks = [l for l in converted.layers if isinstance(l, ApproxConvBlock)]
     # And 7 linear blocks (a project BN read by the next unit's expand conv directly)
     # and 1 without heads (the top BN -> swish before the pooling); the 9 project BNs
     # read by an Add and the next expand conv are linear blocks returning their output.
-    assert len(blocks) == 49 and sum(b.squeeze_excite is not None for b in blocks) == 16
+    assert len(blocks) == 58 and sum(b.squeeze_excite is not None for b in blocks) == 16
     linear = [b for b in blocks if b.activation.name == "linear"]
-    assert sum(b.normalization == "batch" for b in linear) == 7
+    assert sum(b.normalization == "batch" and bool(b.heads) for b in linear) == 7
     after_add = [b.name for b in linear if b.normalization == "none"]
     assert len(after_add) == 9 and all(n.endswith("_expand_conv") for n in after_add)
-    assert [b.name for b in blocks if not b.heads] == ["top_bn"]
+    headless = [b.name for b in blocks if not b.heads]
+    assert len(headless) == 10 and headless[-1] == "top_bn"
+    for name in headless[:-1]:
+        assert name.endswith("_project_bn")
+        (reader,) = [l for l in model.layers if model.get_layer(name).output is l.input]
+        assert isinstance(reader, keras.layers.Dropout) and reader.rate > 0
     assert report.before_bytes > 5 * report.after_bytes
     x = np.random.default_rng(1).uniform(0, 255, size=(2, 32, 32, 3)).astype(np.float32)
     np.testing.assert_allclose(converted(x, training=False), model(x, training=False),
