@@ -133,7 +133,7 @@ def _spread(values):
 
 def study(modes, depth, seeds, epochs, batch_size, train_samples=None,
           test_samples=None, data_dir=None, log=print, build=None, data=None,
-          label=None):
+          label=None, learning_rate=0.05):
     """Test error of each mode over seeds; returns a list of dicts.
 
     Args:
@@ -141,6 +141,7 @@ def study(modes, depth, seeds, epochs, batch_size, train_samples=None,
         data: the `load_data` arrays (default: loaded with `train_samples`,
             `test_samples`, `data_dir`).
         label: what the log names the model by (default ``depth=<depth>``).
+        learning_rate: the peak of the cosine schedule (`train_one`).
     """
     data = data if data is not None else load_data(train_samples, test_samples, data_dir)
     label = label or f"depth={depth}"
@@ -148,7 +149,8 @@ def study(modes, depth, seeds, epochs, batch_size, train_samples=None,
     for mode in modes:
         runs = []
         for seed in seeds:
-            run = train_one(mode, depth, seed, data, epochs, batch_size, build=build)
+            run = train_one(mode, depth, seed, data, epochs, batch_size,
+                            learning_rate=learning_rate, build=build)
             runs.append(run)
             log(f"  accuracy {mode} {label} seed={seed}: test error "
                 f"{run['test_error']:.2f}%, train loss {run['train_loss']:.4f} "
