@@ -527,10 +527,13 @@ def run_python(code, args=(), env=None):
 
 @pytest.mark.slow
 def test_reported_saving_matches_allocator_peak(ops_path):
-    """ResNet50V2, 64x64, batch 16, 4 bits: the measured peak difference equals
-    report.saved_bytes to within report.transient_bytes (see keras_blpa.activation_report)."""
+    """ResNet50V2, 64x64, batch 32, 4 bits: the measured peak difference equals
+    report.saved_bytes to within report.transient_bytes (see keras_blpa.activation_report).
+    (At batch 16 the converted step's peak comes once the float32 weight gradients
+    exist, not where the kept activations peak: measured 66 of the 79 MiB saved, the
+    three 1x1 strided poolings' inputs and outputs among them.)"""
     env = {"TF_CPU_ALLOCATOR_USE_BFC": "true", "KERAS_BLPA_PURE_TF": "1" if ops_path == "reference" else "0"}
-    r = run_python(PEAK_STEP, (64, 16, 4), env)
+    r = run_python(PEAK_STEP, (64, 32, 4), env)
     assert r["native"] == (ops_path == "native")
     measured = r["stock"] - r["converted"]
     print(f"{ops_path}: peak {r['stock'] / 2**20:.0f} -> {r['converted'] / 2**20:.0f} MiB, "
