@@ -182,6 +182,7 @@ class _Graph:
             for t in node.outputs:
                 self.producer[id(t)] = node
         self.output_ids = {id(t) for t in fn.outputs} | {id(t) for t in extra_outputs}
+        self.order = {id(n): i for i, n in enumerate(self.nodes)}
 
     def users(self, tensor):
         return self.consumers.get(id(tensor), [])
@@ -679,9 +680,10 @@ def _find_chain(graph, node, rejected):
 def _headless_ok(bn, others):
     """Whether a trainable BN [-> activation] read by no head becomes a block without
     heads: where its readers keep nothing of it (an Add, a Concatenate, a global
-    average pooling, a Dropout, a model output), the block's code replaces all that stock keeps for it,
-    the BN input and the activation's tensor; before a max pooling, which keeps the
-    tensor anyway (unless it becomes an ArgmaxPooling2D), it replaces the BN input.
+    average pooling, a Dropout, a model output), the block's code replaces all that
+    stock keeps for it, the BN input and the activation's tensor; before a max
+    pooling, which keeps the tensor anyway (unless it becomes an ArgmaxPooling2D),
+    it replaces the BN input.
     (Before a layer that keeps the tensor and could be a head, such as a dilated
     conv, the chain stays, with that layer's reason; a frozen BN keeps nothing in
     stock Keras.)"""
@@ -840,16 +842,15 @@ def _find_linear_chain(graph, tensor):
     Add's, a Concatenate's, a pooling's output), or None. Only where every other
     reader keeps nothing: the code then replaces the float tensor the convs keep.
     Frozen convs keep nothing of it (their input gradient needs only the kernel)."""
-    first = next((_first_conv(graph, u) for u in graph.users(tensor) if _first_conv(graph, u)), None)
+    first = next(filter(None, (_first_conv(graph, u) for u in graph.users(tensor))), None)
     if first is None or id(tensor) in graph.output_ids:
         return None
     heads, others, _ = _readers(graph, tensor, first.operation, {})
     if not heads or _trainable_problem(heads, None) or not heads[0][0].operation.trainable or not all(
             u is not None and _keeps_none_of_its_input(u.operation) for u in others):
         return None
-    order = {id(n): i for i, n in enumerate(graph.nodes)}
     nodes = [n for conv, pad in heads for n in (conv, pad) if n is not None]
-    return _Chain(None, None, heads, [], start=min(nodes, key=lambda n: order[id(n)]))
+    return _Chain(None, None, heads, [], start=min(nodes, key=lambda n: graph.order[id(n)]))
 
 
 def _first_conv(graph, user):
@@ -912,7 +913,7 @@ class _Plan:
                     not chain.heads and id(chain.start) in self.live):
                 self.chains.append(chain)
             else:
-                for node in {id(chain.act): chain.act, id(chain.start): chain.start}.values():
+                for node in (chain.act, chain.start):
                     if node is not None:
                         self.reasons[id(node)] = _FROZEN_REASON
         self.any_live = bool(self.live)
