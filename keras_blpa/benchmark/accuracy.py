@@ -16,7 +16,7 @@ import numpy as np
 
 from keras_blpa.benchmark import modes as modes_lib
 
-__all__ = ["load_data", "recalibrate_batch_norm", "study", "train_one"]
+__all__ = ["load_data", "recalibrate_batch_norm", "spread", "study", "train_one"]
 
 
 def load_data(train_samples=None, test_samples=None, data_dir=None):
@@ -126,7 +126,7 @@ def train_one(mode, depth, seed, data, epochs, batch_size, learning_rate=0.05,
     )
 
 
-def _spread(values):
+def spread(values):
     """Sample standard deviation (0 for a single value)."""
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
@@ -168,7 +168,7 @@ def study(modes, depth, seeds, epochs, batch_size, train_samples=None,
                 "test_samples": len(data[1][0]),
                 "test_error": errors,
                 "mean": round(statistics.mean(errors), 2),
-                "std": round(_spread(errors), 2),
+                "std": round(spread(errors), 2),
                 "train_loss": losses,
                 "train_loss_mean": round(statistics.mean(losses), 4),
                 "train_s": [round(r["train_s"], 1) for r in runs],

@@ -71,17 +71,13 @@ def build(name, mode, input_shape, alpha=1.0):
     return stock if bits is None else convert(stock, bits=bits, quantization=quantization)
 
 
-def _std(values):
-    return statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 def verdict(row, exact):
     """Whether `row` is within the seed spread of `exact` (see the module docstring)."""
     out = {}
     for key, values in (("test_error", "test_error"), ("train_loss", "train_loss")):
         mine, base = row[values], exact[values]
         delta = statistics.mean(mine) - statistics.mean(base)
-        bound = max(_std(mine), _std(base))
+        bound = max(accuracy.spread(mine), accuracy.spread(base))
         out[key] = {"delta": round(delta, 4), "bound": round(bound, 4),
                     "within": bool(abs(delta) <= bound)}
     out["within"] = out["test_error"]["within"] and out["train_loss"]["within"]
@@ -108,7 +104,7 @@ def study(models, modes, seeds, data, epochs, batch_size, learning_rate, alpha=1
                                   learning_rate=learning_rate):
             del row["depth"]
             row.update(model=name, blocks=blocks[row["mode"]],
-                       train_loss_std=round(_std(row["train_loss"]), 4),
+                       train_loss_std=round(accuracy.spread(row["train_loss"]), 4),
                        steps=epochs * (row["train_samples"] // batch_size),
                        learning_rate=learning_rate)
             rows.append(row)
