@@ -529,6 +529,88 @@ def test_layer_dispatches_to_native(ops):
 
 
 # ---------------------------------------------------------------------------
+# Argmax max pooling (ops/blpa_pool_ops.cc) against the TensorFlow-ops path.
+
+# (input shape, pool_size, strides, padding): overlapping and not, uneven
+# "same" pads, a rectangular window, and a 17x17 window (289 positions: int32 codes).
+POOLS = [
+    ((3, 9, 11, 5), (3, 3), (2, 2), "same"),
+    ((3, 9, 11, 5), (3, 3), (2, 2), "valid"),
+    ((2, 8, 8, 3), (2, 2), (2, 2), "valid"),
+    ((2, 7, 6, 4), (3, 3), (1, 1), "same"),
+    ((2, 9, 7, 3), (3, 2), (1, 2), "valid"),
+    ((2, 20, 19, 2), (17, 17), (3, 3), "same"),
+]
+
+
+def _pool_pair(ops, shape, pool_size, strides, padding, x, dy):
+    """((y, dx) native, (y, dx) TensorFlow ops, code) of one pooling."""
+    from keras_blpa.backends.tensorflow import pooling
+    from keras_blpa.windows import Window
+
+    window = Window(shape[1:3], pool_size, strides, padding)
+    out = []
+    for fn in (lambda v: pooling._native_pool(ops, v, window), lambda v: pooling._tf_pool(v, window)):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = fn(x)
+        out.append((y.numpy(), tape.gradient(y, x, dy).numpy()))
+    return out[0], out[1], ops.argmax_pool(x, window)[1]
+
+
+@pytest.mark.parametrize("shape,pool_size,strides,padding", POOLS)
+@pytest.mark.parametrize("ties", [False, True])
+def test_argmax_pool_bit_identical_to_tensorflow_ops(ops, shape, pool_size, strides, padding, ties):
+    """The same output, code dtype and input gradient (ties after a ReLU included)."""
+    from keras_blpa.windows import Window
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=shape).astype(np.float32)
+    x = tf.constant(np.maximum(x, 0) if ties else x)
+    out_shape = (shape[0], *Window(shape[1:3], pool_size, strides, padding).output_size, shape[3])
+    dy = tf.constant(rng.integers(-3, 4, size=out_shape).astype(np.float32) if ties
+                     else rng.normal(size=out_shape).astype(np.float32))
+    (y, dx), (y_tf, dx_tf), code = _pool_pair(ops, shape, pool_size, strides, padding, x, dy)
+    stock = tf.nn.max_pool2d(x, (1, *pool_size, 1), (1, *strides, 1), padding.upper()).numpy()
+    np.testing.assert_array_equal(y, stock)
+    np.testing.assert_array_equal(y, y_tf)
+    np.testing.assert_array_equal(dx, dx_tf)
+    assert code.dtype == (tf.int32 if pool_size[0] * pool_size[1] > 256 else tf.uint8)
+
+
+def test_argmax_pool_is_what_the_layer_runs_on_cpu(ops):
+    """ArgmaxPooling2D's traced training step calls the native ops, not MaxPoolWithArgmax."""
+    from keras_blpa import ArgmaxPooling2D
+
+    layer = ArgmaxPooling2D(3, strides=2, padding="same")
+
+    @tf.function
+    def step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True)
+        return tape.gradient(y, x)
+
+    graph = step.get_concrete_function(tf.TensorSpec([2, 8, 8, 3])).graph
+    types = {op.type for op in graph.get_operations()}
+    assert "Blpa>ArgmaxPool" in types and "Blpa>ArgmaxPoolGrad" in types, types
+    assert "MaxPoolWithArgmax" not in types
+
+
+def test_argmax_pool_ops_reject_bad_shapes(ops):
+    from keras_blpa.windows import Window
+
+    window = Window((4, 4), (2, 2), (2, 2), "valid")
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"x must be rank 4 \(NHWC\), got shape \[4,4,3\]"):
+        ops.argmax_pool(tf.zeros([4, 4, 3]), window)
+    _, code = ops.argmax_pool(tf.zeros([1, 4, 4, 3]), window)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"code must have dy's shape \[1,2,2,2\]"):
+        ops.argmax_pool_grad(tf.zeros([1, 2, 2, 2]), code, window)
+    with pytest.raises((TypeError, ValueError, tf.errors.InvalidArgumentError)):
+        ops.argmax_pool_grad(tf.zeros([1, 2, 2, 3]), tf.cast(code, tf.float32), window)
+
+
+# ---------------------------------------------------------------------------
 # Loader behaviour (no compiled library needed).
 
 

@@ -8,6 +8,7 @@ sources in cc/ and ops/.
 # Compiled by the host C++ compiler into the op library.
 OP_SOURCES = [
     "ops/blpa_ops.cc",
+    "ops/blpa_pool_ops.cc",
 ]
 
 # Headers the op library and the CUDA object include.
@@ -15,6 +16,7 @@ HEADERS = [
     "cc/blpa_activations.h",
     "cc/blpa_bins.h",
     "cc/blpa_cpu.h",
+    "cc/blpa_pool.h",
     "cc/blpa_quant_cuda.h",
 ]
 

@@ -65,6 +65,8 @@ _OP_FUNCTIONS = (
     "blpa_decode_activation",
     "blpa_bn_grad_reduce",
     "blpa_bn_grad_input",
+    "blpa_argmax_pool",
+    "blpa_argmax_pool_grad",
 )
 
 
@@ -198,12 +200,33 @@ class NativeOps:
             **_act_attrs(act),
         )
 
+    def argmax_pool(self, x, window):
+        """(y, code) of the max pooling of NHWC float32 `x` over a
+        `keras_blpa.windows.Window` (ops/blpa_pool_ops.cc)."""
+        return self._module.blpa_argmax_pool(
+            x=x, code_dtype=window.index_dtype, output_size=list(window.output_size),
+            **_window_attrs(window),
+        )
+
+    def argmax_pool_grad(self, dy, code, window):
+        """The input gradient of `argmax_pool` from its output gradient and code."""
+        return self._module.blpa_argmax_pool_grad(
+            dy=dy, code=code, input_size=list(window.size), **_window_attrs(window)
+        )
+
 
 # Smooth activations whose forward bn_act_encode leaves to TensorFlow: the
 # op's own calls libm (a few ulp from Eigen, and slow); hard_silu's is TF's bits
 # already, fused.
 _TF_FORWARD = ("silu", "gelu", "gelu_approximate")
 _LINEAR = Activation("linear")
+
+
+def _window_attrs(window):
+    """The pooling ops' geometry attrs of a `keras_blpa.windows.Window`."""
+    (top, _), (left, _) = window.pads
+    return {"ksize": list(window.pool_size), "strides": list(window.strides),
+            "pads": [top, left]}
 
 
 def _act_attrs(act):

@@ -12,13 +12,18 @@ the start of the backward pass), and adds the gradients there with
 ``unsorted_segment_sum``, in the outputs' row-major order (MaxPoolGrad's), so
 overlapping windows sum as stock does.
 
-Measured (64 x 32 x 32 x 64, one pooling, forward + backward, CPU): 3x3
-stride 2 33 ms against stock's 9 ms; the strided-slice version this replaced
-took 300 ms.
+On a CPU-only TensorFlow with the native library loaded, a float32 pooling
+runs the library's two ops instead (ops/blpa_pool_ops.cc: the max and its code
+in one pass, and the gradient added from the code), with the same values,
+codes and summation order. The TensorFlow ops above stay the path on a GPU, for
+other dtypes, and without the library. The README's pooling row
+(`python -m keras_blpa.benchmark.kernels --stacks pool`) measures both against
+stock MaxPooling2D.
 """
 
 import tensorflow as tf
 
+from keras_blpa.backends.tensorflow import native
 from keras_blpa.windows import Window
 
 __all__ = ["max_pool_argmax"]
@@ -35,6 +40,17 @@ def _window_starts(height, width, channels, window):
     return (row * width + col) * channels + c
 
 
+def _native_pool(library, x, window):
+    """`max_pool_argmax` by the native ops: the backward keeps only the code."""
+
+    @tf.custom_gradient
+    def pool(x):
+        y, code = library.argmax_pool(tf.stop_gradient(x), window)
+        return y, lambda dy: library.argmax_pool_grad(dy, code, window)
+
+    return pool(x)
+
+
 def max_pool_argmax(x, pool_size, strides, padding):
     """NHWC max pooling whose backward keeps only the argmax code and shapes.
 
@@ -46,12 +62,22 @@ def max_pool_argmax(x, pool_size, strides, padding):
     if None in x.shape[1:3] or x.shape[3] is None:
         return tf.nn.max_pool2d(x, ksize, window_strides, padding.upper())
     height, width, channels = x.shape[1:]
+    window = Window((height, width), tuple(pool_size), tuple(strides), padding)
+    library = native.load()
+    if library is not None and x.dtype == tf.float32 and not tf.config.list_logical_devices("GPU"):
+        return _native_pool(library, x, window)
+    return _tf_pool(x, window)
+
+
+def _tf_pool(x, window):
+    """`max_pool_argmax` by TensorFlow ops (MaxPoolWithArgmax and a segment sum)."""
     if x.shape[0] is not None and x.shape.num_elements() >= 2**31:
         raise ValueError(
             "ArgmaxPooling2D indexes its input with int32: it takes fewer than 2^31 "
             f"elements per batch. Received: input shape {tuple(x.shape)}"
         )
-    window = Window((height, width), tuple(pool_size), tuple(strides), padding)
+    height, width, channels = x.shape[1:]
+    ksize, window_strides = (1, *window.pool_size, 1), (1, *window.strides, 1)
     kw = tf.constant(window.pool_size[1], tf.int32)
     code_dtype = tf.as_dtype(window.index_dtype)
 
@@ -59,7 +85,7 @@ def max_pool_argmax(x, pool_size, strides, padding):
     def pool(x):
         # Per-sample int32 indices ((h * W + w) * C + c): 4 bytes per output, not 8.
         y, flat = tf.nn.max_pool_with_argmax(
-            tf.stop_gradient(x), ksize, window_strides, padding.upper(), output_dtype=tf.int32
+            tf.stop_gradient(x), ksize, window_strides, window.padding.upper(), output_dtype=tf.int32
         )
         first = _window_starts(height, width, channels, window)
         offset = flat - first  # (i * W + j) * C for window row i, column j
