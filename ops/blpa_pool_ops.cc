@@ -5,7 +5,9 @@
 //
 // The geometry comes from keras_blpa/windows.py as attrs: ksize [kh, kw],
 // strides [sh, sw], pads [top, left], output_size [ho, wo] (forward) and
-// input_size [h, w] (gradient). `code_dtype` is uint8 for windows of at most
+// input_size [h, w] (gradient); a geometry in which some window holds no input
+// position is an error. The gradient's code must be its forward's (a code is
+// not checked against the window). `code_dtype` is uint8 for windows of at most
 // 256 positions, else int32. Both ops are sharded over the intra-op pool: the
 // forward by output rows, the gradient by samples (each sample's input
 // gradient is written by one thread, in the outputs' row-major order).
@@ -121,6 +123,18 @@ class PoolKernel : public OpKernel {
     return true;
   }
 
+  // False (with a status) unless every window holds a position of the input.
+  bool Fits(OpKernelContext* ctx, const blpa::pool::Geometry& g) const {
+    if (g.top < g.kh && g.left < g.kw && (g.ho - 1) * g.sh - g.top < g.h &&
+        (g.wo - 1) * g.sw - g.left < g.w)
+      return true;
+    ctx->CtxFailure(errors::InvalidArgument(
+        "a ", g.h, "x", g.w, " input and a ", g.ho, "x", g.wo, " output do not fit ksize ",
+        g.kh, "x", g.kw, ", strides ", g.sh, "x", g.sw, " and pads (top, left) ", g.top, ", ",
+        g.left, ": some window would hold no input position"));
+    return false;
+  }
+
   void Parallel(OpKernelContext* ctx, int64_t total, int64_t cost,
                 const std::function<void(int64_t, int64_t)>& fn) const {
     ctx->device()->tensorflow_cpu_worker_threads()->workers->ParallelFor(total, cost, fn);
@@ -143,6 +157,7 @@ class ArgmaxPoolOp : public PoolKernel {
     g.w = x.dim_size(2);
     g.ho = size_[0];
     g.wo = size_[1];
+    if (!Fits(ctx, g)) return;
     TensorShape out({g.n, g.ho, g.wo, g.c});
     Tensor *y = nullptr, *code = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, out, &y));
@@ -175,6 +190,7 @@ class ArgmaxPoolGradOp : public PoolKernel {
     g.wo = dy.dim_size(2);
     g.h = size_[0];
     g.w = size_[1];
+    if (!Fits(ctx, g)) return;
     Tensor* dx = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({g.n, g.h, g.w, g.c}), &dx));
     if (dx->NumElements() == 0) return;

@@ -608,6 +608,10 @@ def test_argmax_pool_ops_reject_bad_shapes(ops):
         ops.argmax_pool_grad(tf.zeros([1, 2, 2, 2]), code, window)
     with pytest.raises((TypeError, ValueError, tf.errors.InvalidArgumentError)):
         ops.argmax_pool_grad(tf.zeros([1, 2, 2, 3]), tf.cast(code, tf.float32), window)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"a 2x2 input and a 2x2 output do not fit"):
+        ops.argmax_pool(tf.zeros([1, 2, 2, 3]), window)  # the window is for a 4x4 input
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"a 4x4 input and a 3x2 output do not fit"):
+        ops.argmax_pool_grad(tf.zeros([1, 3, 2, 3]), tf.zeros([1, 3, 2, 3], tf.uint8), window)
 
 
 # ---------------------------------------------------------------------------
