@@ -55,8 +55,9 @@ def max_pool_argmax(x, pool_size, strides, padding):
     """NHWC max pooling whose backward keeps only the argmax code and shapes.
 
     Falls back to ``tf.nn.max_pool2d`` and its stock gradient (which keeps the
-    float input and output) where the spatial size is unknown when traced. The
-    gradient's int32 index needs fewer than 2^31 input elements per batch.
+    float input and output) where the spatial size is unknown when traced. On
+    the TensorFlow-ops path (not the native one) the gradient's int32 index
+    needs fewer than 2^31 input elements per batch.
     """
     ksize, window_strides = (1, *pool_size, 1), (1, *strides, 1)
     if None in x.shape[1:3] or x.shape[3] is None:
