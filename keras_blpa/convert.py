@@ -35,13 +35,12 @@ becomes a task of its own class around its converted backbone, which keeps
 its ``pyramid_outputs`` (the backbone itself becomes a functional model: its
 keras-hub class, and with it ``save_to_preset``, is what is lost). Only what
 the backward pass reaches is converted: a frozen base before a trainable
-head keeps nothing in stock Keras either. With ``argmax_pooling=True`` every
-``keras.layers.MaxPooling2D`` (always one with a 1x1 window, which then keeps
-nothing) becomes an `ArgmaxPooling2D` with its config:
-the same forward, and a backward that keeps the argmax code instead of the
-float input and output (off by default: on TensorFlow with oneDNN the
-allocator measures less saving than the report counts for it). Everything
-else is copied unchanged, so the forward pass is exactly the original's.
+head keeps nothing in stock Keras either. Every ``keras.layers.MaxPooling2D``
+becomes an `ArgmaxPooling2D` with its config (``argmax_pooling=False`` keeps
+all but those with a 1x1 window, which keep nothing as ArgmaxPooling2D): the
+same forward, and a backward that keeps a one-byte argmax code per output
+instead of the float input and output. Everything else is copied unchanged,
+so the forward pass is exactly the original's.
 
 `memory_report(model, ...)` tells, per layer, which activation bytes the
 backward pass keeps before and after conversion, and why what stays float
@@ -771,7 +770,7 @@ def _find_layer_norm_chain(graph, node, rejected):
     return _Chain(node, act, heads, others, gate), None
 
 
-def _plan(graph, argmax_pooling=False):
+def _plan(graph, argmax_pooling):
     """(chains, {id(node): reason}) of the whole graph.
 
     BatchNormalization -> activation chains first; then every other activation
@@ -886,7 +885,7 @@ class _Plan:
     kernel gradient reads the activation).
     """
 
-    def __init__(self, model, live_inputs=None, argmax_pooling=False):
+    def __init__(self, model, live_inputs=None, argmax_pooling=True):
         fn = _functional(model)
         pyramid = getattr(model, "pyramid_outputs", None)  # a keras-hub backbone's
         self.graph = graph = _Graph(fn, pyramid.values() if isinstance(pyramid, dict) else ())
@@ -1064,10 +1063,9 @@ def _float_reason(node, graph, reasons):
     layer = node.operation
     name = type(layer).__name__
     if isinstance(layer, _KEEPS_INPUT_AND_OUTPUT):
-        return (
-            f"{name} keeps its input and output (convert(argmax_pooling=True) makes a "
-            "MaxPooling2D an ArgmaxPooling2D)"
-        )
+        if type(layer) is keras.layers.MaxPooling2D:
+            return f"{name} keeps its input and output (argmax_pooling=False)"
+        return f"{name} keeps its input and output (only a MaxPooling2D has an argmax form)"
     if type(layer) in _HEAD_KINDS:
         producer = graph.producer.get(id(node.input_tensors[0]))
         source = "the model input" if producer is None else _describe(producer)
@@ -1208,7 +1206,7 @@ def _rows(plan, spec, bits, argmax_pooling, tally, prefix="", scope=()):
     return rows
 
 
-def _report(plan, batch_shapes, bits, argmax_pooling=False):
+def _report(plan, batch_shapes, bits, argmax_pooling):
     fn = plan.graph.fn
     specs = [keras.KerasTensor(shape, dtype=t.dtype) for t, shape in zip(fn.inputs, batch_shapes)]
     tally = _Tally()
@@ -1233,7 +1231,7 @@ def _one_by_one(layer):
     return tuple(layer.pool_size) == (1, 1)
 
 
-def _clone(layer, argmax_pooling=False):
+def _clone(layer, argmax_pooling):
     if _becomes_argmax(layer, argmax_pooling):
         return ArgmaxPooling2D.from_config(layer.get_config())
     if isinstance(layer, keras.layers.Layer):
@@ -1505,7 +1503,7 @@ def _rebuild_task(model, plan, options):
 # ------------------------------------------------------------------- public
 
 
-def memory_report(model, batch_size=1, input_shape=None, bits=4, argmax_pooling=False):
+def memory_report(model, batch_size=1, input_shape=None, bits=4, argmax_pooling=True):
     """Activation bytes kept for backprop per layer, before and after `convert`.
 
     Args:
@@ -1534,7 +1532,7 @@ def memory_report(model, batch_size=1, input_shape=None, bits=4, argmax_pooling=
 
 
 def convert(model, bits=4, quantization="blpa", return_report=False, batch_size=1,
-            argmax_pooling=False):
+            argmax_pooling=True):
     """A copy of `model` whose BN -> activation -> Conv2D chains keep K-bit codes.
 
     Returns a new functional model with the same inputs, outputs, layer names
@@ -1543,11 +1541,10 @@ def convert(model, bits=4, quantization="blpa", return_report=False, batch_size=
     ReLU, ReLU(6.0), LeakyReLU, Activation("swish"), ...) -> [ZeroPadding2D] ->
     Conv2D is computed by one `ApproxConvBlock`; several convs reading one
     BN+activation share one block and one code; a BN+activation output that
-    also feeds other layers is returned by the block for them. With
-    `argmax_pooling`, every MaxPooling2D becomes an `ArgmaxPooling2D` (same
-    config and output; its backward keeps the argmax code; a 1x1 window
-    becomes one always, and keeps nothing). What cannot be converted is copied as it
-    was: the forward pass is exactly the original's.
+    also feeds other layers is returned by the block for them. Every
+    MaxPooling2D becomes an `ArgmaxPooling2D` (same config and output; its
+    backward keeps the argmax code; a 1x1 window keeps nothing). What cannot
+    be converted is copied as it was: the forward pass is exactly the original's.
     Call it inside ``strategy.scope()`` to get mirrored variables.
 
     Args:
@@ -1556,12 +1553,10 @@ def convert(model, bits=4, quantization="blpa", return_report=False, batch_size=
         quantization: "blpa" or "naive" (see ApproxConvBlock).
         return_report: also return the `memory_report` of the conversion.
         batch_size: batch size of that report.
-        argmax_pooling: also replace every MaxPooling2D by an `ArgmaxPooling2D`.
-            Off by default: ResNet50V2 at 64x64, batch 16 (TensorFlow, oneDNN)
-            measured about 0 of the 13.6 MiB the report counts for its four
-            poolings (at 128x128, batch 32: 85 of 107 MiB). A MaxPooling2D
-            with a 1x1 window (ResNet v2's strided shortcut) becomes one in
-            any case: a strided subsample, which keeps nothing.
+        argmax_pooling: replace every MaxPooling2D by an `ArgmaxPooling2D`
+            (default). False keeps them stock, except those with a 1x1 window
+            (ResNet v2's strided shortcut): a strided subsample, which keeps
+            nothing as an ArgmaxPooling2D.
 
     Returns:
         The converted keras.Model, or ``(model, report)`` with return_report
