@@ -14,6 +14,8 @@ from typing import Optional
 
 import keras
 
+from keras_blpa.codes import PAPER_WINDOW
+from keras_blpa.codes import WIDE_WINDOW
 from keras_blpa.validation import check_choice
 from keras_blpa.validation import check_int
 from keras_blpa.validation import check_int_pair
@@ -106,6 +108,19 @@ class Activation:
     def piecewise_linear(self):
         """Whether f is piecewise linear (its derivative from the code is exact)."""
         return self.name in PIECEWISE_LINEAR
+
+    def window(self, bits):
+        """Width of the `bits`-bit code's window in units of |gamma| (`codes.PAPER_WINDOW`).
+
+        The paper's 6 (beta +- 3 |gamma|), except for the 8-bit codes of linear
+        and smooth activations: 16 (beta +- 8 |gamma|). Those codes are read back
+        as values (and smooth derivatives) with no exact mask to fall back on, and
+        BN outputs are heavy-tailed in such nets (EfficientNetB0: up to 9.5
+        |gamma|), so at 8 bits clipping, not rounding, was the code's error.
+        ReLU, ReLU6 and LeakyReLU keep the paper's codes at every width.
+        """
+        wide = bits == 8 and self.name not in ("relu", "relu6", "leaky_relu")
+        return WIDE_WINDOW if wide else PAPER_WINDOW
 
     def get_config(self):
         """The name, or {name, negative_slope} for leaky_relu (`get` reads both)."""

@@ -157,11 +157,18 @@ def test_smooth_derivative_within_secant_bound(name, bits):
             keras.activations.gelu(tf.constant(v, tf.float64), approximate=True)),
     }[name]
     true = (f(y64 + h) - f(y64 - h)) / (2 * h)
-    step = 6.0 / 2**bits
+    step = act.window(bits) / 2**bits  # 6 or 16 bins-widths of gamma = 1 (test_code_window)
     codes = reference.unpack(packed, y.size, bits).numpy()
     inner = (codes > 0) & (codes < 2**bits - 1)
     assert inner.sum() > 100
-    assert np.all(np.abs(d_code - true)[inner] <= step * SECOND_DERIVATIVE_MAX[name] * 1.01)
+    bound = step * SECOND_DERIVATIVE_MAX[name] * 1.01
+    if name == "hard_silu":
+        # f' jumps by 0.5 at y = -3 and +3; a bin that straddles one (the wide 8-bit
+        # window does not end there) is off by at most the jump, weighted.
+        kink = np.abs(np.abs(y) - 3.0) < step
+        assert np.all(np.abs(d_code - true)[inner & kink] <= 0.5 + bound)
+        inner &= ~kink
+    assert np.all(np.abs(d_code - true)[inner] <= bound)
     np.testing.assert_array_equal(d_code[codes == 0], 0.0)
     np.testing.assert_array_equal(d_code[codes == 2**bits - 1], 1.0)
 
@@ -243,3 +250,55 @@ def test_saturated_channels_keep_the_gradients(ops_path, name, slope, bits):
     want = input_and_weight_gradients(stock, x, dy)
     assert_gradients_meet_goal(
         got, want, GOALS["piecewise_linear" if name in PIECEWISE_LINEAR else "smooth"][bits])
+
+
+@pytest.mark.parametrize("name", ["relu", "relu6", "leaky_relu", "linear", "silu", "gelu",
+                                  "gelu_approximate", "hard_silu"])
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_code_window(name, bits):
+    """The window spans beta +- 3 |gamma| (the paper's, step 6 |gamma| / 2^K) but for
+    the 8-bit codes of the linear and smooth activations: beta +- 8 |gamma|. relu6
+    resizes its bins to put 6 on an edge; here 6 lies outside its window."""
+    act = Activation.get(name)
+    gamma = np.array([0.5, -2.0, 1.25], np.float32)
+    beta = np.array([0.1, -0.3, 0.0], np.float32)
+    p = reference.channel_params(gamma, beta, bits, act)
+    wide = bits == 8 and name not in ("relu", "relu6", "leaky_relu")
+    width = 8.0 if wide else 3.0
+    want = (2 * width * np.abs(gamma) / 2**bits).astype(np.float32)
+    if name == "relu6":
+        # Its bins are resized where 6 lies inside the window (|gamma| = 2; at 2 bits
+        # all): the test_relu6_* tests check those. The others keep the paper's.
+        if bits > 2:
+            np.testing.assert_allclose(p["step"].numpy()[[0, 2]], want[[0, 2]], rtol=1e-6)
+        return
+    np.testing.assert_allclose(p["step"].numpy(), want, rtol=1e-6)
+    # Two bins inside the window's upper end y is coded below the top code; one
+    # bin beyond it, in the top code (the window's centre is beta, floored to a bin).
+    def codes(y):
+        packed = reference.encode(y.reshape(1, 1, 1, 3), p["inv_step"], p["shift"], bits, act)
+        return reference.unpack(packed, 3, bits).numpy()
+
+    end = beta + width * np.abs(gamma)
+    assert np.all(codes(end - 2 * want) < 2**bits - 1)
+    assert np.all(codes(end + want) == 2**bits - 1)
+
+
+@pytest.mark.parametrize("name", ["silu", "gelu", "linear"])
+def test_eight_bits_follow_heavy_tailed_batch_statistics(ops_path, name):
+    """A BN output with heavy tails (a lognormal input: 1.3% of it beyond 3 standard
+    deviations, up to 6.9, as in EfficientNetB0) does not clip at 8 bits: every
+    gradient's cosine against the stock chain is >= 0.9995 (measured >= 0.9998) and
+    d_gamma's norm within 2% (1.006x). The paper's +-3 |gamma| window gave cosines
+    of 0.970 (kernel) and 0.977 (d_gamma) for silu, d_gamma 1.055x."""
+    rng = np.random.default_rng(5)
+    x = rng.lognormal(0.0, 0.5, (16, 6, 6, 8)).astype(np.float32)
+    block, stock = block_and_stock(name, None, 8, x.shape, rng, beta_scale=0.5)
+    dy = rng.normal(size=(16, 6, 6, 6)).astype(np.float32)
+    got = input_and_weight_gradients(block, x, dy)
+    want = input_and_weight_gradients(stock, x, dy)
+    for a, b in zip(got, want):
+        a, b = np.ravel(a), np.ravel(b)
+        assert a @ b / (np.linalg.norm(a) * np.linalg.norm(b)) >= 0.9995
+    d_gamma, d_gamma_stock = got[1].numpy(), want[1].numpy()
+    assert abs(np.linalg.norm(d_gamma) / np.linalg.norm(d_gamma_stock) - 1) < 0.02

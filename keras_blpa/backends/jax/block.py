@@ -71,9 +71,10 @@ def channel_params(gamma, beta, bits, act=RELU):
         gamma >= 0.0, jnp.maximum(gamma, GAMMA_FLOOR), jnp.minimum(gamma, -GAMMA_FLOOR)
     )
     abs_gamma = jnp.abs(gamma)
-    step = abs_gamma * (6.0 / levels)
-    inv_step = levels / (6.0 * abs_gamma)
-    centre = jnp.floor(beta / abs_gamma * (levels / 6.0))
+    width = act.window(bits)
+    step = abs_gamma * (width / levels)
+    inv_step = levels / (width * abs_gamma)
+    centre = jnp.floor(beta / abs_gamma * (levels / width))
     if act.name == "relu6":
         return _relu6_params(gamma, beta, step, inv_step, centre, levels)
     shift = _clip(levels / 2.0 - centre, -SHIFT_BOUND, SHIFT_BOUND)

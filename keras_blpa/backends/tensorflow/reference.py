@@ -11,9 +11,11 @@ The code (Chakrabarti & Moseley, 2019), per channel c of a batch-normalised
 pre-activation y = gamma * x_hat + beta:
 
 * u = y / |gamma| is y in units of the BN standard deviation (sign preserved);
-* bins have width 6 / 2^K in u, i.e. ``step = 6 |gamma| / 2^K`` in y;
-* ``shift = 2^(K-1) - floor(beta / |gamma| * 2^K / 6)`` centres the window of
-  2^K bins on beta (beta +- 3 |gamma|); ``edge = clip(shift, 1, 2^K - 1)``.
+* bins have width W / 2^K in u, i.e. ``step = W |gamma| / 2^K`` in y, with the
+  window's width W = ``act.window(bits)``: the paper's 6, and 16 for the 8-bit
+  codes of the linear and smooth activations (`keras_blpa.blocks.Activation.window`);
+* ``shift = 2^(K-1) - floor(beta / |gamma| * 2^K / W)`` centres the window of
+  2^K bins on beta (beta +- W/2 |gamma|); ``edge = clip(shift, 1, 2^K - 1)``.
   Where the window contains 0 (1 <= shift <= 2^K - 1, the paper's case), edge
   = shift puts the ReLU threshold y = 0 exactly on the edge between codes
   shift-1 and shift;
@@ -65,7 +67,7 @@ code, with these differences:
   open end bins use the asymptotes f'(-inf) = 0 (code 0) and f'(+inf) = 1
   (code 2^K - 1). So |f'(y) - secant| <= step * max|f''| over the bin:
   max|f''| is 0.5 (silu), 0.80 (gelu) and 1/3 (hard_silu), at 4 bits
-  step = 0.375 |gamma|.
+  step = 0.375 |gamma|, at 8 bits 0.0625 |gamma| (the wide window).
 
 Codes are packed densely along the flattened (row-major) tensor: 8 bits one per
 byte, 4 bits two per byte (element 2i in the low nibble), 2 bits four per byte
@@ -119,9 +121,10 @@ def channel_params(gamma, beta, bits, act=RELU):
         tf.minimum(gamma, -GAMMA_FLOOR),
     )
     abs_gamma = tf.abs(gamma)
-    step = abs_gamma * (6.0 / levels)
-    inv_step = levels / (6.0 * abs_gamma)
-    centre = tf.floor(beta / abs_gamma * (levels / 6.0))
+    width = act.window(bits)
+    step = abs_gamma * (width / levels)
+    inv_step = levels / (width * abs_gamma)
+    centre = tf.floor(beta / abs_gamma * (levels / width))
     if act.name == "relu6":
         return _relu6_params(gamma, beta, step, inv_step, centre, levels)
     shift = tf.clip_by_value(levels / 2.0 - centre, -SHIFT_BOUND, SHIFT_BOUND)
