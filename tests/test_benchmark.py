@@ -17,6 +17,7 @@ from keras_blpa import ApproxConvBlock
 from keras_blpa.backends.tensorflow import native
 from keras_blpa.codes import packed_size
 from keras_blpa.benchmark import __main__ as cli
+from keras_blpa.benchmark import compounding
 from keras_blpa.benchmark import families
 from keras_blpa.benchmark import kernels
 from keras_blpa.benchmark import max_batch
@@ -261,3 +262,31 @@ def test_families_flags():
         cli.resolve(args)
     cfg = cli.resolve(cli.build_parser().parse_args(["--parts", "families", "--fam-width", "8"]))
     assert cfg["fam_families"] == list(families.FAMILIES) and cfg["fam_width"] == 8
+
+
+def test_compounding_relu_holds_and_silu_drifts(tmp_path):
+    """The paper's claim and its limit, on a 16-unit chain at 4 bits: with ReLU
+    (exact mask) the kernel gradients stay as close to stock far from the loss as
+    near it; with silu (derivative read from the bin) they drift and shrink. The
+    exact chain (bits=None) matches stock; the CLI writes its files."""
+    exact = compounding.measure("relu", None, 4, batch=8, channels=8, size=6)
+    assert [r["from_loss"] for r in exact] == [1, 2, 3, 4]
+    assert all(r["cosine"] > 0.99999 and abs(r["norm_ratio"] - 1) < 1e-4 for r in exact)
+    def deepest(act):  # mean cosine and norm ratio of the 4 convs farthest from the loss
+        rows = compounding.measure(act, 4, 16, batch=16, channels=16, size=6)[-4:]
+        return np.mean([r["cosine"] for r in rows]), np.mean([r["norm_ratio"] for r in rows])
+
+    (relu_cos, relu_norm), (silu_cos, silu_norm) = deepest("relu"), deepest("silu")
+    assert relu_cos > 0.98 and abs(relu_norm - 1) < 0.05, (relu_cos, relu_norm)  # 0.987, 1.01
+    assert silu_cos < relu_cos - 0.01 and silu_norm < 0.93, (silu_cos, silu_norm)  # 0.963, 0.875
+    out = tmp_path / "out"
+    assert compounding.main(["--activations", "relu,gelu", "--bits", "4", "--depth", "2",
+                             "--seeds", "0", "--batch", "4", "--channels", "4", "--size", "4",
+                             "--out", str(out)]) == 0
+    data = json.loads((out / "compounding.json").read_text())
+    assert {(r["activation"], r["from_loss"]) for r in data["summary"]} == {
+        (a, d) for a in ("relu", "gelu") for d in (1, 2)}
+    assert "| 4 | gelu |" in (out / "compounding.md").read_text()
+    assert (out / "compounding.png").stat().st_size > 0
+    with pytest.raises(SystemExit):
+        compounding.main(["--activations", "tanh", "--out", str(out)])
