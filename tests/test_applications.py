@@ -138,3 +138,10 @@ def test_bad_flags():
 
 def test_slope():
     assert applications.slope((100.0, 180.0), (16, 32)) == 5.0
+
+
+def test_merge_lists_each_command_once():
+    """A re-run of a model's command moves it last instead of adding a copy."""
+    assert applications._merged(["a", "b"], "c") == ["a", "b", "c"]
+    assert applications._merged(["a", "b", "c"], "a") == ["b", "c", "a"]
+    assert applications._merged([], "a") == ["a"]

@@ -581,6 +581,11 @@ def parse_args(argv=None):
     return args
 
 
+def _merged(commands, command):
+    """The re-measuring commands with `command` last, each listed once (at its last run)."""
+    return [c for c in commands if c != command] + [command]
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
@@ -597,7 +602,7 @@ def main(argv=None):
         with open(os.path.join(args.out, "results.json")) as f:
             old = json.load(f)
         rows = old["rows"]
-        meta = dict(old["meta"], merged=old["meta"].get("merged", []) + [meta["command"]])
+        meta = dict(old["meta"], merged=_merged(old["meta"].get("merged", []), meta["command"]))
 
     def put(row):
         for i, r in enumerate(rows):
