@@ -27,7 +27,8 @@ nothing (a residual Add, a Concatenate, a global pooling), with or without an
 activation, becomes a block without heads that returns its activation. Convs
 reading an Add, a Concatenate, an AveragePooling2D, a split or an argmax
 pooling's output directly become a linear normalization="none" block, where
-the tensor's other readers keep nothing.
+the tensor's other readers keep nothing of it in float (a max pooling keeps
+its argmax code).
 
 Functional and Sequential models nested as layers (a backbone called on the
 input) are converted inside; a keras-hub task (``ResNetImageClassifier``)
@@ -814,7 +815,7 @@ def _plan(graph, argmax_pooling):
         if isinstance(op, _LINEAR_SOURCES) or (
                 type(op).__name__ in _LINEAR_SOURCE_OPS and not isinstance(op, keras.layers.Layer)):
             for tensor in node.outputs:
-                chain = _find_linear_chain(graph, tensor)
+                chain = _find_linear_chain(graph, tensor, argmax_pooling)
                 if chain is not None:
                     chains.append(chain)
                     for conv, _ in chain.heads:
@@ -836,17 +837,22 @@ _LINEAR_SOURCES = (
 _LINEAR_SOURCE_OPS = frozenset(("Add", "Subtract", "Concatenate", "Split"))
 
 
-def _find_linear_chain(graph, tensor):
+def _find_linear_chain(graph, tensor, argmax_pooling):
     """The linear normalization="none" `_Chain` of the convs reading `tensor` (an
     Add's, a Concatenate's, a pooling's output), or None. Only where every other
-    reader keeps nothing: the code then replaces the float tensor the convs keep.
+    reader keeps nothing of it in float (an argmax pooling keeps its own code; the
+    max poolings of InceptionV3's reduction blocks read the Concatenate the convs
+    read): the code then replaces the float tensor the convs keep.
     Frozen convs keep nothing of it (their input gradient needs only the kernel)."""
     first = next(filter(None, (_first_conv(graph, u) for u in graph.users(tensor))), None)
     if first is None or id(tensor) in graph.output_ids:
         return None
     heads, others, _ = _readers(graph, tensor, first.operation, {})
     if not heads or _trainable_problem(heads, None) or not heads[0][0].operation.trainable or not all(
-            u is not None and _keeps_none_of_its_input(u.operation) for u in others):
+            u is not None and (_keeps_none_of_its_input(u.operation)
+                               or isinstance(u.operation, ArgmaxPooling2D)
+                               or _becomes_argmax(u.operation, argmax_pooling))
+            for u in others):
         return None
     nodes = [n for conv, pad in heads for n in (conv, pad) if n is not None]
     return _Chain(None, None, heads, [], start=min(nodes, key=lambda n: graph.order[id(n)]))

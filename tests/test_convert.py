@@ -820,6 +820,39 @@ def test_trained_batch_norm_statistics_keep_block_gradients():
 
 
 
+def test_convs_beside_a_max_pooling_on_a_concatenate_become_a_linear_block():
+    """InceptionV3's reduction block: a Concatenate read by a 1x1 conv, a strided 3x3
+    conv and a MaxPooling2D. The pooling keeps its argmax code, so the two convs
+    become one linear block with two heads; argmax_pooling=False keeps them stock
+    (the stock pooling keeps the Concatenate). Same forward; exact gradients at
+    bits=None."""
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((9, 9, 3))
+    branches = [keras.layers.ReLU()(keras.layers.BatchNormalization()(
+        keras.layers.Conv2D(4, 1, name=f"stem{i}")(inp))) for i in range(2)]
+    cat = keras.layers.Concatenate(name="mixed")(branches)
+    a = keras.layers.Conv2D(4, 3, strides=2, name="reduce")(cat)
+    b = keras.layers.Conv2D(4, 1, name="squeeze")(cat)
+    b = keras.layers.MaxPooling2D(3, 2, name="squeeze_pool")(b)
+    c = keras.layers.MaxPooling2D(3, 2, name="pool")(cat)
+    out = keras.layers.Concatenate()([a, b, c])
+    model = keras.Model(inp, keras.layers.Dense(5)(keras.layers.GlobalAveragePooling2D()(out)))
+    randomize_bn(model)
+    converted, report = keras_blpa.convert(model, bits=None, return_report=True, batch_size=BATCH)
+    linear = [n for n, layers in report.blocks.items() if set(layers) == {"reduce", "squeeze"}]
+    assert len(linear) == 1, report.blocks
+    block = converted.get_layer(linear[0])
+    assert block.normalization == "none" and len(block.heads) == 2
+    assert type(converted.get_layer("pool")) is ArgmaxPooling2D
+    x = np.random.default_rng(0).normal(size=(BATCH, 9, 9, 3)).astype("float32")
+    np.testing.assert_allclose(converted(x, training=True), model(x, training=True), rtol=1e-5, atol=1e-6)
+    for a, b in zip(input_and_weight_gradients(converted, x, 1.0), input_and_weight_gradients(model, x, 1.0)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    kept = keras_blpa.convert(model, argmax_pooling=False)
+    assert type(kept.get_layer("reduce")) is keras.layers.Conv2D
+    assert type(kept.get_layer("squeeze")) is keras.layers.Conv2D
+
+
 def pooled_cnn(bn=False):
     """Conv -> [BN ->] ReLU -> MaxPooling2D(3, 2, "same") -> Conv -> pool -> Dense (seed 0).
 
