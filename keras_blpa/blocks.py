@@ -119,7 +119,7 @@ class Activation:
         |gamma|), so at 8 bits clipping, not rounding, was the code's error.
         ReLU, ReLU6 and LeakyReLU keep the paper's codes at every width.
         """
-        wide = bits == 8 and self.name not in ("relu", "relu6", "leaky_relu")
+        wide = bits == 8 and (self.name == "linear" or self.name in SMOOTH)
         return WIDE_WINDOW if wide else PAPER_WINDOW
 
     def get_config(self):

@@ -850,8 +850,7 @@ def _find_linear_chain(graph, tensor, argmax_pooling):
     heads, others, _ = _readers(graph, tensor, first.operation, {})
     if not heads or _trainable_problem(heads, None) or not heads[0][0].operation.trainable or not all(
             u is not None and (_keeps_none_of_its_input(u.operation)
-                               or isinstance(u.operation, ArgmaxPooling2D)
-                               or _becomes_argmax(u.operation, argmax_pooling))
+                               or _is_argmax(u.operation, argmax_pooling))
             for u in others):
         return None
     nodes = [n for conv, pad in heads for n in (conv, pad) if n is not None]
@@ -1196,7 +1195,7 @@ def _rows(plan, spec, bits, argmax_pooling, tally, prefix="", scope=()):
                     after += n // x.shape[-1] * 4  # rsqrt(var + eps) per position
             rows.append(LayerMemory(name, type(layer).__name__, before, after, prefix + chain.name, None))
             continue
-        argmax = _becomes_argmax(layer, argmax_pooling) or isinstance(layer, ArgmaxPooling2D)
+        argmax = _is_argmax(layer, argmax_pooling)
         after = tally.new(tally.after, _argmax_keeps(node, spec) if argmax else _keeps(node, spec), scope)
         if argmax:
             # Codes, not float activations (not in `still_float`).
@@ -1230,6 +1229,11 @@ def _becomes_argmax(layer, argmax_pooling):
     return type(layer) is keras.layers.MaxPooling2D and (
         argmax_pooling or _one_by_one(layer)
     )
+
+
+def _is_argmax(layer, argmax_pooling):
+    """Whether `layer` is an ArgmaxPooling2D or `convert` makes it one."""
+    return isinstance(layer, ArgmaxPooling2D) or _becomes_argmax(layer, argmax_pooling)
 
 
 def _one_by_one(layer):
