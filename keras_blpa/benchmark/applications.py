@@ -286,6 +286,19 @@ def slope(peaks, batches):
     return (p2 - p1) / (b2 - b1)
 
 
+def slope_ratio(slopes):
+    """original / converted of the stored (rounded) slopes, or None where the
+    converted step's peak did not grow with the batch (a slope <= 0 at the
+    allocator's resolution: gradient-bound at these batches, so no ratio exists)."""
+    if slopes["converted"] <= 0:
+        return None
+    return round(slopes["original"] / slopes["converted"], 3)
+
+
+def _fmt_ratio(ratio):
+    return "n/a" if ratio is None else f"{ratio:.2f}x"
+
+
 def step_times(models, x, y, steps, warmup):
     """Seconds per training step of each model, interleaved round-robin."""
     for model in models:
@@ -424,7 +437,7 @@ def measure_model(name, input_size=64, batch_sizes=(16, 32), bits=4, cosine_bits
     row["slope_mib_per_sample"] = {k: round(s / MIB, 3) for k, s in slopes.items()}
     row["raw_peak_slope_mib_per_sample"] = {
         k: round(slope(v, batch_sizes) / MIB, 3) for k, v in peaks.items()}
-    row["slope_ratio"] = round(slopes["original"] / slopes["converted"], 3)
+    row["slope_ratio"] = slope_ratio(row["slope_mib_per_sample"])
     row["gradient_bound"] = gradient_bound(row)
     # Step time, interleaved.
     t_orig, t_conv = step_times([original, converted], *batches[batch_sizes[0]], steps, warmup)
@@ -490,7 +503,9 @@ def markdown(rows, meta):
         f"at batch {b1} (report) are less than its float32 weight gradients (4 bytes x params), "
         "so the step's peak is reached once the gradients exist, not at the start of the "
         "backward pass, and barely moves with the batch: the slope understates what one more "
-        "sample costs (and the ratio overstates the saving). Larger batches give the true slope.",
+        "sample costs (and the ratio overstates the saving). Larger batches give the true slope. "
+        "`n/a`: the converted step's peak did not grow between the two batches (slope <= 0), "
+        "so there is no ratio.",
         "- keras-hub rows: `convert(classifier)` (what users call), and `[backbone]`: "
         "`convert(classifier.backbone)` put back under the same head.",
         "",
@@ -511,7 +526,7 @@ def markdown(rows, meta):
         lines.append(
             f"| {name} | {r['blocks']} | {_mib(r['kept_before_mib'])} -> {_mib(r['kept_after_mib'])} "
             + (f"| {s['original']:.2f} -> {s['converted']:.2f}{'*' if bound else ''} "
-               f"| {r['slope_ratio']:.2f}x{'*' if bound else ''} "
+               f"| {_fmt_ratio(r['slope_ratio'])}{'*' if bound else ''} "
                f"| {r['step_time_ratio']:.2f}x " if s else "| (nothing converted) | - | - ")
             + f"| {_fmt_cos(r, 8)} | {_fmt_cos(r, 4)} "
             f"| {d['inference']:.1e} / {d['training']:.1e} | {floats} |"
