@@ -448,7 +448,7 @@ def measure_model(name, input_size=64, batch_sizes=(16, 32), bits=4, cosine_bits
                               "converted": [round(t, 4) for t in t_conv]}
     row["seconds"] = round(time.perf_counter() - t_start, 1)
     log(f"{row['model']}: slope {row['slope_mib_per_sample']} MiB/sample "
-        f"({row['slope_ratio']}x), step time {row['step_time_ratio']}x, {row['seconds']} s")
+        f"({_fmt_ratio(row['slope_ratio'])}), step time {row['step_time_ratio']}x, {row['seconds']} s")
     del original, converted
     return row
 
