@@ -235,7 +235,7 @@ def _block_activation(layer):
     if type(layer) is keras.layers.LeakyReLU:
         return Activation.get("leaky_relu", float(layer.negative_slope))
     if type(layer) is keras.layers.Activation:
-        name = _ACTIVATION_FUNCTIONS.get(layer.activation)
+        name = _REDUCE_FUNCTIONS.get(layer.activation)
         return None if name is None else Activation.get(name)
     return None
 
@@ -1247,7 +1247,17 @@ def _clone(layer, argmax_pooling):
     if isinstance(layer, keras.layers.Layer):
         if isinstance(layer, keras.Model):
             return keras.models.clone_model(layer)
-        return type(layer).from_config(layer.get_config())
+        try:
+            return type(layer).from_config(layer.get_config())
+        except (TypeError, ValueError) as error:
+            # A config that does not load back (a Python lambda in a Lambda or
+            # Activation layer): share the layer where it holds no state.
+            if layer.variables:
+                raise ValueError(
+                    f"keras_blpa.convert cannot copy layer '{layer.name}' "
+                    f"({type(layer).__name__}) from its config: {error}"
+                ) from error
+            return layer
     return layer  # a stateless keras Operation
 
 

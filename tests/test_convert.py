@@ -448,6 +448,7 @@ def activation_chain_model(activation_layer):
         (lambda: keras.layers.Activation("hard_swish"), ("hard_silu", 0.0)),
         (lambda: keras.layers.Activation("leaky_relu"), ("leaky_relu", 0.2)),
         (lambda: None, ("linear", 0.0)),  # BN -> Conv2D: a linear block
+        (lambda: keras.layers.Activation("linear"), ("linear", 0.0)),
     ],
 )
 def test_activation_layers_become_blocks_of_that_activation(layer, expected):
@@ -487,6 +488,24 @@ def test_other_activations_stay_with_the_reason(layer, reason):
         _, report = keras_blpa.convert(original, bits=4, return_report=True, batch_size=2)
     assert not report.blocks
     assert reason in {r.name: r.reason for r in report.layers}["bn"]
+
+
+def test_python_lambda_layers_are_shared_and_the_chain_converts():
+    """A Lambda layer and an Activation of a Python lambda do not load back from
+    their configs; convert shares them (they hold no state) instead of failing."""
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((6, 6, 3))
+    h = keras.layers.Lambda(lambda t: t * 2.0, name="double")(inp)
+    h = keras.layers.BatchNormalization(name="bn")(h)
+    h = keras.layers.ReLU()(h)
+    h = keras.layers.Conv2D(4, 3, padding="same", name="conv")(h)
+    out = keras.layers.Activation(lambda v: keras.activations.gelu(v, approximate=True), name="act")(h)
+    original = keras.Model(inp, out)
+    converted = keras_blpa.convert(original, bits=4)
+    assert isinstance(converted.get_layer("conv"), ApproxConvBlock)
+    assert converted.get_layer("double") is original.get_layer("double")
+    x = np.random.default_rng(3).normal(size=(2, 6, 6, 3)).astype(np.float32)
+    np.testing.assert_allclose(converted(x, training=True), original(x, training=True), rtol=1e-6, atol=1e-6)
 
 
 def test_subclassed_model_is_rejected_by_name():
