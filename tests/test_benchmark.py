@@ -22,6 +22,7 @@ from keras_blpa.benchmark import families
 from keras_blpa.benchmark import kernels
 from keras_blpa.benchmark import max_batch
 from keras_blpa.benchmark import report
+from keras_blpa.benchmark.cli import comma_list
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -290,3 +291,13 @@ def test_compounding_relu_holds_and_silu_drifts(tmp_path):
     assert (out / "compounding.png").stat().st_size > 0
     with pytest.raises(SystemExit):
         compounding.main(["--activations", "tanh", "--out", str(out)])
+
+
+def test_comma_lists_parse_and_name_a_bad_value(capsys):
+    """Every benchmark's list options: blanks dropped, each item cast; a bad item
+    stops argparse with the option and the whole value named."""
+    assert comma_list(int)(" 8, 16,,") == [8, 16]
+    assert comma_list()("exact, blpa4") == ["exact", "blpa4"]
+    with pytest.raises(SystemExit):
+        compounding.main(["--seeds", "0,x", "--out", "unused"])
+    assert "argument --seeds: invalid comma-separated int list value: '0,x'" in capsys.readouterr().err

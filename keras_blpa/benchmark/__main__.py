@@ -25,6 +25,7 @@ import sys
 import time
 
 from keras_blpa import validation
+from keras_blpa.benchmark.cli import comma_list
 
 __all__ = ["PARTS", "build_parser", "main", "parse_depths", "resolve"]
 
@@ -99,14 +100,8 @@ def parse_depths(text):
     return out
 
 
-def _ints(text):
-    """"8,16" -> [8, 16]."""
-    return [int(v) for v in text.split(",") if v.strip()]
-
-
-def _names(text):
-    """"exact, blpa4" -> ["exact", "blpa4"]."""
-    return [v.strip() for v in text.split(",") if v.strip()]
+_ints = comma_list(int)
+_names = comma_list()
 
 
 def build_parser():

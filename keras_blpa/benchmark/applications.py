@@ -49,6 +49,7 @@ import sys
 import time
 
 from keras_blpa import memory
+from keras_blpa.benchmark.cli import comma_list
 
 # Allocator statistics on every CPU: must run before TensorFlow's first op.
 memory.enable_cpu_statistics()
@@ -563,8 +564,7 @@ def _meta(args, argv):
     }
 
 
-def _ints(text):
-    return [int(t) for t in text.split(",") if t.strip()]
+_ints = comma_list(int)
 
 
 def parse_args(argv=None):
@@ -587,7 +587,7 @@ def parse_args(argv=None):
                    help="only write results.md again from the results.json in --out")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "applications"))
     args = p.parse_args(argv)
-    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    args.models = comma_list()(args.models)
     for m in args.models:
         if m not in MODELS:
             p.error(f"unknown model {m!r}; expected one of {', '.join(MODELS)}")

@@ -27,6 +27,7 @@ import keras
 import numpy as np
 
 from keras_blpa.benchmark import applications
+from keras_blpa.benchmark.cli import comma_list
 from keras_blpa.benchmark import stacks
 
 __all__ = ["chain", "main", "measure", "summarize"]
@@ -140,17 +141,13 @@ def _plot(summary, path):
     plt.close(fig)
 
 
-def _list(cast):
-    return lambda text: [cast(t) for t in text.split(",") if t]
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--activations", type=_list(str), default=list(ACTIVATIONS))
-    parser.add_argument("--bits", type=_list(int), default=[8, 4])
+    parser.add_argument("--activations", type=comma_list(), default=list(ACTIVATIONS))
+    parser.add_argument("--bits", type=comma_list(int), default=[8, 4])
     parser.add_argument("--depth", type=int, default=32)
-    parser.add_argument("--seeds", type=_list(int), default=[0, 1, 2])
+    parser.add_argument("--seeds", type=comma_list(int), default=[0, 1, 2])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--channels", type=int, default=32)
     parser.add_argument("--size", type=int, default=8)

@@ -24,6 +24,7 @@ import keras
 import numpy as np
 
 from keras_blpa.benchmark import accuracy
+from keras_blpa.benchmark.cli import comma_list
 from keras_blpa.benchmark import modes as modes_lib
 
 __all__ = ["MODELS", "build", "count_blocks", "main", "prepare", "study", "verdict"]
@@ -206,16 +207,12 @@ def _meta(args, argv):
     }
 
 
-def _list(cast):
-    return lambda text: [cast(t) for t in text.split(",") if t]
-
-
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="folder of results.json/.md and the PNG")
-    p.add_argument("--models", type=_list(str), default=list(MODELS))
-    p.add_argument("--modes", type=_list(str), default=["exact", "blpa4"])
-    p.add_argument("--seeds", type=_list(int), default=[0, 1])
+    p.add_argument("--models", type=comma_list(), default=list(MODELS))
+    p.add_argument("--modes", type=comma_list(), default=["exact", "blpa4"])
+    p.add_argument("--seeds", type=comma_list(int), default=[0, 1])
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--train-samples", type=int, default=6400)
