@@ -157,6 +157,27 @@ def test_relu6_params_identical_to_tf_reference_for_every_bin_count(bits):
 
 @pytest.mark.parametrize("act", ACTS, ids=ACT_IDS)
 @pytest.mark.parametrize("bits", [2, 4, 8])
+def test_batch_window_params_identical_to_tf_reference(bits, act):
+    """The window that follows the batch (`Activation.follows_data`): the same spread
+    and vectors as the TensorFlow reference, bit for bit, for heavy-tailed channels
+    whose spread is exactly on the window's 0.5 grid or far beyond its cap."""
+    rng = np.random.default_rng(bits)
+    y = rng.standard_t(2, (4, 6, 6, 5)).astype(np.float32)
+    mean, std = y.mean((0, 1, 2)), y.std((0, 1, 2))
+    gamma = np.array([1.2, -0.7, 0.5, -1.5, 0.9], np.float32)
+    beta = np.array([0.3, -0.2, 0.0, 0.4, -0.9], np.float32)
+    s_tf = reference.batch_spread(tf.constant(y), tf.constant(mean), tf.constant(std))
+    s_jx = jax.jit(jax_ops.batch_spread)(y, mean, std)
+    np.testing.assert_array_equal(s_tf.numpy(), np.asarray(s_jx))
+    spread = np.concatenate([s_tf.numpy()[:3], [3.5, 40.0]]).astype(np.float32)
+    p_tf = reference.channel_params(gamma, beta, bits, act, spread=spread)
+    p_jx = jax.jit(jax_ops.channel_params, static_argnums=(2, 3))(gamma, beta, bits, act, spread)
+    for key in p_tf:
+        np.testing.assert_array_equal(p_tf[key].numpy(), np.asarray(p_jx[key]), err_msg=key)
+
+
+@pytest.mark.parametrize("act", ACTS, ids=ACT_IDS)
+@pytest.mark.parametrize("bits", [2, 4, 8])
 def test_bn_grad_sums_match_tf_reference(bits, act):
     """sum g and sum g x_hat, g = dL/da * f' from the code, to float32 summation
     rounding (and, for smooth f, the secant's 2 delta / step, `edge_disagreement`)."""

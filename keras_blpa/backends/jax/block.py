@@ -20,6 +20,7 @@ import numpy as np
 
 from keras_blpa.blocks import RELU
 from keras_blpa.codes import GAMMA_FLOOR
+from keras_blpa.codes import data_window
 from keras_blpa.codes import codes_per_byte
 
 __all__ = [
@@ -58,11 +59,20 @@ def _clip(t, low, high):
     return jnp.maximum(jnp.minimum(t, high), low)
 
 
-def channel_params(gamma, beta, bits, act=RELU):
+def batch_spread(y, centre, scale):
+    """Per channel, the largest |y - centre| / scale (as the TensorFlow `reference.batch_spread`)."""
+    axes = tuple(range(y.ndim - 1))
+    high = jnp.max(y, axes).astype(jnp.float32) - centre
+    low = centre - jnp.min(y, axes).astype(jnp.float32)
+    return jnp.maximum(high, low) / scale
+
+
+def channel_params(gamma, beta, bits, act=RELU, spread=None):
     """Per-channel quantiser vectors (as the TensorFlow `reference.channel_params`).
 
     Args:
         act: the block's `keras_blpa.blocks.Activation` (relu6 has its own bins).
+        spread: where ``act.follows_data(bits)``, `batch_spread` per channel.
     """
     gamma = jnp.asarray(gamma, jnp.float32)
     beta = jnp.asarray(beta, jnp.float32)
@@ -72,6 +82,8 @@ def channel_params(gamma, beta, bits, act=RELU):
     )
     abs_gamma = jnp.abs(gamma)
     width = act.window(bits)
+    if spread is not None and act.follows_data(bits):
+        width = data_window(jnp.asarray(spread, jnp.float32), jnp.ceil, _clip, jnp.where, jnp.isnan)
     step = abs_gamma * (width / levels)
     inv_step = levels / (width * abs_gamma)
     centre = jnp.floor(beta / abs_gamma * (levels / width))
@@ -382,6 +394,12 @@ def compressed_block(config):
     layer_norm = config.normalization == "layer"
     se, n = config.squeeze_excite, len(specs)
 
+    def _code_params(x, std, mean, gamma=None, beta=None):
+        """channel_params of the code (the TensorFlow block's `_code_params`)."""
+        spread = batch_spread(jax.lax.stop_gradient(x), mean, std) if act.follows_data(bits) else None
+        return channel_params(std if gamma is None else gamma, mean if beta is None else beta,
+                              bits, act, spread=spread)
+
     def forward(x, gamma, beta, mean, variance, weights):
         kernels, gate_weights = weights[:n], weights[n:]
         extra = None
@@ -393,16 +411,16 @@ def compressed_block(config):
             y = jax.lax.stop_gradient(x)
             code_mean = jnp.mean(y, (0, 1, 2))
             code_variance = jnp.mean(jnp.square(y - code_mean), (0, 1, 2))
-            p = channel_params(jnp.sqrt(code_variance), code_mean, bits, act)
+            p = _code_params(y, jnp.sqrt(code_variance), code_mean)
             extra = (gamma, beta, rstd)
         elif unnormalised:
             # y = x exactly; the batch statistics size the code (TF block's `_normalisation`).
             scale, offset = jnp.ones_like(mean), jnp.zeros_like(mean)
-            p = channel_params(jnp.sqrt(variance + epsilon), mean, bits, act)
+            p = _code_params(x, jnp.sqrt(variance + epsilon), mean)
         else:
             scale = gamma * jax.lax.rsqrt(variance + epsilon)
             offset = beta - mean * scale
-            p = channel_params(gamma, beta, bits, act)
+            p = _code_params(x, jnp.sqrt(variance + epsilon), mean, gamma, beta)
         activation, packed = bn_act_encode(
             x, scale, offset, p["inv_step"], p["shift"], bits, act
         )

@@ -29,6 +29,7 @@ the block pins the order of a few ops:
 import tensorflow as tf
 
 from keras_blpa.backends.tensorflow import fused
+from keras_blpa.backends.tensorflow import reference
 from keras_blpa.blocks import Activation
 from keras_blpa.codes import GAMMA_FLOOR
 
@@ -301,10 +302,9 @@ def _layer_normalised(x, gamma, beta, mean, variance, params, config):
     rstd = tf.math.rsqrt(variance + config.epsilon)
     inv = rstd * gamma
     y = x * inv + (-mean * inv + beta)
-    code_mean, code_variance = tf.nn.moments(tf.stop_gradient(y), [0, 1, 2])
-    params = fused.channel_params(
-        tf.sqrt(code_variance), code_mean, config.bits, config.activation
-    )
+    y_const = tf.stop_gradient(y)
+    code_mean, code_variance = tf.nn.moments(y_const, [0, 1, 2])
+    params = _code_params(y_const, tf.sqrt(code_variance), code_mean, config)
     return y, rstd, params
 
 
@@ -343,7 +343,19 @@ def _layer_norm_backward(code, d_a, gamma, beta, rstd):
     return d_x, d_gamma, d_beta
 
 
-def _normalisation(gamma, beta, mean, variance, config):
+def _code_params(x, std, mean, config, gamma=None, beta=None):
+    """`fused.channel_params` of the block's code: sized by `gamma` and `beta`
+    (default: the batch's `std` and `mean`), and where the activation's code
+    follows the batch (`blocks.Activation.follows_data`), by x's largest
+    distance from `mean` in units of `std` (the same in y's units of |gamma|)."""
+    act, bits = config.activation, config.bits
+    spread = reference.batch_spread(x, mean, std) if act.follows_data(bits) else None
+    gamma = std if gamma is None else gamma
+    beta = mean if beta is None else beta
+    return fused.channel_params(gamma, beta, bits, act, spread=spread)
+
+
+def _normalisation(x, gamma, beta, mean, variance, config):
     """(scale, offset, code params) of the block's y = x * scale + offset.
 
     "batch": BN folded (gamma / std, beta - mean * scale), the code sized by
@@ -354,13 +366,11 @@ def _normalisation(gamma, beta, mean, variance, config):
     """
     if config.normalization == "layer":
         return tf.ones_like(gamma), tf.zeros_like(gamma), None
+    std = tf.sqrt(variance + config.epsilon)
     if config.normalization == "none":
-        params = fused.channel_params(
-            tf.sqrt(variance + config.epsilon), mean, config.bits, config.activation
-        )
-        return tf.ones_like(mean), tf.zeros_like(mean), params
+        return tf.ones_like(mean), tf.zeros_like(mean), _code_params(x, std, mean, config)
     scale = gamma * tf.math.rsqrt(variance + config.epsilon)
-    params = fused.channel_params(gamma, beta, config.bits, config.activation)
+    params = _code_params(x, std, mean, config, gamma, beta)
     return scale, beta - mean * scale, params
 
 
@@ -388,7 +398,7 @@ def compressed(x, gamma, beta, mean, variance, kernels, config, gate_weights=())
     @tf.custom_gradient
     def block(x, gamma, beta, mean, variance, *weights):
         kernels, gate_weights = weights[:n], weights[n:]
-        scale, offset, p = _normalisation(gamma, beta, mean, variance, config)
+        scale, offset, p = _normalisation(x, gamma, beta, mean, variance, config)
         pre, rstd, p = _layer_normalised(x, gamma, beta, mean, variance, p, config)
         x_shape = tf.shape(x)
         activation, packed = ops.bn_act_encode(

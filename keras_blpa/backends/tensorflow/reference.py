@@ -14,6 +14,8 @@ pre-activation y = gamma * x_hat + beta:
 * bins have width W / 2^K in u, i.e. ``step = W |gamma| / 2^K`` in y, with the
   window's width W = ``act.window(bits)``: the paper's 6, and 16 for the 8-bit
   codes of the linear and smooth activations (`keras_blpa.blocks.Activation.window`);
+  the 4- and 2-bit codes of silu and hard_silu take W per channel from
+  the batch (``spread``, `batch_spread`; `keras_blpa.codes.data_window`);
 * ``shift = 2^(K-1) - floor(beta / |gamma| * 2^K / W)`` centres the window of
   2^K bins on beta (beta +- W/2 |gamma|); ``edge = clip(shift, 1, 2^K - 1)``.
   Where the window contains 0 (1 <= shift <= 2^K - 1, the paper's case), edge
@@ -67,7 +69,9 @@ code, with these differences:
   open end bins use the asymptotes f'(-inf) = 0 (code 0) and f'(+inf) = 1
   (code 2^K - 1). So |f'(y) - secant| <= step * max|f''| over the bin:
   max|f''| is 0.5 (silu), 0.80 (gelu) and 1/3 (hard_silu), at 4 bits
-  step = 0.375 |gamma|, at 8 bits 0.0625 |gamma| (the wide window).
+  step = W / 16 |gamma| (0.375 |gamma| for gelu; 0.375 to 1 for silu and
+  hard_silu, by the batch's window), at 8 bits 0.0625 |gamma| (the wide
+  window).
 
 Codes are packed densely along the flattened (row-major) tensor: 8 bits one per
 byte, 4 bits two per byte (element 2i in the low nibble), 2 bits four per byte
@@ -78,11 +82,13 @@ import tensorflow as tf
 
 from keras_blpa.blocks import RELU
 from keras_blpa.codes import GAMMA_FLOOR
+from keras_blpa.codes import data_window
 from keras_blpa.codes import codes_per_byte
 
 __all__ = [
     "RELU6_CAP",
     "activation_forward",
+    "batch_spread",
     "bn_act_encode",
     "bn_grad_input",
     "bn_grad_reduce",
@@ -101,11 +107,14 @@ RELU6_CAP = 6.0
 # |shift| is bounded where float32 stops holding every integer.
 SHIFT_BOUND = float(2**24)
 
-def channel_params(gamma, beta, bits, act=RELU):
+def channel_params(gamma, beta, bits, act=RELU, spread=None):
     """Per-channel quantiser vectors from the BN scale and shift.
 
     Args:
         act: the block's `keras_blpa.blocks.Activation` (relu6 has its own bins).
+        spread: where ``act.follows_data(bits)``, the batch's largest
+            |y - beta| / |gamma| per channel (`batch_spread`), which sizes the
+            window (`keras_blpa.codes.data_window`); None: ``act.window(bits)``.
 
     Returns:
         dict of float32 vectors of shape [C]: ``inv_step`` (1 / bin width in y
@@ -122,6 +131,9 @@ def channel_params(gamma, beta, bits, act=RELU):
     )
     abs_gamma = tf.abs(gamma)
     width = act.window(bits)
+    if spread is not None and act.follows_data(bits):
+        width = data_window(tf.cast(spread, tf.float32), tf.math.ceil, tf.clip_by_value,
+                            tf.where, tf.math.is_nan)
     step = abs_gamma * (width / levels)
     inv_step = levels / (width * abs_gamma)
     centre = tf.floor(beta / abs_gamma * (levels / width))
@@ -136,6 +148,15 @@ def channel_params(gamma, beta, bits, act=RELU):
         "gamma": gamma,
         "beta": beta,
     }
+
+
+def batch_spread(y, centre, scale):
+    """Per channel (last axis), the largest |y - centre| / scale over the batch:
+    `channel_params`' ``spread``. Reduces y in its own dtype (no float32 copy)."""
+    axes = list(range(len(y.shape) - 1))
+    high = tf.cast(tf.reduce_max(y, axes), tf.float32) - centre
+    low = centre - tf.cast(tf.reduce_min(y, axes), tf.float32)
+    return tf.maximum(high, low) / scale
 
 
 def _relu6_params(gamma, beta, step0, inv_step0, centre0, levels):
