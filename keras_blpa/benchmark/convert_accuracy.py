@@ -212,7 +212,7 @@ def build_parser():
     p.add_argument("--out", required=True, help="folder of results.json/.md and the PNG")
     p.add_argument("--models", type=comma_list(), default=list(MODELS))
     p.add_argument("--modes", type=comma_list(), default=["exact", "blpa4"])
-    p.add_argument("--seeds", type=comma_list(int), default=[0, 1])
+    p.add_argument("--seeds", type=comma_list(int), default=[0, 1, 2, 3])
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--train-samples", type=int, default=6400)
