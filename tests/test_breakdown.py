@@ -36,15 +36,18 @@ def test_breakdown_peak_is_the_allocator_peak(measured, mode):
 
 def test_breakdown_finds_the_codes_and_the_floats(measured):
     """Stock Keras keeps float activations and no uint8 code; at 4 bits the step's floats
-    at the peak are a fraction of stock's (measured 0.18x) and the codes are there, no
-    more than the blocks' code bytes by count (elements x bits / 8)."""
+    at the peak are a fraction of stock's and the codes are there, no more than the blocks'
+    code bytes by count (elements x bits / 8). Measured 0.18x with oneDNN; 0.32-0.36x
+    with TF_ENABLE_ONEDNN_OPTS=0, where Eigen's backprop-filter workspace (20.7 MB, the
+    same in both modes) is at the 4-bit peak and stock's peak moves with op scheduling.
+    Keeping the floats (the bug this guards against) gives about 1x."""
     model, _, b = measured["blpa4"]
     _, _, exact = measured["exact"]
     assert exact.codes_bytes == 0 and exact.float_bytes > 0.5 * exact.peak_bytes
     blocks = [l for l in model.layers if isinstance(l, keras_blpa.ApproxConvBlock)]
     by_count = sum(int(np.prod((32,) + tuple(l.input.shape[1:]))) * 4 // 8 for l in blocks)
     assert 0 < b.codes_bytes <= by_count
-    assert b.float_bytes < 0.35 * exact.float_bytes
+    assert b.float_bytes < 0.5 * exact.float_bytes, (b.float_bytes, exact.float_bytes)
     assert b.as_dict()["codes"] == round(b.codes_bytes / memory.MIB, 2)
 
 
