@@ -1,6 +1,7 @@
 """keras_blpa.memory.step_breakdown on TensorFlow: what is alive at a step's peak, from the
 allocator's events, against the allocator's own peak statistic and the model's codes."""
 
+import keras
 import numpy as np
 import pytest
 
@@ -107,3 +108,109 @@ def test_native_input_gradient_is_written_in_place(ops_path):
         step(g).numpy()
     size = 4 * int(np.prod(shape))
     assert peak.peak_bytes - peak.resident_bytes < 1.5 * size, (peak.peak_mib, size / memory.MIB)
+
+
+def _chunk_model(activation, bits):
+    """Input (10, 8, 8, 8) -> a block with a Conv2D, a depthwise and a Dense head (their
+    outputs summed) -> a block with a 3x3 stride-2 Conv2D head (seed 0)."""
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((8, 8, 8))
+    outs = keras_blpa.ApproxConvBlock(heads=[
+        dict(filters=8, kernel_size=3),
+        dict(kind="depthwise", kernel_size=3, use_bias=True),
+        dict(kind="dense", filters=8),
+    ], bits=bits, activation=activation)(inp)
+    x = keras_blpa.ApproxConvBlock(filters=5, kernel_size=3, strides=2, bits=bits,
+                                   activation=activation)(outs[0] + outs[1] + outs[2])
+    return keras.Model(inp, x)
+
+
+def _gradients(model, x):
+    import tensorflow as tf
+
+    @tf.function
+    def step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(tf.square(model(x, training=True)))
+        return tape.gradient(loss, [x] + model.trainable_variables)
+
+    return [g.numpy() for g in step(x)]
+
+
+@pytest.mark.parametrize("ops_path", ["native", "pure_tf"], indirect=True)
+@pytest.mark.parametrize("activation,bits", [("relu", 4), ("silu", 2), ("leaky_relu", 8)])
+def test_chunked_filter_gradients_equal_the_whole_batch(ops_path, monkeypatch, activation, bits):
+    """Over the batch in uneven chunks (3, 3, 3, 1 samples), the filter gradients of
+    Conv2D, depthwise and Dense heads equal the whole batch's to float rounding, and
+    the input and BN gradients are unchanged."""
+    import tensorflow as tf
+
+    from keras_blpa.backends.tensorflow import block
+
+    x = tf.constant(np.random.default_rng(1).standard_normal((10, 8, 8, 8)).astype(np.float32))
+    model = _chunk_model(activation, bits)
+    monkeypatch.setattr(block, "CHUNK_BYTES", None)
+    whole = _gradients(model, x)
+    chunk_bytes = 3 * 4 * 8 * 8 * 8  # three samples of the largest float32 tensor
+    assert block.batch_chunks((10, 8, 8, 8), [x], bits, chunk_bytes) == [3, 3, 3, 1]
+    monkeypatch.setattr(block, "CHUNK_BYTES", chunk_bytes)
+    chunked = _gradients(_chunk_model(activation, bits), x)
+    names = ["x"] + [v.path for v in model.trainable_variables]
+    for name, w, c in zip(names, whole, chunked):
+        if "kernel" in name:
+            np.testing.assert_allclose(c, w, rtol=1e-5, atol=1e-5 * np.abs(w).max(), err_msg=name)
+        else:
+            np.testing.assert_array_equal(c, w, err_msg=name)
+
+
+def test_batch_chunks_bound_each_chunk(monkeypatch):
+    """The most samples per chunk within the bound, the rest in a last chunk; none
+    where everything fits, shapes are not static or codes do not fill whole bytes."""
+    import tensorflow as tf
+
+    from keras_blpa.backends.tensorflow import block
+
+    outs = [tf.zeros((256, 32, 32, 64))]
+    assert block.batch_chunks((256, 32, 32, 64), outs, 4, chunk_bytes=8 * 2**20) == [32] * 8
+    assert block.batch_chunks((256, 32, 32, 64), outs, 4) == [32] * 8  # CHUNK_BYTES, 8 MiB
+    monkeypatch.setattr(block, "CHUNK_BYTES", None)
+    assert block.batch_chunks((256, 32, 32, 64), outs, 4) is None
+    assert block.batch_chunks((32, 32, 32, 64), outs[:0], 4, chunk_bytes=8 * 2**20) is None
+    assert block.batch_chunks((7, 4, 4, 8), [], 4, chunk_bytes=3 * 512) == [3, 3, 1]
+    assert block.batch_chunks((7, 4, 4, 8), [], 4, chunk_bytes=100) == [1] * 7
+    assert block.batch_chunks((None, 4, 4, 8), [], 4, chunk_bytes=100) is None
+    assert block.batch_chunks((8, 1, 1, 3), [], 2, chunk_bytes=8) is None  # 3 codes, not whole bytes
+
+
+@pytest.mark.parametrize("ops_path", ["native"], indirect=True)
+def test_chunked_backward_decodes_one_chunk_at_a_time(ops_path, monkeypatch):
+    """In the traced step, every decode of a chunked block makes at most one chunk of
+    samples, and the decodes of a block run in order (each waits for the filter
+    gradients of the chunk before); unchunked, a decode makes the whole batch."""
+    import tensorflow as tf
+
+    from keras_blpa.backends.tensorflow import block
+
+    x = tf.constant(np.zeros((10, 8, 8, 8), np.float32))
+
+    def decodes(chunk_bytes):
+        monkeypatch.setattr(block, "CHUNK_BYTES", chunk_bytes)
+        model = _chunk_model("relu", 4)
+
+        @tf.function
+        def step(x):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(model(x, training=True))
+            return tape.gradient(loss, model.trainable_variables)
+
+        graph = step.get_concrete_function(x).graph
+        return [op for op in graph.get_operations() if op.type == "Blpa>DecodeActivation"]
+
+    assert sorted(op.outputs[0].shape[0] for op in decodes(None)) == [10, 10]
+    chunked = decodes(3 * 4 * 8 * 8 * 8)
+    assert sorted(op.outputs[0].shape[0] for op in chunked) == [1, 1, 3, 3, 3, 3, 3, 3]
+    for op in chunked:  # each decode reads its code through an identity ordered after ...
+        (order,) = [i.op for i in op.inputs if i.op.type == "Identity"]
+        waits_for = {c.type for c in order.control_inputs}
+        assert waits_for, op.name  # ... the incoming gradients or the last chunk's filter gradients

@@ -17,7 +17,9 @@ the block pins the order of a few ops:
     block at once and re-materialise all float activations (a 20-block stack
     peaked at 1068 MiB that way, 156 MiB with the ordering; stock Keras 688 MiB).
     For the same reason each full-size backward temporary waits for the one
-    before it, so that one block's float temporaries exist at a time.
+    before it, so that one block's float temporaries exist at a time; where
+    the decoded activation would exceed `CHUNK_BYTES`, the filter gradients
+    decode it a chunk of samples at a time (`_chunked_kernel_gradients`).
 (b) The forward conv waits for the codes, so that the packing is not deferred
     while the float pre-activation stays alive.
 (c) The activation is returned only when the caller uses it
@@ -32,8 +34,15 @@ from keras_blpa.backends.tensorflow import fused
 from keras_blpa.backends.tensorflow import reference
 from keras_blpa.blocks import Activation
 from keras_blpa.codes import GAMMA_FLOOR
+from keras_blpa.codes import codes_per_byte
 
-__all__ = ["compressed", "conv", "read", "recompute_call", "residual_call"]
+__all__ = ["CHUNK_BYTES", "batch_chunks", "compressed", "conv", "read", "recompute_call",
+           "residual_call"]
+
+# The heads' filter gradients run over the batch in chunks where a float32 tensor
+# of the block's input or of a head's output would exceed this many bytes (None:
+# never), so that the decoded activation is never made whole at large batches.
+CHUNK_BYTES = 8 * 2**20
 
 
 def read(variable):
@@ -159,9 +168,10 @@ def _cross_replica_sum(values, synchronized):
 class _Code:
     """The packed K-bit code of one block and what decoding it needs."""
 
-    def __init__(self, ops, packed, shape, params, bits, act):
+    def __init__(self, ops, packed, shape, params, bits, act, static_shape=None):
         self.ops, self.packed, self.shape = ops, packed, shape
         self.params, self.bits, self.act = params, bits, act
+        self.static_shape = tf.TensorShape(static_shape)
 
     def read_after(self, dependencies):
         """The packed code, read only once `dependencies` exist (ordering (a))."""
@@ -169,10 +179,50 @@ class _Code:
 
     def decode_activation(self, dependencies):
         """The decoded activation output (float32), computed after `dependencies`."""
+        return self._decode(self.read_after(dependencies), self.shape)
+
+    def _decode(self, packed, shape):
         p = self.params
-        return self.ops.decode_activation(
-            self.read_after(dependencies), self.shape, p["step"], p["shift"], self.bits, self.act
-        )
+        return self.ops.decode_activation(packed, shape, p["step"], p["shift"], self.bits, self.act)
+
+    def decode_chunks(self, sizes):
+        """Functions that decode the batch chunks of `sizes` samples: the i-th,
+        called with a list of dependencies, decodes chunk i once they exist. A
+        chunk of samples is a contiguous run of the packed codes (`batch_chunks`
+        checks that it fills whole bytes)."""
+        per_sample = self.static_shape[1:].num_elements() // codes_per_byte(self.bits)
+        # Slices, not tf.split: Grappler hoists the ordering identities above a
+        # Split, with every chunk's control inputs, which makes a cycle.
+        starts = [sum(sizes[:i]) * per_sample for i in range(len(sizes))]
+        parts = [self.packed[b:b + m * per_sample] for b, m in zip(starts, sizes)]
+        rest = self.static_shape[1:].as_list()
+        return [
+            lambda dependencies, m=m, part=part: self._decode(_after(dependencies, part), [m] + rest)
+            for m, part in zip(sizes, parts)
+        ]
+
+
+def batch_chunks(x_shape, d_outs, bits, chunk_bytes=None):
+    """Samples per chunk of the heads' filter gradients (`_chunked_kernel_gradients`),
+    or None for the whole batch at once.
+
+    The most samples whose float32 block input and head outputs each fit
+    `chunk_bytes` (`CHUNK_BYTES`); the last chunk takes the rest (the JAX
+    block's scan needs equal chunks, a divisor of the batch; these are unrolled). None where everything fits whole, where the batch or a sample's size
+    is not static, or where a sample's codes do not fill whole bytes.
+    """
+    chunk_bytes = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    shapes = [tf.TensorShape(x_shape)] + [d.shape for d in d_outs]
+    if chunk_bytes is None or not all(s.is_fully_defined() for s in shapes):
+        return None
+    n = shapes[0][0]
+    if any(s[0] != n for s in shapes) or shapes[0][1:].num_elements() % codes_per_byte(bits):
+        return None
+    per_sample = 4 * max(s[1:].num_elements() for s in shapes)
+    if n * per_sample <= chunk_bytes:
+        return None
+    m = max(1, chunk_bytes // per_sample)
+    return [m] * (n // m) + ([n % m] if n % m else [])
 
 
 def _conv_backward(code, kernels, d_outs, heads, gate=None):
@@ -185,12 +235,16 @@ def _conv_backward(code, kernels, d_outs, heads, gate=None):
     that the decoded tensor is released before the next full-size temporaries
     are made (with a gate the decoded activation stays until dL/ds is summed).
     """
-    a_dec = code.decode_activation(list(d_outs))
-    head_in = a_dec if gate is None else gate.excite(a_dec)
-    d_kernels = [
-        _kernel_gradient(tf.cast(head_in, d_out.dtype), kernel, d_out, head)
-        for kernel, d_out, head in zip(kernels, d_outs, heads)
-    ]
+    sizes = None if gate is not None else batch_chunks(code.static_shape, d_outs, code.bits)
+    if sizes is not None:
+        d_kernels = _chunked_kernel_gradients(code, kernels, d_outs, heads, sizes)
+    else:
+        a_dec = code.decode_activation(list(d_outs))
+        head_in = a_dec if gate is None else gate.excite(a_dec)
+        d_kernels = [
+            _kernel_gradient(tf.cast(head_in, d_out.dtype), kernel, d_out, head)
+            for kernel, d_out, head in zip(kernels, d_outs, heads)
+        ]
     d_a = None
     with tf.control_dependencies(d_kernels):
         for kernel, d_out, head in zip(kernels, d_outs, heads):
@@ -200,6 +254,28 @@ def _conv_backward(code, kernels, d_outs, heads, gate=None):
         return d_kernels, d_a, []
     d_a, d_gate_weights = gate.backward(a_dec, d_a)
     return d_kernels, d_a, d_gate_weights
+
+
+def _chunked_kernel_gradients(code, kernels, d_outs, heads, sizes):
+    """The heads' filter gradients over the batch in chunks of `sizes` samples.
+
+    Each chunk's decode waits for the previous chunk's filter gradients (the
+    first for every incoming gradient), so one chunk of decoded floats is alive
+    at a time; the incoming gradients are split along the batch (``tf.split``
+    on axis 0 shares their buffers). The filter gradients are summed in float32,
+    in chunk order (deterministic).
+    """
+    d_out_chunks = [tf.split(d_out, sizes) for d_out in d_outs]
+    totals, done = [None] * len(kernels), list(d_outs)
+    for i, decode in enumerate(code.decode_chunks(sizes)):
+        a = decode(done)
+        grads = [
+            tf.cast(_kernel_gradient(tf.cast(a, parts[i].dtype), kernel, parts[i], head), tf.float32)
+            for kernel, parts, head in zip(kernels, d_out_chunks, heads)
+        ]
+        totals = [g if t is None else t + g for t, g in zip(totals, grads)]
+        done = grads
+    return [tf.cast(t, k.dtype) for t, k in zip(totals, kernels)]
 
 
 class _Gate:
@@ -414,7 +490,7 @@ def compressed(x, gamma, beta, mean, variance, kernels, config, gate_weights=())
             head_in = gate.excite(activation)
         with tf.control_dependencies([packed]):  # ordering (b)
             outs = [conv(head_in, k, head) for k, head in zip(kernels, config.heads)]
-        code = _Code(ops, packed, x_shape, p, bits, act)
+        code = _Code(ops, packed, x_shape, p, bits, act, x.shape)
 
         def grad(*d_results):
             d_outs = d_results[:n]
