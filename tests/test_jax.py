@@ -1075,18 +1075,22 @@ def test_compiled_step_memory_at_least_4x_lower_than_stock():
 @pytest.mark.slow
 @pytest.mark.parametrize("stack,activation", [
     ("residual", "silu"), ("depthwise", "relu6"), ("squeeze_excite", "silu"),
-    ("layer_norm", "linear"), ("layer_norm", "gelu"),
+    ("layer_norm", "linear"), ("layer_norm", "gelu"), ("pool", "relu"),
 ])
 def test_each_chain_compiled_step_per_sample_at_least_4x_lower_than_stock(stack, activation):
-    """The new chains' stacks (20 units, 64 channels at 32x32): the compiled step's
-    temp bytes per sample (batches 8 and 32, so fixed costs cancel) at 4 bits
-    against stock Keras. Measured: silu 7.5x, relu6 depthwise 5.1x, squeeze-excite
-    11.0x, LayerNorm 13.8x (2.6x while each LN block's broadcast of gamma and
-    rstd lived from its forward to its backward)."""
+    """The new chains' stacks (20 units, 64 channels at 32x32; the pooling's: 8
+    4-bit blocks of 32 channels, each followed by an ArgmaxPooling2D, against
+    MaxPooling2D): the compiled step's temp bytes per sample (batches 8 and 32,
+    so fixed costs cancel) at 4 bits against stock Keras. Measured: silu 7.5x,
+    relu6 depthwise 5.1x, squeeze-excite 11.0x, LayerNorm 13.8x (2.6x while each
+    LN block's broadcast of gamma and rstd lived from its forward to its
+    backward), pooling 10.8x (1.7x while XLA fused the argmax code into the
+    backward, which then kept the float input and output)."""
     from keras_blpa.benchmark.stacks import STACKS
 
     def slope(mode):
-        model = STACKS[stack](mode, 20, 64, 32, activation=activation)
+        size = (8, 32, 32) if stack == "pool" else (20, 64, 32)
+        model = STACKS[stack](mode, *size, activation=activation)
         small, large = (step_temp_bytes(model, batch) for batch in (8, 32))
         return (large - small) / 24
 
