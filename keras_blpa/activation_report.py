@@ -18,10 +18,10 @@ first three terms do not change with conversion, so the measured peak
 difference between the original and the converted model equals
 ``report.saved_bytes`` to within ``report.transient_bytes``: three times the
 largest float activation with the native kernels (incoming gradient, decoded
-activation, result), six times with the pure-TensorFlow fallback, whose
+activation, result), eight times with the pure-TensorFlow fallback, whose
 unfused kernels hold a few more full-size temporaries. Measured on ResNet50V2
-(64x64, batch 16, 4 bits): 67.5 MiB saved vs 69.8 MiB reported (native), 52.6
-vs 69.8 MiB (pure TF), transient 13.5 / 27 MiB. A tensor kept by several layers (a ReLU
+(64x64, batch 32, 4 bits): 164.8 MiB saved vs 169.5 MiB reported (native,
+transient 27.1 MiB), 106 to 123 MiB (pure TF, from run to run, transient 72 MiB). A tensor kept by several layers (a ReLU
 output also read by the next conv) is counted once, at the first layer that
 keeps it.
 """
