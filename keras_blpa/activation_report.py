@@ -21,9 +21,9 @@ largest float activation with the native kernels (incoming gradient, decoded
 activation, result), eight times with the pure-TensorFlow fallback, whose
 unfused kernels hold a few more full-size temporaries. Measured on ResNet50V2
 (64x64, batch 32, 4 bits): 164.8 MiB saved vs 169.5 MiB reported (native,
-transient 27.1 MiB), 106 to 123 MiB (pure TF, from run to run, transient 72 MiB). A tensor kept by several layers (a ReLU
-output also read by the next conv) is counted once, at the first layer that
-keeps it.
+transient 27.1 MiB), 109 to 125 MiB (pure TF, from run to run, transient 72
+MiB). A tensor kept by several layers (a ReLU output also read by the next
+conv) is counted once, at the first layer that keeps it.
 """
 
 import dataclasses

@@ -1084,7 +1084,7 @@ def test_each_chain_compiled_step_per_sample_at_least_4x_lower_than_stock(stack,
     so fixed costs cancel) at 4 bits against stock Keras. Measured: silu 7.5x,
     relu6 depthwise 5.1x, squeeze-excite 11.0x, LayerNorm 13.8x (2.6x while each
     LN block's broadcast of gamma and rstd lived from its forward to its
-    backward), pooling 10.8x (1.7x while XLA fused the argmax code into the
+    backward), pooling 7.5x (1.5x while XLA fused the argmax code into the
     backward, which then kept the float input and output)."""
     from keras_blpa.benchmark.stacks import STACKS
 

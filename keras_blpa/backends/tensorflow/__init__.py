@@ -46,8 +46,8 @@ def working_set_factor():
     The incoming gradient, the decoded activation and the result with the fused
     native ops; the pure-TF fallback also materialises the decoded value, the
     mask, the masked gradient and partial sums, and the executor's order moves
-    how many of them meet: ResNet50V2 at 64x64, batch 32, peaked 46 to 64 MiB
-    above its kept bytes, 5.1 to 7.1 times its largest activation (9 MiB), so
+    how many of them meet: ResNet50V2 at 64x64, batch 32, peaked 45 to 61 MiB
+    above its kept bytes, 4.9 to 6.7 times its largest activation (9 MiB), so
     8. (The convert tests check the report built on it against the allocator's
     peak, on both paths.)
     """
